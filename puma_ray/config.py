@@ -1,0 +1,175 @@
+"""Typed configs: YAML files + dotted ``key=value`` overrides; unknown keys are rejected.
+
+Every stage takes one of these; Ray workers receive them as plain dicts (``cfg.model_dump()``)
+and rebuild them, so nothing reaches a worker through module globals.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from puma_ray.errors import PumaError
+
+Task = Literal["rating", "ctr"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    path: str = Field(description="Hugging Face model id or local directory, loaded with from_pretrained")
+    dtype: Dtype = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class HeadConfig(Strict):
+    """Task head. ``features: digits`` is the paper's head (5 digit logits -> MLP 5-32-12-1);
+    ``digits_hidden`` also feeds the LM's last hidden state to the MLP (rating only)."""
+
+    features: Literal["digits", "digits_hidden"] = "digits"
+    mse_weight: float = 0.8
+    ce_weight: float = 0.2
+    hidden: list[int] = [32, 12]
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=1, description="micro-batch per worker")
+    lr: float = Field(5e-4, gt=0, description="learning rate of the head (and adapter)")
+    prompt_lr: Optional[float] = Field(None, gt=0, description="learning rate of the prompt table (default: lr)")
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_frac: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float = 1.0
+    seed: int = 0
+    train_prompts: bool = Field(True, description="false = keep prompts at their random init, train the head only")
+    init_range: float = Field(0.1, gt=0, description="prompts start uniform(-r, r)")
+    shuffle_buffer: int = Field(10_000, ge=0)
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    torch_threads: Optional[int] = Field(None, ge=1, description="intra-op threads per worker (default: cpus_per_worker)")
+
+
+class RayConfig(Strict):
+    address: Optional[str] = Field(None, description="None: start a local Ray; 'auto' or ray://... to join a cluster")
+    num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local Ray (default: max(4, cores))")
+
+
+class StorageConfig(Strict):
+    s3_endpoint: Optional[str] = Field(None, description="S3 endpoint override (MinIO, moto); else AWS_ENDPOINT_URL")
+
+
+class RunConfig(Strict):
+    name: str = "puma"
+    storage_path: str = Field("./runs", description="where Ray Train keeps checkpoints (path or s3://)")
+
+
+class DataConfig(Strict):
+    train: str
+    valid: Optional[str] = None
+
+
+class PromptsConfig(Strict):
+    """``puma-ray prompts train``: stage 1, one soft prompt per user on a frozen model."""
+
+    task: Task = "rating"
+    model: ModelConfig
+    data: DataConfig
+    output: str = Field(description="URI: prompts/ (store), head.safetensors, head.json, summary.json")
+    prompt_length: int = Field(1, ge=1)
+    template: Optional[str] = Field(None, description="template id (default: the task's built-in one)")
+    head: HeadConfig = HeadConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+    run: RunConfig = RunConfig()
+
+
+class EvaluateConfig(Strict):
+    """``puma-ray evaluate``: score stage outputs and baselines on held-out interactions."""
+
+    task: Task = "rating"
+    model: ModelConfig
+    data: DataConfig = Field(description="train (for mean baselines) and valid (scored)")
+    runs: dict[str, str] = Field(default_factory=dict, description="method name -> output URI of a prompts/migrate run")
+    baselines: list[Literal["global_mean", "user_mean"]] = ["global_mean", "user_mean"]
+    output: Optional[str] = Field(None, description="URI of the JSON report")
+    batch_size: int = Field(256, ge=1)
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("runs")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"method name {name!r} must be letters, digits and _")
+        return v
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = d.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise PumaError(f"override {key}: {p!r} is not a section")
+        d = nxt
+    d[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["train.epochs=3", "model.path=/x"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise PumaError(f"override {pair!r} is not key=value")
+        key, raw = pair.split("=", 1)
+        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return out
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build(cls: type[C], data: dict, source: str = "config") -> C:
+    """Validate a dict into ``cls``; a bad key or value becomes one PumaError line."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise PumaError(f"{source}: {problems}") from None
+
+
+def load(cls: type[C], path: str | None, overrides: list[str] = ()) -> C:
+    """Read YAML ``path`` (may be None), apply overrides, validate into ``cls``."""
+    data: dict = {}
+    if path:
+        from puma_ray import storage
+
+        try:
+            data = yaml.safe_load(storage.read_bytes(path)) or {}
+        except yaml.YAMLError as exc:
+            raise PumaError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise PumaError(f"{path}: a config must be a YAML mapping")
+    return build(cls, deep_merge(data, parse_overrides(list(overrides))), source=path or "config")

@@ -1,0 +1,98 @@
+"""Task heads on the LM's answer-position outputs, and their safetensors + JSON persistence.
+
+rating: CE over the five digit logits ("1".."5", class = rating-1) plus an MLP 5 -> 32 -> 12 -> 1
+        regressing the rating with MSE; loss = mse_weight * MSE + ce_weight * CE; prediction = MLP.
+        ``features: digits_hidden`` feeds [digit logits ; last hidden state] to the MLP instead.
+ctr:    BCE on a * (logit(Yes) - logit(No)) + b; prediction = its sigmoid (a=1, b=0 is the paper's).
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from puma_ray import storage
+from puma_ray.errors import PumaError
+from puma_ray.llm import LMOutput
+
+
+class RatingHead(nn.Module):
+    def __init__(self, hidden_size: int, features: str = "digits", hidden: list[int] = (32, 12),
+                 mse_weight: float = 0.8, ce_weight: float = 0.2):
+        super().__init__()
+        self.features, self.mse_weight, self.ce_weight = features, mse_weight, ce_weight
+        dims = [5 + (hidden_size if features == "digits_hidden" else 0), *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(dims[-1], 1))
+        nn.init.constant_(self.mlp[-1].bias, 3.0)  # start at the middle of the 1..5 scale
+
+    @property
+    def wants_hidden(self) -> bool:
+        return self.features == "digits_hidden"
+
+    def predict(self, out: LMOutput) -> torch.Tensor:
+        """(B, 5) digit logits [+ (B, d) hidden] -> (B,) predicted rating."""
+        x = out.answer_logits if not self.wants_hidden else torch.cat([out.answer_logits, out.hidden], -1)
+        return self.mlp(x).squeeze(-1)
+
+    def loss(self, out: LMOutput, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (scalar loss, (B,) predictions). label: (B,) ratings 1..5."""
+        pred = self.predict(out)
+        ce = F.cross_entropy(out.answer_logits, (label.round().long() - 1).clamp(0, 4))
+        return self.mse_weight * F.mse_loss(pred, label) + self.ce_weight * ce, pred
+
+
+class CtrHead(nn.Module):
+    wants_hidden = False
+
+    def __init__(self, hidden_size: int = 0, **_):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))  # (1,): DeepSpeed cannot broadcast 0-dim params
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def logit(self, out: LMOutput) -> torch.Tensor:
+        """(B, 2) [Yes, No] logits -> (B,) click logit."""
+        return self.scale * (out.answer_logits[:, 0] - out.answer_logits[:, 1]) + self.bias
+
+    def predict(self, out: LMOutput) -> torch.Tensor:
+        return torch.sigmoid(self.logit(out))
+
+    def loss(self, out: LMOutput, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.logit(out)
+        return F.binary_cross_entropy_with_logits(z, label), torch.sigmoid(z)
+
+
+def build_head(task: str, hidden_size: int, head_cfg) -> nn.Module:
+    """head_cfg: config.HeadConfig (or its dict)."""
+    h = head_cfg if isinstance(head_cfg, dict) else head_cfg.model_dump()
+    if task == "rating":
+        return RatingHead(hidden_size, h["features"], h["hidden"], h["mse_weight"], h["ce_weight"])
+    if h.get("features", "digits") != "digits":
+        raise PumaError("head.features=digits_hidden is only defined for the rating task")
+    return CtrHead(hidden_size)
+
+
+def save_head(uri_dir: str, head: nn.Module, task: str, head_cfg: dict, model_fingerprint: str, hidden_size: int) -> None:
+    """uri_dir/head.safetensors + uri_dir/head.json."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    storage.write_bytes(storage.join(uri_dir, "head.safetensors"), st_save(tensors))
+    storage.write_json(storage.join(uri_dir, "head.json"), {
+        "task": task, "head": head_cfg, "model_fingerprint": model_fingerprint, "hidden_size": hidden_size,
+    })
+
+
+def load_head(uri_dir: str, task: str, model_fingerprint: str | None = None) -> nn.Module:
+    meta = storage.read_json(storage.join(uri_dir, "head.json"))
+    if meta["task"] != task:
+        raise PumaError(f"{uri_dir}: head is for task {meta['task']!r}, not {task!r}")
+    if model_fingerprint is not None and meta["model_fingerprint"] != model_fingerprint:
+        raise PumaError(f"{uri_dir}: head was trained on model fingerprint {meta['model_fingerprint']}, not {model_fingerprint}")
+    head = build_head(task, meta["hidden_size"], meta["head"])
+    head.load_state_dict(st_load(storage.read_bytes(storage.join(uri_dir, "head.safetensors"))))
+    return head.eval()

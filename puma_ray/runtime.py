@@ -1,0 +1,78 @@
+"""Where code runs: Ray initialisation for the driver, device/threads/DeepSpeed setup for workers.
+
+Device choice lives here and only here, so CPU tests run the same code paths as GPU clusters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from puma_ray import storage
+
+
+def init_ray(ray_cfg, storage_cfg=None) -> None:
+    """Start a local Ray (or join ``ray_cfg.address``) once per process."""
+    import ray
+
+    if storage_cfg is not None:
+        storage.set_s3_endpoint(storage_cfg.s3_endpoint)
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if ray_cfg.address:
+        ray.init(address=ray_cfg.address, logging_level=logging.WARNING)
+        return
+    # Locally, logical CPUs beyond the cores let Ray Data's read tasks run beside the train workers.
+    num_cpus = ray_cfg.num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, logging_level=logging.WARNING)
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator progress logs drown our own progress lines on a non-TTY."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def setup_worker(scaling) -> "torch.device":  # noqa: F821
+    """Inside a Ray Train worker: pick the device, DeepSpeed accelerator and thread count.
+
+    ``scaling``: config.ScalingConfig (or its dict). Call before importing deepspeed.
+    """
+    import torch
+
+    s = scaling if isinstance(scaling, dict) else scaling.model_dump()
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if s["use_gpu"]:
+        import ray.train.torch
+
+        os.environ.setdefault("DS_ACCELERATOR", "cuda")
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        device = torch.device("cpu")
+    torch.set_num_threads(int(s.get("torch_threads") or max(1, round(s["cpus_per_worker"]))))
+    return device
+
+
+def deepspeed_config(scaling, train, dtype: str) -> dict:
+    """The DeepSpeed engine config: ZeRO stage from config, bf16 only on GPU, fp16 always off
+    (a torch optimizer is passed in, so ZeRO must allow it)."""
+    s = scaling if isinstance(scaling, dict) else scaling.model_dump()
+    t = train if isinstance(train, dict) else train.model_dump()
+    return {
+        "train_micro_batch_size_per_gpu": t["batch_size"],
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": t["grad_clip"],
+        "zero_optimization": {"stage": s["zero_stage"]},
+        "bf16": {"enabled": bool(s["use_gpu"] and dtype == "bfloat16")},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,201 @@
+"""Arrow schemas and checks for the data puma-ray reads and writes.
+
+Interactions (Parquet; ``train``/``valid`` as separate URIs or one URI with a ``split`` column):
+    user_id string, item_id string, label float32, item_text string,
+    history_text list<string> (optional, CTR), timestamp int64 (optional), split string (optional)
+
+Prompt store (Parquet): user_id string (unique), prompt fixed_size_list<float32>[l*d], with
+Arrow schema metadata ``puma.*`` (see :class:`StoreMeta`).
+
+Every check raises :class:`PumaError` with one line naming the URI and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from puma_ray import storage
+from puma_ray.errors import PumaError
+
+FORMAT_VERSION = 1
+TASKS = ("rating", "ctr")
+LABEL_RANGE = {"rating": (1.0, 5.0), "ctr": (0.0, 1.0)}
+
+REQUIRED_INTERACTION_COLUMNS = {
+    "user_id": pa.string(),
+    "item_id": pa.string(),
+    "label": pa.float32(),
+    "item_text": pa.string(),
+}
+OPTIONAL_INTERACTION_COLUMNS = {
+    "history_text": pa.list_(pa.string()),
+    "timestamp": pa.int64(),
+    "split": pa.string(),
+}
+
+
+def interactions_schema(task: str) -> pa.Schema:
+    """The schema puma-ray writes for interactions of ``task``."""
+    fields = [pa.field(k, t, nullable=False) for k, t in REQUIRED_INTERACTION_COLUMNS.items()]
+    if task == "ctr":
+        fields.append(pa.field("history_text", OPTIONAL_INTERACTION_COLUMNS["history_text"]))
+    fields.append(pa.field("timestamp", pa.int64()))
+    return pa.schema(fields)
+
+
+def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
+    if actual == expected:
+        return True
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(actual) or pa.types.is_integer(actual)
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual)
+    if pa.types.is_list(expected):
+        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _compatible(actual.value_type, expected.value_type)
+    return False
+
+
+def check_interactions_schema(uri: str, schema: pa.Schema) -> None:
+    """Column names and types of an interactions input; raises PumaError naming the column."""
+    for name, typ in {**REQUIRED_INTERACTION_COLUMNS}.items():
+        if name not in schema.names:
+            raise PumaError(f"{uri}: interactions lack required column {name!r} (have {schema.names})")
+        if not _compatible(schema.field(name).type, typ):
+            raise PumaError(f"{uri}: column {name!r} has type {schema.field(name).type}, expected {typ}")
+    for name, typ in OPTIONAL_INTERACTION_COLUMNS.items():
+        if name in schema.names and not _compatible(schema.field(name).type, typ):
+            raise PumaError(f"{uri}: column {name!r} has type {schema.field(name).type}, expected {typ}")
+
+
+def check_interaction_values(uri: str, task: str, batch: pa.Table | pa.RecordBatch) -> None:
+    """Per-batch value checks (called on every batch read): nulls and label range."""
+    for name in REQUIRED_INTERACTION_COLUMNS:
+        nulls = batch.column(name).null_count
+        if nulls:
+            raise PumaError(f"{uri}: column {name!r} has {nulls} null value(s)")
+    lo, hi = LABEL_RANGE[task]
+    labels = np.asarray(batch.column("label").to_numpy(zero_copy_only=False), dtype=np.float64)
+    bad = ~np.isfinite(labels) | (labels < lo) | (labels > hi)
+    if task == "ctr":
+        bad |= (labels != 0) & (labels != 1)
+    if bad.any():
+        ex = labels[bad][:3].tolist()
+        want = "1..5" if task == "rating" else "0 or 1"
+        raise PumaError(f"{uri}: {int(bad.sum())} label(s) outside the {task} range {want}, e.g. {ex}")
+
+
+def normalize_interactions(batch: pa.Table) -> pa.Table:
+    """Cast compatible types to the canonical ones (large_string -> string, int label -> float32)."""
+    cols, names = [], []
+    for name in batch.schema.names:
+        col = batch.column(name)
+        want = {**REQUIRED_INTERACTION_COLUMNS, **OPTIONAL_INTERACTION_COLUMNS}.get(name)
+        if want is not None and col.type != want:
+            col = pc.cast(col, want)
+        cols.append(col)
+        names.append(name)
+    return pa.table(cols, names=names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt stores
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What a prompt store was made for. Stored as Arrow schema metadata ``puma.<field>``."""
+
+    model: str  # model name or path it was trained/migrated for
+    model_fingerprint: str  # see llm.model_fingerprint
+    hidden_size: int  # d
+    prompt_length: int  # l
+    template: str  # template id
+    stage: str  # "prompts" (stage 1), "rewrite" (PUMA), ...
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def width(self) -> int:
+        return self.hidden_size * self.prompt_length
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        return {f"puma.{k}".encode(): json.dumps(v).encode() for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, uri: str, metadata: dict[bytes, bytes] | None) -> "StoreMeta":
+        md = {k.decode(): v for k, v in (metadata or {}).items() if k.startswith(b"puma.")}
+        missing = [f for f in cls.__dataclass_fields__ if f"puma.{f}" not in md]
+        if missing:
+            raise PumaError(f"{uri}: not a puma-ray prompt store (schema metadata lacks {['puma.' + m for m in missing]})")
+        meta = cls(**{f: json.loads(md[f"puma.{f}"]) for f in cls.__dataclass_fields__})
+        if meta.format_version != FORMAT_VERSION:
+            raise PumaError(f"{uri}: prompt store format version {meta.format_version}, this puma-ray reads {FORMAT_VERSION}")
+        return meta
+
+
+def prompt_store_schema(meta: StoreMeta) -> pa.Schema:
+    return pa.schema(
+        [pa.field("user_id", pa.string(), nullable=False), pa.field("prompt", pa.list_(pa.float32(), meta.width), nullable=False)],
+        metadata=meta.to_metadata(),
+    )
+
+
+def prompt_table(meta: StoreMeta, user_ids: list[str] | np.ndarray, prompts: np.ndarray) -> pa.Table:
+    """(N,) ids + (N, l*d) float32 prompts -> a prompt-store table carrying ``meta``."""
+    prompts = np.ascontiguousarray(prompts, dtype=np.float32)
+    if prompts.ndim != 2 or prompts.shape[1] != meta.width:
+        raise PumaError(f"prompt array has shape {prompts.shape}, expected (N, {meta.width})")
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(prompts.reshape(-1)), meta.width)
+    return pa.Table.from_arrays([pa.array(user_ids, pa.string()), flat], schema=prompt_store_schema(meta))
+
+
+def check_prompt_values(uri: str, meta: StoreMeta, table: pa.Table) -> np.ndarray:
+    """Shape, finiteness and id-uniqueness of a prompt table. Returns prompts as (N, l*d) float32."""
+    typ = table.schema.field("prompt").type
+    if not pa.types.is_fixed_size_list(typ) or typ.list_size != meta.width:
+        raise PumaError(f"{uri}: prompt column is {typ}, expected fixed_size_list<float32>[{meta.width}] (l={meta.prompt_length} x d={meta.hidden_size})")
+    if table.num_rows == 0:
+        raise PumaError(f"{uri}: empty prompt store (0 users)")
+    if table.column("user_id").null_count:
+        raise PumaError(f"{uri}: {table.column('user_id').null_count} null user_id(s)")
+    ids = table.column("user_id")
+    n_unique = pc.count_distinct(ids).as_py()
+    if n_unique != table.num_rows:
+        vc = pc.value_counts(ids)
+        dup = [v["values"] for v in vc.to_pylist() if v["counts"] > 1][:3]
+        raise PumaError(f"{uri}: {table.num_rows - n_unique} duplicate user_id row(s), e.g. {dup}")
+    prompts = table.column("prompt").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    prompts = prompts.reshape(table.num_rows, meta.width)
+    bad_rows = ~np.isfinite(prompts).all(axis=1)
+    if bad_rows.any():
+        ex = ids.to_numpy(zero_copy_only=False)[bad_rows][:3].tolist()
+        raise PumaError(f"{uri}: {int(bad_rows.sum())} prompt(s) contain NaN or Inf, e.g. users {ex}")
+    return prompts
+
+
+def write_prompt_store(uri: str, meta: StoreMeta, user_ids, prompts: np.ndarray) -> None:
+    """Write a prompt store file (``uri`` ends in .parquet) or ``uri/part-00000.parquet``."""
+    target = uri if uri.endswith(".parquet") else storage.join(uri, "part-00000.parquet")
+    storage.write_table(target, prompt_table(meta, user_ids, prompts))
+
+
+def read_prompt_store(uri: str, expect_fingerprint: str | None = None) -> tuple[StoreMeta, list[str], np.ndarray]:
+    """Read and validate a prompt store -> (meta, user ids, (N, l*d) float32 prompts).
+
+    ``expect_fingerprint``: refuse a store made for another model.
+    """
+    meta = StoreMeta.from_metadata(uri, storage.read_schema(uri).metadata)
+    if expect_fingerprint is not None and meta.model_fingerprint != expect_fingerprint:
+        raise PumaError(
+            f"{uri}: prompt store was made for model {meta.model!r} (fingerprint {meta.model_fingerprint}, d={meta.hidden_size}); "
+            f"the model given has fingerprint {expect_fingerprint}"
+        )
+    table = storage.read_table(uri)
+    prompts = check_prompt_values(uri, meta, table)
+    return meta, table.column("user_id").to_pylist(), prompts

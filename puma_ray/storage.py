@@ -1,0 +1,199 @@
+"""URIs -> pyarrow filesystems. The only module that opens files.
+
+A URI is a plain path, ``file:///abs/path`` or ``s3://bucket/prefix``. S3 credentials come
+only from the standard AWS chain (environment, shared config/credentials files, instance
+roles) as resolved by pyarrow/boto; they are never read into, or printed from, puma-ray.
+The endpoint can be overridden (MinIO, a local moto server) with ``AWS_ENDPOINT_URL`` or
+:func:`set_s3_endpoint` (config key ``storage.s3_endpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from puma_ray.errors import PumaError
+
+_S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+
+
+def set_s3_endpoint(endpoint: str | None) -> None:
+    """Route every s3:// URI of this process (and Ray workers it starts) to ``endpoint``."""
+    if endpoint:
+        os.environ[_S3_ENDPOINT_ENV] = endpoint
+
+
+def _s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(_S3_ENDPOINT_ENV)
+    kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "http"
+    # Credentials: pyarrow's S3 client walks the standard AWS chain itself.
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``uri`` -> (filesystem, path inside it). Raises PumaError for an unsupported scheme."""
+    if not uri:
+        raise PumaError("empty storage URI")
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise PumaError(f"{uri}: an s3 URI needs a bucket (s3://bucket/prefix)")
+        return _s3_filesystem(), f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+    if parsed.scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath(parsed.path)
+    if parsed.scheme and len(parsed.scheme) > 1:  # a one-letter scheme is a Windows drive
+        raise PumaError(f"{uri}: unsupported URI scheme {parsed.scheme!r} (use a path, file:// or s3://)")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/' (works for s3:// and local paths)."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _describe(uri: str, exc: BaseException) -> PumaError:
+    """A one-line error for a storage failure; never includes credentials."""
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return PumaError(f"{uri}: {msg}")
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise _describe(uri, exc) from None
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.create_dir(path, recursive=True)
+    except OSError as exc:
+        raise _describe(uri, exc) from None
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+    except OSError as exc:
+        raise _describe(uri, exc) from None
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files under a directory URI (recursive, sorted), as URIs."""
+    fs, path = resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise _describe(uri, exc) from None
+    rel = sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return [join(uri, r) for r in rel]
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    try:
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+    except OSError as exc:
+        raise _describe(uri, exc) from None
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise PumaError(f"{uri}: not found") from None
+    except OSError as exc:
+        raise _describe(uri, exc) from None
+
+
+def write_json(uri: str, obj) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(uri: str):
+    try:
+        return json.loads(read_bytes(uri))
+    except json.JSONDecodeError as exc:
+        raise PumaError(f"{uri}: not valid JSON ({exc})") from None
+
+
+@contextmanager
+def parquet_writer(uri: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """Stream record batches into one Parquet file at ``uri``."""
+    fs, path = resolve(uri)
+    try:
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+            yield writer
+    except OSError as exc:
+        raise _describe(uri, exc) from None
+
+
+def write_table(uri: str, table: pa.Table) -> None:
+    with parquet_writer(uri, table.schema) as w:
+        w.write_table(table)
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet file or directory of Parquet files into one table (small inputs only)."""
+    fs, path = resolve(uri)
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except FileNotFoundError:
+        raise PumaError(f"{uri}: not found") from None
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise _describe(uri, exc) from None
+
+
+def read_schema(uri: str) -> pa.Schema:
+    """The Arrow schema (with metadata) of a Parquet file or directory, from footers only."""
+    import pyarrow.dataset as pads
+
+    fs, path = resolve(uri)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise PumaError(f"{uri}: not found")
+        files = [path] if info.type == pafs.FileType.File else None
+        if files is None:
+            files = sorted(
+                i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+            )
+            if not files:
+                raise PumaError(f"{uri}: empty input (no .parquet files)")
+        return pads.dataset(files[0], filesystem=fs, format="parquet").schema
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise _describe(uri, exc) from None
+
+
+def ray_read_parquet(uri: str, **kwargs):
+    """A Ray Dataset over the Parquet file(s) at ``uri`` (streamed, never collected)."""
+    import ray.data
+
+    fs, path = resolve(uri)
+    return ray.data.read_parquet(path, filesystem=fs, **kwargs)
+

@@ -1,0 +1,79 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from puma_ray import config as C
+from puma_ray import storage
+from puma_ray.evaluate import evaluate, format_table, metrics
+
+
+def test_rating_metrics_by_hand():
+    f = pd.DataFrame({"user_id": ["a", "a", "b", "c"], "label": [1.0, 3.0, 5.0, 4.0], "pred": [2.0, 3.0, 3.0, np.nan]})
+    m = metrics("rating", f)
+    assert m["rmse"] == pytest.approx(math.sqrt((1 + 0 + 4) / 3)) and m["mae"] == pytest.approx(1.0)
+    assert (m["scored_rows"], m["unknown_rows"], m["unknown_users"]) == (3, 1, 1)
+
+
+def test_ctr_metrics_uauc_skips_one_class_users():
+    f = pd.DataFrame({
+        "user_id": ["a", "a", "a", "b", "b", "c"],
+        "label": [1, 0, 0, 1, 0, 1], "pred": [0.9, 0.1, 0.95, 0.2, 0.8, 0.5],
+    })
+    m = metrics("ctr", f)
+    # user a: pairs (0.9>0.1 yes, 0.9>0.95 no) = 0.5; user b: 0.0; user c has one class
+    assert m["uauc"] == pytest.approx(0.25) and m["uauc_users"] == 2
+    from sklearn.metrics import roc_auc_score
+
+    assert m["auc"] == pytest.approx(roc_auc_score(f["label"], f["pred"]))
+
+
+def test_evaluate_runs_and_reports_unknown_users(tmp_path, tiny_models, rating_data, ray_session, capsys):
+    """A stage-1 output scored against baselines; valid rows of users without a prompt are counted."""
+    from puma_ray.train import train_prompts
+
+    out = str(tmp_path / "run")
+    train_prompts(C.build(C.PromptsConfig, {
+        "model": {"path": tiny_models["llama"]}, "data": {"train": f"{rating_data}/train"}, "output": out,
+        "train": {"epochs": 1, "batch_size": 128}, "run": {"name": "ev", "storage_path": str(tmp_path / "runs")},
+    }))
+    valid = pq.read_table(f"{rating_data}/valid")
+    extra = valid.slice(0, 3).set_column(0, "user_id", pa.array(["stranger"] * 3)).cast(valid.schema)
+    storage.write_table(str(tmp_path / "valid/part-0.parquet"), pa.concat_tables([valid, extra]))
+    cfg = C.build(C.EvaluateConfig, {
+        "model": {"path": tiny_models["llama"]}, "data": {"train": f"{rating_data}/train", "valid": str(tmp_path / "valid")},
+        "runs": {"source": out}, "output": str(tmp_path / "report.json"),
+    })
+    report = evaluate(cfg)
+    src = report["methods"]["source"]
+    assert src["unknown_rows"] == 3 and src["unknown_users"] == 1 and src["scored_rows"] == valid.num_rows
+    assert src["lm_sample_passes"] > 0 and 0 < src["rmse"] < 4
+    assert set(report["methods"]) == {"source", "global_mean", "user_mean"}
+    assert report["methods"]["user_mean"]["scored_rows"] == valid.num_rows + 3
+    assert storage.read_json(str(tmp_path / "report.json"))["methods"]["source"]["rmse"] == pytest.approx(src["rmse"])
+    assert "| source |" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_store_of_other_model(tmp_path, tiny_models, rating_data, ray_session):
+    from puma_ray.errors import PumaError
+    from puma_ray.heads import build_head, save_head
+    from puma_ray.llm import FrozenLM
+    from puma_ray.schema import StoreMeta, write_prompt_store
+
+    lm = FrozenLM(tiny_models["qwen2"], "rating")
+    meta = StoreMeta(model="qwen2", model_fingerprint=lm.fingerprint, hidden_size=96, prompt_length=1, template="rating_v1", stage="prompts")
+    run = str(tmp_path / "run")
+    write_prompt_store(f"{run}/prompts", meta, ["u0000000"], np.zeros((1, 96), np.float32))
+    save_head(run, build_head("rating", 96, C.HeadConfig()), "rating", C.HeadConfig().model_dump(), lm.fingerprint, 96)
+    cfg = C.build(C.EvaluateConfig, {"model": {"path": tiny_models["llama"]}, "baselines": [],
+                                     "data": {"train": f"{rating_data}/train", "valid": f"{rating_data}/valid"}, "runs": {"x": run}})
+    with pytest.raises(PumaError, match="made for model 'qwen2'"):
+        evaluate(cfg)
+
+
+def test_format_table():
+    t = format_table({"task": "ctr", "methods": {"a": {"auc": 0.61, "uauc": 0.55, "lm_sample_passes": 10, "wall_s": 1.0}}})
+    assert "| a | 0.6100 | 0.5500 | 10 | 1.0 | 0 |" in t

@@ -1,0 +1,85 @@
+"""One test per model family: loads through from_pretrained; forward + backward reach the prompt only."""
+
+import pytest
+import torch
+
+from puma_ray.errors import PumaError
+from puma_ray.llm import FrozenLM, answer_token_id
+from puma_ray.models import FAMILIES
+
+TEXTS = ["zorvak lumina the", "the"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("task", ["rating", "ctr"])
+def test_family_forward_backward_into_prompt(tiny_models, family, task):
+    lm = FrozenLM(tiny_models[family], task, prompt_length=2)
+    assert lm.hidden_size == FAMILIES[family][1]
+    inputs = lm.collate(TEXTS, [["the"], []])
+    prompts = torch.randn(2, 2, lm.hidden_size, requires_grad=True)
+    out = lm.forward(prompts, inputs, want_hidden=True)
+    assert out.answer_logits.shape == (2, 5 if task == "rating" else 2)
+    assert out.hidden.shape == (2, lm.hidden_size)
+    out.answer_logits.sum().backward()
+    assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
+
+
+def test_prompt_changes_answer_and_padding_is_neutral(tiny_models):
+    """The prompt must reach the answer logits, and a row's output must not depend on batch padding."""
+    lm = FrozenLM(tiny_models["llama"], "rating")
+    p = torch.randn(1, 1, lm.hidden_size)
+    alone = lm.forward(p, lm.collate(TEXTS[1:])).answer_logits
+    padded = lm.forward(p.expand(2, 1, -1), lm.collate(TEXTS)).answer_logits[1:]
+    assert torch.allclose(alone, padded, atol=1e-5)
+    other = lm.forward(p * 50, lm.collate(TEXTS[1:])).answer_logits
+    assert not torch.allclose(alone, other, atol=1e-4)
+
+
+def test_collate_layout(tiny_models):
+    lm = FrozenLM(tiny_models["qwen2"], "rating", prompt_length=3)
+    b = lm.collate(TEXTS)
+    ids, mask, pos = b["input_ids"], b["attention_mask"], b["user_pos"]
+    assert mask[:, -1].all() and (mask[0] == 1).all() and (mask[1] == 0).any()  # left padding
+    assert pos.shape == (2, 3) and (pos[:, 1:] - pos[:, :-1] == 1).all()
+    assert (ids[0, -1] == ids[1, -1]) and lm.tokenizer.decode(ids[0, -1:]).strip() == ":"  # ends at "Answer:"
+    assert (b["position_ids"][1][mask[1].bool()] == torch.arange(int(mask[1].sum()))).all()
+
+
+def test_answer_tokens_per_tokenizer(tiny_models):
+    for family in FAMILIES:
+        lm = FrozenLM(tiny_models[family], "rating")
+        assert len(set(lm.answer_ids.tolist())) == 5
+        assert [lm.tokenizer.decode([i]).strip() for i in lm.answer_ids.tolist()] == ["1", "2", "3", "4", "5"]
+
+
+def test_answer_token_missing_raises(tiny_models):
+    lm = FrozenLM(tiny_models["llama"], "rating")
+    with pytest.raises(PumaError, match="no single token for answer"):
+        answer_token_id(lm.tokenizer, "Maybe-not-a-token")
+
+
+def test_dtype_from_config(tiny_models):
+    lm = FrozenLM(tiny_models["phi3"], "rating", dtype="bfloat16")
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    out = lm.forward(torch.randn(2, 1, lm.hidden_size), lm.collate(TEXTS))
+    assert out.answer_logits.dtype == torch.float32 and torch.isfinite(out.answer_logits).all()
+
+
+def test_wrong_prompt_width_and_bad_model(tiny_models, tmp_path):
+    lm = FrozenLM(tiny_models["llama"], "rating")
+    with pytest.raises(PumaError, match=r"prompts have shape \(l=1, d=32\).*takes \(l=1, d=64\)"):
+        lm.forward(torch.zeros(2, 1, 32), lm.collate(TEXTS))
+    with pytest.raises(PumaError, match="cannot load model"):
+        FrozenLM(str(tmp_path / "no-model"), "rating")
+    with pytest.raises(PumaError, match="unknown template"):
+        FrozenLM(tiny_models["llama"], "rating", template="nope")
+
+
+def test_fingerprints_differ_by_family_not_by_path(tiny_models, tmp_path):
+    import shutil
+
+    fps = {f: FrozenLM(p, "rating").fingerprint for f, p in tiny_models.items()}
+    assert len(set(fps.values())) == len(fps)
+    shutil.copytree(tiny_models["llama"], tmp_path / "copy")
+    assert FrozenLM(str(tmp_path / "copy"), "rating").fingerprint == fps["llama"]
