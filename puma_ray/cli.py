@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--task", choices=["rating", "ctr"], default="rating")
     q.add_argument("--users", type=int, default=None, help="number of synthetic users (default 2000)")
     q.add_argument("--seed", type=int, default=None)
-    q.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default 6)")
+    q.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default 3)")
     return ap
 
 

@@ -118,6 +118,23 @@ class EvaluateConfig(Strict):
         return v
 
 
+class SelectConfig(Strict):
+    """User selection for adapter training (METHOD.md, "Group-based user selection").
+
+    ``strategy`` names a function in ``puma_ray.select.STRATEGIES``; ``budget`` is a user count
+    (>= 1) or a fraction of the users (0 < budget < 1)."""
+
+    strategy: str = "kmeans_variance"
+    budget: float = Field(2000, gt=0)
+    clusters: int = Field(15, ge=1, description="K-means k on the source prompts")
+    variance_groups: int = Field(5, ge=1, description="label-variance quantile groups inside each cluster")
+    gaussian_span: float = Field(2.0, gt=0, description="group weights exp(-x^2/2) + floor on x in linspace(-span, span)")
+    gaussian_floor: float = Field(0.1, ge=0)
+    min_per_cluster: int = Field(50, ge=0)
+    kmeans_sample: int = Field(100_000, ge=1, description="K-means is fit on at most this many users; all are assigned")
+    seed: int = 0
+
+
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -18,6 +18,9 @@ from puma_ray import storage
 from puma_ray.config import EvaluateConfig
 from puma_ray.data import load_interactions
 from puma_ray.errors import PumaError, user_errors
+from puma_ray.heads import load_head
+from puma_ray.llm import FrozenLM, model_info
+from puma_ray.schema import StoreMeta, read_prompt_store
 
 
 class PromptScorer:
@@ -27,10 +30,6 @@ class PromptScorer:
     """
 
     def __init__(self, model: dict, task: str, run_uri: str, batch_size: int):
-        from puma_ray.heads import load_head
-        from puma_ray.llm import FrozenLM
-        from puma_ray.schema import StoreMeta, read_prompt_store
-
         store_uri = storage.join(run_uri, "prompts")
         meta = StoreMeta.from_metadata(store_uri, storage.read_schema(store_uri).metadata)
         self.lm = FrozenLM(model["path"], task, meta.template, meta.prompt_length, model["dtype"], model["attn_implementation"])
@@ -107,6 +106,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if not cfg.data.valid:
         raise PumaError("evaluate needs data.valid (the held-out interactions)")
     valid_ds, _ = load_interactions(cfg.data.valid, cfg.task)
+    fingerprint, _ = model_info(cfg.model.path)
+    for run_uri in cfg.runs.values():  # refuse a mismatched store before any actor starts
+        store_uri = storage.join(run_uri, "prompts")
+        meta = StoreMeta.from_metadata(store_uri, storage.read_schema(store_uri).metadata)
+        if meta.model_fingerprint != fingerprint:
+            raise PumaError(f"{store_uri}: prompt store was made for model {meta.model!r} (fingerprint {meta.model_fingerprint}); "
+                            f"model {cfg.model.path!r} has fingerprint {fingerprint}")
     results: dict[str, dict] = {}
     for name, run_uri in cfg.runs.items():
         t0 = time.time()

@@ -41,6 +41,17 @@ def model_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def model_info(path: str) -> tuple[str, int]:
+    """(fingerprint, hidden size d) of the model at ``path`` from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise PumaError(f"{path}: cannot load model config ({str(exc).splitlines()[0]})") from None
+    return model_fingerprint(config), int(config.hidden_size)
+
+
 def answer_token_id(tokenizer, word: str) -> int:
     """The single token the model would emit for ``word`` after "Answer:" (e.g. "3", "Yes").
 

@@ -20,14 +20,14 @@ DEFAULTS = {
     "source": "llama",
     # Tuned on the quickstart data (2 CPU cores): prompts need a far higher lr than the paper's
     # 5e-4 because each prompt sees only its own ~32 training rows per epoch.
-    "train": {"epochs": 6, "batch_size": 128, "lr": 3e-3, "prompt_lr": 3e-2, "schedule": "cosine"},
+    "train": {"epochs": 3, "batch_size": 128, "lr": 3e-3, "prompt_lr": 3e-2, "schedule": "cosine"},
 }
 
 
 def quickstart(out: str, task: str = "rating", users: int | None = None, seed: int | None = None,
                epochs: int | None = None, num_workers: int = 2) -> dict:
     from puma_ray.datasets.synthetic import synthesize
-    from puma_ray.evaluate import evaluate, format_table
+    from puma_ray.evaluate import evaluate
     from puma_ray.models import build_tiny
     from puma_ray.train import train_prompts
 
@@ -57,6 +57,5 @@ def quickstart(out: str, task: str = "rating", users: int | None = None, seed: i
                "methods": {k: {**{m: v[m] for m in keep}, "lm_sample_passes": v["lm_sample_passes"], "wall_s": v["wall_s"]}
                            for k, v in report["methods"].items()}}
     storage.write_json(storage.join(out, "results.json"), results)
-    print(f"\nquickstart ({task}, {users} users) finished in {results['total_wall_s']:.0f} s -> {out}/results.json\n")
-    print(format_table(report))
+    print(f"quickstart ({task}, {users} users) finished in {results['total_wall_s']:.0f} s -> {out}/results.json")
     return results

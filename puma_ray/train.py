@@ -8,7 +8,6 @@ every trainable kind; a kind is a builder in ``TRAINABLES``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -23,7 +22,7 @@ from puma_ray import storage
 from puma_ray.config import PromptsConfig
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import build_head, save_head
-from puma_ray.llm import FrozenLM
+from puma_ray.llm import DEFAULT_TEMPLATE, FrozenLM, model_info
 from puma_ray.schema import StoreMeta, write_prompt_store
 
 
@@ -134,12 +133,40 @@ def _validate(engine, lm, shard, make_batch, ctx, task, batch_size, device) -> d
     return out
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker. config: {"kind", "cfg" (dumped config), "ctx", "steps_per_epoch"}."""
+def _restore(model: nn.Module) -> dict:
+    """Load the latest reported checkpoint into ``model`` (safetensors + JSON, nothing unpickled).
+
+    Returns the progress to continue from: {"epoch" (next), "lm_sample_passes", "wall_s"}."""
     import ray.train
-    from ray.train import Checkpoint
     from safetensors.torch import load as st_load
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return {"epoch": 0, "lm_sample_passes": 0.0, "wall_s": 0.0}
+    with ckpt.as_directory() as d:
+        model.load_state_dict(st_load(storage.read_bytes(os.path.join(d, "trainable.safetensors"))))
+        state = storage.read_json(os.path.join(d, "state.json"))
+    return {**state, "epoch": state["epoch"] + 1}
+
+
+def _report(metrics: dict, engine, rank: int) -> None:
+    """Every rank reports the metrics; rank 0 attaches the trainable weights as a checkpoint."""
+    import ray.train
     from safetensors.torch import save as st_save
+
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            state = {k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()}
+            storage.write_bytes(os.path.join(d, "trainable.safetensors"), st_save(state))
+            storage.write_json(os.path.join(d, "state.json"), {k: metrics[k] for k in ("epoch", "lm_sample_passes", "wall_s")})
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker. config: {"kind", "cfg" (dumped config), "ctx", "steps_per_epoch", "datasets"}."""
+    import ray.train
 
     from puma_ray.runtime import deepspeed_config, setup_worker
 
@@ -149,30 +176,21 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed  # after setup_worker chose the accelerator
 
     torch.manual_seed(cfg.train.seed)
-    ctx = dict(config["ctx"])
-    ctx["index"] = {u: i for i, u in enumerate(ctx["users"])}
+    ctx = {**config["ctx"], "index": {u: i for i, u in enumerate(config["ctx"]["users"])}}
     lm = FrozenLM(cfg.model.path, cfg.task, cfg.template, cfg.prompt_length, cfg.model.dtype, cfg.model.attn_implementation, device)
     model = build(cfg, lm, ctx)
-    start_epoch, passes, wall = 0, 0.0, 0.0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:  # resume: weights + progress (safetensors + JSON; nothing is unpickled)
-        with ckpt.as_directory() as d:
-            model.load_state_dict(st_load(open(os.path.join(d, "trainable.safetensors"), "rb").read()))
-            state = json.load(open(os.path.join(d, "state.json")))
-        start_epoch, passes, wall = state["epoch"] + 1, state["lm_sample_passes"], state["wall_s"]
-
+    progress = _restore(model)
+    steps, start = config["steps_per_epoch"], progress["epoch"]
     optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.prompt_lr), weight_decay=cfg.train.weight_decay)
-    total = cfg.train.epochs * config["steps_per_epoch"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.train.schedule, total, cfg.train.warmup_frac))
-    for _ in range(start_epoch * config["steps_per_epoch"]):
-        scheduler.step()
+    schedule = _lr_lambda(cfg.train.schedule, cfg.train.epochs * steps, cfg.train.warmup_frac)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step + start * steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg.scaling, cfg.train, cfg.model.dtype))
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid") if "valid" in config["datasets"] else None
     rank = ray.train.get_context().get_world_rank()
 
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start, cfg.train.epochs):
         t0, loss_sum, rows = time.time(), 0.0, 0
         for np_batch in train_shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
                                                   local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
@@ -180,28 +198,21 @@ def train_loop_per_worker(config: dict) -> None:
             batch = make_batch(np_batch, lm, ctx, device)
             if batch is None:
                 continue
-            loss, _ = engine(batch, lm)
+            loss, _ = engine(batch, lm)  # frozen LM forward inside; gradients reach the trainable part only
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item() * len(batch["label"]); rows += len(batch["label"])
         loss_sum, rows = _allreduce([loss_sum, rows])
-        passes += rows
-        wall += time.time() - t0
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(rows, 1), "lm_sample_passes": passes, "wall_s": wall,
-                   "unknown_rows": int(_allreduce([ctx.get("unknown_rows", 0)])[0])}
+        progress["lm_sample_passes"] += rows
+        progress["wall_s"] += time.time() - t0
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(rows, 1), "lm_sample_passes": progress["lm_sample_passes"],
+                   "wall_s": progress["wall_s"], "unknown_rows": int(_allreduce([ctx.get("unknown_rows", 0)])[0])}
         if valid_shard is not None:
             metrics.update(_validate(engine, lm, valid_shard, make_batch, ctx, cfg.task, cfg.train.batch_size, device))
         if rank == 0:
             print(f"[{config['kind']}] epoch {epoch + 1}/{cfg.train.epochs} " + " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"), file=sys.stderr)
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                state = {k: v.detach().cpu().contiguous() for k, v in engine.module.state_dict().items()}
-                open(os.path.join(d, "trainable.safetensors"), "wb").write(st_save(state))
-                json.dump({"epoch": epoch, "lm_sample_passes": passes, "wall_s": wall}, open(os.path.join(d, "state.json"), "w"))
-                checkpoint = Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"), flush=True)
+        _report(metrics, engine, rank)
 
 
 def fit(kind: str, cfg, datasets: dict, ctx: dict, train_rows: int):
@@ -252,15 +263,15 @@ def train_prompts(cfg: PromptsConfig) -> dict:
     from safetensors.torch import load as st_load
 
     with result.checkpoint.as_directory() as d:
-        state = st_load(open(os.path.join(d, "trainable.safetensors"), "rb").read())
-        progress = json.load(open(os.path.join(d, "state.json")))
-    lm_meta = FrozenLM(cfg.model.path, cfg.task, cfg.template, cfg.prompt_length, cfg.model.dtype)
-    meta = StoreMeta(model=cfg.model.path, model_fingerprint=lm_meta.fingerprint, hidden_size=lm_meta.hidden_size,
-                     prompt_length=cfg.prompt_length, template=lm_meta.template, stage="prompts")
+        state = st_load(storage.read_bytes(os.path.join(d, "trainable.safetensors")))
+        progress = storage.read_json(os.path.join(d, "state.json"))
+    fingerprint, d = model_info(cfg.model.path)
+    meta = StoreMeta(model=cfg.model.path, model_fingerprint=fingerprint, hidden_size=d, prompt_length=cfg.prompt_length,
+                     template=cfg.template or DEFAULT_TEMPLATE[cfg.task], stage="prompts")
     write_prompt_store(storage.join(cfg.output, "prompts"), meta, users, state["prompts.weight"].numpy())
-    head = build_head(cfg.task, lm_meta.hidden_size, cfg.head)
+    head = build_head(cfg.task, d, cfg.head)
     head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
-    save_head(cfg.output, head, cfg.task, cfg.head.model_dump(), lm_meta.fingerprint, lm_meta.hidden_size)
+    save_head(cfg.output, head, cfg.task, cfg.head.model_dump(), fingerprint, d)
     summary = {
         "stage": "prompts", "model": cfg.model.path, "users": len(users), "train_rows": train_rows,
         "epochs": cfg.train.epochs, "train_prompts": cfg.train.train_prompts,
@@ -268,5 +279,6 @@ def train_prompts(cfg: PromptsConfig) -> dict:
         "wall_s": time.time() - t0, "final_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
     }
     storage.write_json(storage.join(cfg.output, "summary.json"), summary)
-    print(f"prompts: wrote {len(users)} prompts + head to {cfg.output}", file=sys.stderr)
+    val = " ".join(f"{k}={v:.4f}" for k, v in summary["final_metrics"].items() if k.startswith("val_") and k != "val_rows")
+    print(f"prompts: wrote {len(users)} prompts + head to {cfg.output} {val}".rstrip(), file=sys.stderr)
     return summary

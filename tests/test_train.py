@@ -79,3 +79,13 @@ def test_empty_interactions(tmp_path, tiny_models, rating_data, ray_session):
     cfg = _cfg(tmp_path, tiny_models, rating_data, data={"train": str(tmp_path / "empty"), "valid": None})
     with pytest.raises(PumaError, match="empty input"):
         train_prompts(cfg)
+
+
+def test_rerun_same_name_resumes_from_latest_checkpoint(tmp_path, tiny_models, rating_data, ray_session):
+    from puma_ray.train import train_prompts
+
+    first = train_prompts(_cfg(tmp_path, tiny_models, rating_data, train={"epochs": 1}, data={"valid": None}))
+    second = train_prompts(_cfg(tmp_path, tiny_models, rating_data, train={"epochs": 2}, data={"valid": None}))
+    # the second run trained only epoch 2: cumulative passes are two epochs' worth, not three
+    assert second["lm_sample_passes"] == 2 * first["lm_sample_passes"]
+    assert second["final_metrics"]["epoch"] == 1

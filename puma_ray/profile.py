@@ -1,0 +1,95 @@
+"""Per-user label statistics of an interactions input (the "complexity" signal of user selection).
+
+Output (Parquet directory): one row per user with interactions:
+    user_id string, n int64 (records), label_mean float64, label_var float64 (population variance, ddof=0)
+
+Computed with Ray Data's streamed hash-shuffle groupby aggregation; the interactions are never
+collected in one process.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from puma_ray import storage
+from puma_ray.errors import PumaError, user_errors
+
+# Interactions per hash-shuffle partition of the groupby (bounds aggregator count on small inputs).
+ROWS_PER_PARTITION = 2_000_000
+
+PROFILE_SCHEMA = pa.schema([
+    pa.field("user_id", pa.string(), nullable=False),
+    pa.field("n", pa.int64(), nullable=False),
+    pa.field("label_mean", pa.float64(), nullable=False),
+    pa.field("label_var", pa.float64(), nullable=False),
+])
+
+
+def _to_profile(batch: pa.Table) -> pa.Table:
+    """Aggregation output (user_id, n, label_mean, label_std) -> PROFILE_SCHEMA (std squared)."""
+    std = np.asarray(batch.column("label_std").to_numpy(zero_copy_only=False), dtype=np.float64)
+    mean = np.asarray(batch.column("label_mean").to_numpy(zero_copy_only=False), dtype=np.float64)
+    n = np.asarray(batch.column("n").to_numpy(zero_copy_only=False), dtype=np.int64)
+    user_id = batch.column("user_id").cast(pa.string())
+    return pa.Table.from_arrays(
+        [user_id, pa.array(n), pa.array(mean), pa.array(np.nan_to_num(std) ** 2)], schema=PROFILE_SCHEMA
+    )
+
+
+def _check_target(out_uri: str) -> None:
+    """Refuse to overwrite a non-empty directory that is not a previous profile."""
+    if not storage.list_files(out_uri):
+        return
+    try:
+        names = storage.read_schema(out_uri).names
+    except PumaError:
+        names = []
+    if names != PROFILE_SCHEMA.names:
+        raise PumaError(f"{out_uri}: not empty and not a user profile; choose another output path")
+
+
+def _partitions(rows: int) -> int:
+    """Hash partitions for ``rows`` interactions: one per ROWS_PER_PARTITION, at most Ray's default."""
+    import ray.data
+
+    cap = ray.data.DataContext.get_current().default_hash_shuffle_parallelism
+    return int(min(cap, max(1, -(-rows // ROWS_PER_PARTITION))))
+
+
+@user_errors
+def profile_users(interactions_uri: str, task: str, out_uri: str) -> dict:
+    """Entry: write per-user count / label mean / label variance of ``interactions_uri`` to ``out_uri``.
+
+    Returns {"users": number of users, "rows": number of interactions, "uri": out_uri}.
+    A previous profile at ``out_uri`` is replaced.
+    """
+    from ray.data import SaveMode
+    from ray.data.aggregate import Count, Mean, Std
+
+    from puma_ray.data import load_interactions
+
+    _check_target(out_uri)
+    ds, rows = load_interactions(interactions_uri, task)
+    stats = ds.select_columns(["user_id", "label"]).groupby("user_id", num_partitions=_partitions(rows)).aggregate(
+        Count(alias_name="n"),
+        Mean("label", alias_name="label_mean"),
+        Std("label", ddof=0, alias_name="label_std"),
+    )
+    stats = stats.map_batches(_to_profile, batch_format="pyarrow").materialize()
+    users = stats.count()
+    fs, path = storage.resolve(out_uri)
+    stats.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE)
+    return {"users": int(users), "rows": int(rows), "uri": out_uri}
+
+
+def read_profile(uri: str) -> pd.DataFrame:
+    """A profile directory -> DataFrame (user_id, n, label_mean, label_var), sorted by user_id."""
+    table = storage.read_table(uri)
+    missing = [c for c in PROFILE_SCHEMA.names if c not in table.column_names]
+    if missing:
+        raise PumaError(f"{uri}: not a user profile (lacks columns {missing})")
+    df = table.select(PROFILE_SCHEMA.names).to_pandas()
+    df["user_id"] = df["user_id"].astype(str)
+    return df.sort_values("user_id", kind="stable").reset_index(drop=True)

@@ -1,0 +1,200 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from puma_ray import storage
+from puma_ray.config import SelectConfig
+from puma_ray.errors import PumaError
+from puma_ray.profile import PROFILE_SCHEMA
+from puma_ray.schema import StoreMeta, write_prompt_store
+from puma_ray.select import (STRATEGIES, apportion, group_weights, read_selected, resolve_budget,
+                             select_users)
+
+SIZES = [400, 200, 100, 60]
+
+
+def blobs(sizes=SIZES, dim=8, seed=0):
+    """Well-separated Gaussian blobs -> (prompts (N, dim) float32, true blob id (N,))."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(len(sizes), dim)) * 50
+    x = np.concatenate([c + rng.normal(size=(s, dim)) for c, s in zip(centers, sizes)]).astype(np.float32)
+    return x, np.repeat(np.arange(len(sizes)), sizes)
+
+
+def run(name, prompts, var, budget, seed=0, **cfg):
+    cfg = SelectConfig(seed=seed, **{"clusters": len(SIZES), "min_per_cluster": 20, **cfg})
+    return STRATEGIES[name](prompts, var, budget, cfg, np.random.default_rng(seed))
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, blob = blobs()
+    var = np.random.default_rng(1).random(len(x))
+    return x, var, blob
+
+
+def test_registry():
+    assert {"random", "kmeans_variance"} <= set(STRATEGIES)
+
+
+@pytest.mark.parametrize("name", ["random", "kmeans_variance"])
+@pytest.mark.parametrize("budget", [1, 7, 50, 79, 80, 300, 759, 760])  # 4 clusters * min 20 = 80
+def test_exact_budget_unique(data, name, budget):
+    x, var, _ = data
+    idx, _ = run(name, x, var, budget)
+    assert len(idx) == budget and len(np.unique(idx)) == budget
+    assert idx.min() >= 0 and idx.max() < len(x)
+
+
+@pytest.mark.parametrize("name", ["random", "kmeans_variance"])
+def test_deterministic_per_seed(data, name):
+    x, var, _ = data
+    a, _ = run(name, x, var, 100, seed=5)
+    b, _ = run(name, x, var, 100, seed=5)
+    c, _ = run(name, x, var, 100, seed=6)
+    np.testing.assert_array_equal(a, b)
+    assert set(a) != set(c)
+
+
+def test_kmeans_minimum_then_proportional(data):
+    x, var, blob = data
+    budget, minimum = 300, 20
+    idx, extra = run("kmeans_variance", x, var, budget, min_per_cluster=minimum)
+    assert sorted(extra["cluster_sizes"]) == sorted(SIZES)
+    assert sum(extra["cluster_selected"]) == budget
+    # Clusters are the blobs: the selection per blob follows the reported per-cluster counts.
+    per_blob = np.bincount(blob[idx], minlength=len(SIZES))
+    assert sorted(per_blob) == sorted(extra["cluster_selected"])
+    rest = budget - minimum * len(SIZES)
+    for size, got in zip(SIZES, per_blob):
+        assert got >= minimum
+        assert abs((got - minimum) - rest * size / sum(SIZES)) <= 1
+    assert np.bincount(extra["cluster"]).tolist() == extra["cluster_selected"]
+
+
+def test_kmeans_minimum_scaled_down_fairly(data):
+    x, var, blob = data
+    idx, extra = run("kmeans_variance", x, var, 50, min_per_cluster=20)  # 4 * 20 > 50
+    per_blob = np.bincount(blob[idx], minlength=len(SIZES))
+    assert per_blob.sum() == 50 and per_blob.max() - per_blob.min() <= 1
+
+
+def test_kmeans_minimum_capped_by_small_cluster():
+    x, _ = blobs([300, 5], seed=2)
+    var = np.random.default_rng(0).random(len(x))
+    _, extra = run("kmeans_variance", x, var, 40, clusters=2, min_per_cluster=10)
+    sel = dict(zip(extra["cluster_sizes"], extra["cluster_selected"]))
+    assert sel == {5: 5, 300: 35}
+
+
+def test_variance_strata_follow_gaussian_weights():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5000, 4)).astype(np.float32)
+    var = rng.random(5000)
+    idx, extra = run("kmeans_variance", x, var, 1000, clusters=1, variance_groups=5)
+    w = np.array(extra["group_weights"])
+    np.testing.assert_allclose(w, group_weights(SelectConfig()))
+    x_ = np.linspace(-2, 2, 5)
+    np.testing.assert_allclose(w, (np.exp(-x_**2 / 2) + 0.1) / (np.exp(-x_**2 / 2) + 0.1).sum())
+    group = np.minimum((var[idx] * 5).astype(int), 4)  # var ~ U(0,1): quantile groups ~ fifths
+    share = np.bincount(group, minlength=5) / len(idx)
+    assert share[2] > 2 * max(share[0], share[4])
+    assert share[1] > share[0] and share[3] > share[4]
+    np.testing.assert_allclose(share, w, atol=0.04)
+
+
+def test_random_is_roughly_uniform():
+    x = np.zeros((100, 2), np.float32)
+    counts = np.zeros(100)
+    for seed in range(200):
+        idx, extra = run("random", x, np.zeros(100), 50, seed=seed)
+        counts[idx] += 1
+        assert extra == {}
+    freq = counts / 200
+    assert abs(freq.mean() - 0.5) < 1e-12 and np.abs(freq - 0.5).max() < 0.15
+
+
+def test_apportion():
+    assert apportion(10, np.ones(3), np.full(3, 5), tiebreak=np.array([1, 3, 2])).tolist() == [3, 4, 3]
+    assert apportion(10, np.array([1, 1, 100.0]), np.array([5, 5, 2])).tolist() == [4, 4, 2]
+    assert apportion(100, np.ones(2), np.array([3, 4])).tolist() == [3, 4]
+
+
+def test_resolve_budget():
+    assert resolve_budget(10, 50, "s") == 10
+    assert resolve_budget(50.0, 50, "s") == 50
+    assert resolve_budget(0.2, 50, "s") == 10
+    assert resolve_budget(0.001, 50, "s") == 1
+    with pytest.raises(PumaError, match="budget 51 exceeds the 50 users with interactions"):
+        resolve_budget(51, 50, "s")
+    with pytest.raises(PumaError, match="whole user count"):
+        resolve_budget(2.5, 50, "s")
+
+
+# ---------------------------------------------------------------------------------------------
+# select_users end to end (no Ray)
+
+META = StoreMeta(model="m", model_fingerprint="f", hidden_size=4, prompt_length=2, template="t", stage="prompts")
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """A prompt store of users s000..s039 and a profile of s000..s034 plus p000..p004 (no prompt)."""
+    x, _ = blobs([20, 12, 8], dim=META.width, seed=4)
+    ids = [f"s{i:03d}" for i in range(40)]
+    order = np.random.default_rng(0).permutation(40)  # store row order must not matter
+    store = str(tmp_path / "store")
+    write_prompt_store(store, META, [ids[i] for i in order], x[order])
+    prof_ids = ids[:35] + [f"p{i:03d}" for i in range(5)]
+    var = np.random.default_rng(1).random(40)
+    profile = str(tmp_path / "profile")
+    storage.write_table(f"{profile}/part-00000.parquet", pa.Table.from_arrays(
+        [pa.array(prof_ids), pa.array(np.full(40, 10, np.int64)), pa.array(np.full(40, 3.0)), pa.array(var)],
+        schema=PROFILE_SCHEMA))
+    return store, profile, ids, x
+
+
+def test_select_users_end_to_end(tmp_path, inputs, capsys):
+    store, profile, ids, _ = inputs
+    out = str(tmp_path / "sel")
+    cfg = SelectConfig(budget=10, clusters=3, min_per_cluster=2, seed=7)
+    summary = select_users(cfg, store, profile, out)
+    assert "5 store user(s) with no interactions" in capsys.readouterr().err
+    assert {k: summary[k] for k in ("strategy", "budget", "candidates", "skipped_no_interactions",
+                                    "skipped_no_prompt", "selected", "seed")} == {
+        "strategy": "kmeans_variance", "budget": 10, "candidates": 35, "skipped_no_interactions": 5,
+        "skipped_no_prompt": 5, "selected": 10, "seed": 7}
+    assert sum(summary["cluster_selected"]) == 10 and sum(summary["cluster_sizes"]) == 35
+    assert len(summary["group_weights"]) == cfg.variance_groups
+    assert set(summary["variance"]) == {"all", "selected"}
+    assert set(summary["variance"]["all"]) == {"p10", "p50", "p90", "mean"}
+    assert json.loads(storage.read_bytes(f"{out}/selection.json")) == summary
+
+    table = storage.read_table(f"{out}/selected.parquet")
+    assert table.schema.field("user_id").type == pa.string() and table.schema.field("cluster").type == pa.int32()
+    chosen = read_selected(out)
+    assert chosen == sorted(chosen) and len(set(chosen)) == 10 and set(chosen) <= set(ids[:35])
+    assert all(0 <= c < 3 for c in table.column("cluster").to_pylist())
+
+    again = select_users(cfg, store, profile, str(tmp_path / "sel2"))
+    assert read_selected(str(tmp_path / "sel2")) == chosen and again == summary
+
+
+def test_select_users_random_fraction(tmp_path, inputs):
+    store, profile, _, _ = inputs
+    out = str(tmp_path / "sel")
+    summary = select_users(SelectConfig(strategy="random", budget=0.2), store, profile, out)
+    assert summary["budget"] == summary["selected"] == 7  # round(0.2 * 35)
+    assert "cluster_sizes" not in summary
+    assert set(storage.read_table(f"{out}/selected.parquet").column("cluster").to_pylist()) == {-1}
+
+
+def test_select_users_errors(tmp_path, inputs):
+    store, profile, _, _ = inputs
+    with pytest.raises(PumaError, match="budget 36 exceeds the 35 users with interactions"):
+        select_users(SelectConfig(budget=36), store, profile, str(tmp_path / "a"))
+    with pytest.raises(PumaError, match=r"unknown strategy 'nope'.*kmeans_variance.*random"):
+        select_users(SelectConfig(strategy="nope"), store, profile, str(tmp_path / "b"))
+    assert not storage.exists(str(tmp_path / "a")) and not storage.exists(str(tmp_path / "b"))
