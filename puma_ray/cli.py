@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_cmd(sub, "evaluate", "score prompt stores and baselines on held-out interactions",
                 "Prints a table (RMSE/MAE or AUC/uAUC, cost) and writes JSON to `output`.")
 
+    _config_cmd(sub, "migrate", "PUMA: select users, train the adapter through the frozen target, rewrite every prompt, evaluate",
+                "profile -> select -> train (Ray Train + DeepSpeed) -> rewrite (Ray Data) -> evaluate.\n"
+                "Several `sources` = aggregated [A;B] -> target; `chain` = A -> B -> ... -> target.\n"
+                "Writes OUTPUT/{profile,selection,adapter,prompts}/, manifest.json, head.*, summary.json, evaluation.json.")
+    _config_cmd(sub, "rewrite", "apply a trained adapter to every prompt of the source store(s)",
+                "Ray Data map_batches over ALL source prompts -> OUTPUT/prompts (target store); OUTPUT/manifest.json is written last.")
+
     q = sub.add_parser("quickstart", help="the whole story on tiny local models, from nothing",
                        description="synth data -> tiny LM -> stage 1 -> evaluate; writes OUT/results.json.")
     q.add_argument("--out", default="quickstart_out", help="output directory (default ./quickstart_out)")
@@ -80,6 +87,14 @@ def run(args: argparse.Namespace) -> None:
         from puma_ray.evaluate import evaluate
 
         evaluate(C.load(C.EvaluateConfig, args.config, args.overrides))
+    elif args.cmd == "migrate":
+        from puma_ray.pipeline import migrate
+
+        migrate(C.load(C.MigrateConfig, args.config, args.overrides))
+    elif args.cmd == "rewrite":
+        from puma_ray.rewrite import rewrite
+
+        rewrite(C.load(C.RewriteJobConfig, args.config, args.overrides))
     elif args.cmd == "quickstart":
         from puma_ray.quickstart import quickstart
 

@@ -100,9 +100,11 @@ class EvaluateConfig(Strict):
     """``puma-ray evaluate``: score stage outputs and baselines on held-out interactions."""
 
     task: Task = "rating"
-    model: ModelConfig
+    model: Optional[ModelConfig] = Field(None, description="model for every run (default: the model each store records)")
     data: DataConfig = Field(description="train (for mean baselines) and valid (scored)")
     runs: dict[str, str] = Field(default_factory=dict, description="method name -> output URI of a prompts/migrate run")
+    subsets: dict[str, str] = Field(default_factory=dict, description="name -> Parquet URI with user_id: metrics also "
+                                    "reported for users inside (<metric>_in_<name>) and outside (<metric>_out_<name>)")
     baselines: list[Literal["global_mean", "user_mean"]] = ["global_mean", "user_mean"]
     output: Optional[str] = Field(None, description="URI of the JSON report")
     batch_size: int = Field(256, ge=1)
@@ -133,6 +135,66 @@ class SelectConfig(Strict):
     min_per_cluster: int = Field(50, ge=0)
     kmeans_sample: int = Field(100_000, ge=1, description="K-means is fit on at most this many users; all are assigned")
     seed: int = 0
+
+
+class AdapterConfig(Strict):
+    """The migration adapter (METHOD.md, "Stage 2"); width 4096 / depth 1 is the paper's."""
+
+    width: int = Field(4096, ge=1)
+    depth: int = Field(1, ge=0, description="residual blocks on each side of the projection")
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class RewriteConfig(Strict):
+    """The bulk rewrite (Ray Data map_batches with an actor pool)."""
+
+    batch_size: int = Field(4096, ge=1, description="prompts per map_batches call")
+    actors: int = Field(1, ge=1, description="actor pool size")
+    num_gpus: float = Field(0, ge=0, description="GPUs per rewrite actor (0 on CPU clusters)")
+    cpus_per_actor: float = Field(1, gt=0)
+
+
+class MigrateConfig(Strict):
+    """``puma-ray migrate``: profile -> select -> train adapter -> rewrite -> evaluate.
+
+    One source store: A -> target. Several ``sources``: aggregated [A;B] -> target (joined on
+    user_id). ``chain``: intermediate models, A -> chain[0] -> ... -> target, each step trained
+    only on the previous step's output store.
+    """
+
+    task: Task = "rating"
+    model: ModelConfig = Field(description="the TARGET model")
+    sources: list[str] = Field(min_length=1, description="source prompt store URIs (several = aggregate)")
+    chain: list[ModelConfig] = Field(default_factory=list, description="intermediate models of a chained migration")
+    data: DataConfig
+    output: str = Field(description="URI: profile/, selection/, adapter/, prompts/ (target store), manifest.json, head, report")
+    template: Optional[str] = None
+    prompt_length: Optional[int] = Field(None, ge=1, description="set from the source store; leave empty")
+    select: SelectConfig = SelectConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    head: HeadConfig = HeadConfig()
+    train: TrainConfig = TrainConfig(epochs=4, lr=1e-4, batch_size=32)
+    scaling: ScalingConfig = ScalingConfig()
+    rewrite: RewriteConfig = RewriteConfig()
+    compare: dict[str, str] = Field(default_factory=dict, description="name -> run URI scored beside PUMA (full_retrain, ...)")
+    evaluate: bool = True
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+    run: RunConfig = RunConfig()
+
+
+class RewriteJobConfig(Strict):
+    """``puma-ray rewrite``: apply a trained adapter to EVERY prompt of the source store(s)."""
+
+    model: ModelConfig = Field(description="the TARGET model (for its fingerprint; weights are not loaded)")
+    sources: list[str] = Field(min_length=1)
+    adapter: str = Field(description="URI of the directory holding adapter.safetensors + adapter.json")
+    output: str = Field(description="URI: prompts/ (target store) + manifest.json")
+    template: Optional[str] = None
+    task: Task = "rating"
+    rewrite: RewriteConfig = RewriteConfig()
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -8,7 +8,6 @@ rating -> RMSE, MAE; ctr -> AUC and uAUC (mean per-user AUC over users with both
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pandas as pd
@@ -55,6 +54,9 @@ class PromptScorer:
         return {"user_id": batch["user_id"], "label": batch["label"], "pred": pred}
 
 
+METRIC_NAMES = ("rmse", "mae", "auc", "uauc")
+
+
 def metrics(task: str, frame: pd.DataFrame) -> dict:
     """frame: user_id, label, pred (NaN = not scored) -> metric dict incl. scored/unknown counts."""
     from sklearn.metrics import mean_absolute_error, mean_squared_error, roc_auc_score
@@ -74,6 +76,20 @@ def metrics(task: str, frame: pd.DataFrame) -> dict:
         out["uauc"] = float(np.mean(per_user)) if per_user else float("nan")
         out["uauc_users"] = len(per_user)
     return out
+
+
+def _run_model(cfg: EvaluateConfig, run_uri: str) -> dict:
+    """The model config to score a run with: cfg.model, or the model its prompt store records.
+
+    Raises PumaError when the store was made for a model with another fingerprint."""
+    store_uri = storage.join(run_uri, "prompts")
+    meta = StoreMeta.from_metadata(store_uri, storage.read_schema(store_uri).metadata)
+    model = cfg.model.model_dump() if cfg.model else {"path": meta.model, "dtype": "float32", "attn_implementation": "sdpa"}
+    fingerprint, _ = model_info(model["path"])
+    if meta.model_fingerprint != fingerprint:
+        raise PumaError(f"{store_uri}: prompt store was made for model {meta.model!r} (fingerprint {meta.model_fingerprint}); "
+                        f"model {model['path']!r} has fingerprint {fingerprint}")
+    return model
 
 
 def _collect(ds, columns=("user_id", "label", "pred")) -> pd.DataFrame:
@@ -106,31 +122,31 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if not cfg.data.valid:
         raise PumaError("evaluate needs data.valid (the held-out interactions)")
     valid_ds, _ = load_interactions(cfg.data.valid, cfg.task)
-    fingerprint, _ = model_info(cfg.model.path)
-    for run_uri in cfg.runs.values():  # refuse a mismatched store before any actor starts
-        store_uri = storage.join(run_uri, "prompts")
-        meta = StoreMeta.from_metadata(store_uri, storage.read_schema(store_uri).metadata)
-        if meta.model_fingerprint != fingerprint:
-            raise PumaError(f"{store_uri}: prompt store was made for model {meta.model!r} (fingerprint {meta.model_fingerprint}); "
-                            f"model {cfg.model.path!r} has fingerprint {fingerprint}")
-    results: dict[str, dict] = {}
+    models = {name: _run_model(cfg, run_uri) for name, run_uri in cfg.runs.items()}  # refuses mismatches before any actor starts
+    subsets = {name: set(storage.read_table(uri, columns=["user_id"]).column("user_id").to_pylist()) for name, uri in cfg.subsets.items()}
+    frames: dict[str, tuple[pd.DataFrame, dict]] = {}
     for name, run_uri in cfg.runs.items():
-        t0 = time.time()
-        summary = storage.read_json(storage.join(run_uri, "summary.json")) if storage.exists(storage.join(run_uri, "summary.json")) else {}
+        summary_uri = storage.join(run_uri, "summary.json")
+        summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
         scored = valid_ds.map_batches(
-            PromptScorer, fn_constructor_kwargs={"model": cfg.model.model_dump(), "task": cfg.task, "run_uri": run_uri,
-                                                 "batch_size": cfg.batch_size},
+            PromptScorer, fn_constructor_kwargs={"model": models[name], "task": cfg.task, "run_uri": run_uri, "batch_size": cfg.batch_size},
             batch_size=4 * cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
         )
-        m = metrics(cfg.task, _collect(scored))
-        m.update(lm_sample_passes=summary.get("lm_sample_passes", 0), wall_s=summary.get("wall_s", 0.0), eval_wall_s=time.time() - t0)
-        results[name] = m
+        frames[name] = (_collect(scored), {"lm_sample_passes": summary.get("lm_sample_passes", 0), "wall_s": summary.get("wall_s", 0.0)})
     if cfg.baselines:
         train_ds, _ = load_interactions(cfg.data.train, cfg.task)
         valid = _collect(valid_ds, ("user_id", "label"))
         for name, frame in baseline_frames(train_ds, valid, cfg.baselines).items():
-            results[name] = {**metrics(cfg.task, frame), "lm_sample_passes": 0, "wall_s": 0.0}
-    report = {"task": cfg.task, "valid": cfg.data.valid, "model": cfg.model.path, "methods": results}
+            frames[name] = (frame, {"lm_sample_passes": 0, "wall_s": 0.0})
+    results = {}
+    for name, (frame, cost) in frames.items():
+        results[name] = {**metrics(cfg.task, frame), **cost}
+        for sub, users in subsets.items():
+            inside = frame["user_id"].isin(users)
+            for side, part in (("in", frame[inside]), ("out", frame[~inside])):
+                if part["pred"].notna().any():
+                    results[name].update({f"{k}_{side}_{sub}": v for k, v in metrics(cfg.task, part).items() if k in METRIC_NAMES})
+    report = {"task": cfg.task, "valid": cfg.data.valid, "methods": results}
     print(format_table(report))
     if cfg.output:
         storage.write_json(cfg.output, report)
@@ -138,12 +154,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def format_table(report: dict) -> str:
-    """A Markdown table of a report (methods x metrics + cost)."""
+    """A Markdown table of a report (methods x metrics + cost); subset columns when present."""
     task = report["task"]
     cols = ["rmse", "mae"] if task == "rating" else ["auc", "uauc"]
-    lines = [f"| method | {' | '.join(c.upper() for c in cols)} | LM sample-passes | wall s | unknown rows |",
-             "|---|" + "---:|" * (len(cols) + 3)]
-    for name, m in report["methods"].items():
-        vals = " | ".join(f"{m[c]:.4f}" for c in cols)
+    methods = report["methods"]
+    subs = sorted({k[len(cols[0]) + 4:] for m in methods.values() for k in m if k.startswith(f"{cols[0]}_in_")})
+    extra = [f"{cols[0]}_{side}_{sub}" for sub in subs for side in ("in", "out")]
+    head = [c.upper() for c in cols] + [f"{cols[0].upper()} {side} {sub}" for sub in subs for side in ("in", "out")]
+    lines = [f"| method | {' | '.join(head)} | LM sample-passes | wall s | unknown rows |",
+             "|---|" + "---:|" * (len(head) + 3)]
+    for name, m in methods.items():
+        vals = " | ".join(f"{m[c]:.4f}" if c in m else "" for c in cols + extra)
         lines.append(f"| {name} | {vals} | {int(m.get('lm_sample_passes', 0)):,} | {m.get('wall_s', 0):.1f} | {m.get('unknown_rows', 0)} |")
     return "\n".join(lines)

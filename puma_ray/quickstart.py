@@ -1,7 +1,9 @@
 """`puma-ray quickstart`: the whole story from nothing on the embedded default.
 
-synthetic interactions -> tiny source LM -> stage 1 (source prompts) and a random-init control
-(prompts frozen at init, head trained) -> evaluate against global/user-mean baselines.
+synthetic interactions -> two tiny LMs of different families and widths (source Llama d=64,
+target Qwen2 d=96) -> stage 1 on the source ("source"), on the target ("full_retrain") and a
+head-only control on the target ("random_init") -> PUMA migration source -> target on 20% of the
+users ("puma") -> one evaluation beside the global/user-mean baselines.
 Writes DIR/results.json: {"task", "methods": {name: {rmse, mae | auc, uauc, lm_sample_passes, wall_s}}}.
 """
 
@@ -18,17 +20,22 @@ DEFAULTS = {
     "users": 2000,
     "seed": 0,
     "source": "llama",
+    "target": "qwen2",
     # Tuned on the quickstart data (2 CPU cores): prompts need a far higher lr than the paper's
-    # 5e-4 because each prompt sees only its own ~32 training rows per epoch.
+    # 5e-4 because each prompt sees only its own ~32 training rows per epoch; validation RMSE is
+    # best around epoch 3 (prompts overfit after that).
     "train": {"epochs": 3, "batch_size": 128, "lr": 3e-3, "prompt_lr": 3e-2, "schedule": "cosine"},
+    # PUMA: 20% of the users, a 256-wide adapter (the paper's 4096 is for d = 2048..3072).
+    "migrate": {"select": {"budget": 0.2}, "adapter": {"width": 256, "depth": 1},
+                "train": {"epochs": 2, "batch_size": 128, "lr": 3e-3, "schedule": "cosine"}},
 }
 
 
 def quickstart(out: str, task: str = "rating", users: int | None = None, seed: int | None = None,
                epochs: int | None = None, num_workers: int = 2) -> dict:
     from puma_ray.datasets.synthetic import synthesize
-    from puma_ray.evaluate import evaluate
     from puma_ray.models import build_tiny
+    from puma_ray.pipeline import migrate
     from puma_ray.train import train_prompts
 
     users = users or DEFAULTS["users"]
@@ -36,26 +43,38 @@ def quickstart(out: str, task: str = "rating", users: int | None = None, seed: i
     out = os.path.abspath(out)
     t0 = time.time()
     data = storage.join(out, "data")
-    if not storage.exists(storage.join(data, "meta.json")):
+    meta_uri = storage.join(data, "meta.json")
+    if not storage.exists(meta_uri) or storage.read_json(meta_uri)["users"] != users or storage.read_json(meta_uri)["task"] != task:
         synthesize(data, users=users, task=task, seed=seed)
-    models = build_tiny(os.path.join(out, "models"), [DEFAULTS["source"]], seed=seed)
-    model = {"path": models[DEFAULTS["source"]]}
+    models = build_tiny(os.path.join(out, "models"), [DEFAULTS["source"], DEFAULTS["target"]], seed=seed)
+    source, target = {"path": models[DEFAULTS["source"]]}, {"path": models[DEFAULTS["target"]]}
     train = dict(DEFAULTS["train"], seed=seed, **({"epochs": epochs} if epochs else {}))
-    common = {"task": task, "model": model, "data": {"train": storage.join(data, "train"), "valid": storage.join(data, "valid")},
-              "train": train, "scaling": {"num_workers": num_workers}, "run": {"storage_path": os.path.join(out, "ray_runs")}}
+    splits = {"train": storage.join(data, "train"), "valid": storage.join(data, "valid")}
+    common = {"task": task, "data": splits, "scaling": {"num_workers": num_workers}}
+    ray_runs = os.path.join(out, "ray_runs")
     runs = {}
-    for name, extra in {"source": {}, "random_init": {"train": {**train, "train_prompts": False}}}.items():
-        cfg = C.build(C.PromptsConfig, {**common, **extra, "output": storage.join(out, "runs", name), "run": {**common["run"], "name": f"quickstart-{name}"}})
-        print(f"quickstart: stage 1 '{name}'", file=sys.stderr)
+    for name, model, extra in (("source", source, {}), ("full_retrain", target, {}), ("random_init", target, {"train_prompts": False})):
+        print(f"quickstart: stage 1 '{name}' on {model['path']}", file=sys.stderr)
+        cfg = C.build(C.PromptsConfig, {**common, "model": model, "train": {**train, **extra},
+                                         "output": storage.join(out, "runs", name),
+                                         "run": {"name": f"quickstart-{name}", "storage_path": ray_runs}})
         train_prompts(cfg)
         runs[name] = cfg.output
-    ev = C.build(C.EvaluateConfig, {"task": task, "model": model, "data": common["data"], "runs": runs,
-                                     "output": storage.join(out, "evaluation.json")})
-    report = evaluate(ev)
+    print("quickstart: PUMA migration source -> target", file=sys.stderr)
+    m = DEFAULTS["migrate"]
+    mcfg = C.build(C.MigrateConfig, {
+        **common, "model": target, "sources": [storage.join(runs["source"], "prompts")], "output": storage.join(out, "runs", "puma"),
+        "select": {**m["select"], "seed": seed}, "adapter": m["adapter"], "train": {**m["train"], "seed": seed},
+        "compare": runs, "run": {"name": "quickstart-puma", "storage_path": ray_runs},
+    })
+    report = migrate(mcfg)["evaluation"]
     keep = ["rmse", "mae"] if task == "rating" else ["auc", "uauc"]
+    order = ["puma", "full_retrain", "source", "random_init", "global_mean", "user_mean"]
     results = {"task": task, "users": users, "seed": seed, "total_wall_s": time.time() - t0,
-               "methods": {k: {**{m: v[m] for m in keep}, "lm_sample_passes": v["lm_sample_passes"], "wall_s": v["wall_s"]}
-                           for k, v in report["methods"].items()}}
+               "methods": {k: {**{x: report["methods"][k][x] for x in keep},
+                               "lm_sample_passes": report["methods"][k]["lm_sample_passes"], "wall_s": report["methods"][k]["wall_s"]}
+                           for k in order},
+               "puma_by_users": {k: v for k, v in report["methods"]["puma"].items() if "_adapter_users" in k}}
     storage.write_json(storage.join(out, "results.json"), results)
     print(f"quickstart ({task}, {users} users) finished in {results['total_wall_s']:.0f} s -> {out}/results.json")
     return results

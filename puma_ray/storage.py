@@ -93,6 +93,16 @@ def delete_dir(uri: str) -> None:
         raise _describe(uri, exc) from None
 
 
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _describe(uri, exc) from None
+
+
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Files under a directory URI (recursive, sorted), as URIs."""
     fs, path = resolve(uri)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from puma_ray import storage
-from puma_ray.config import PromptsConfig
+from puma_ray.adapter import MigrationAdapter
+from puma_ray.config import MigrateConfig, PromptsConfig
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import build_head, save_head
 from puma_ray.llm import DEFAULT_TEMPLATE, FrozenLM, model_info
@@ -72,7 +73,44 @@ def prompt_batch(np_batch: dict, lm: FrozenLM, ctx: dict, device) -> dict | None
     }
 
 
-TRAINABLES = {"prompts": (PromptsConfig, build_prompt_model, prompt_batch)}
+class AdapterModel(nn.Module):
+    """Stage 2's trainable part: the migration adapter + the target's task head.
+
+    Source prompts arrive as frozen inputs; only the adapter and the head learn."""
+
+    def __init__(self, adapter: nn.Module, head: nn.Module):
+        super().__init__()
+        self.adapter, self.head = adapter, head
+
+    def param_groups(self, lr: float, prompt_lr: float | None) -> list[dict]:
+        return [{"params": list(self.parameters()), "lr": lr}]
+
+    def forward(self, batch: dict, lm: FrozenLM) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch: src (B, l, d_src), label (B,), inputs -> (loss, (B,) predictions)."""
+        prompts = self.adapter(batch["src"])  # (B, l, d_src) -> (B, l, d_tgt)
+        out = lm.forward(prompts, batch["inputs"], want_hidden=self.head.wants_hidden)
+        return self.head.loss(out, batch["label"])
+
+
+def build_adapter_model(cfg: MigrateConfig, lm: FrozenLM, ctx: dict) -> AdapterModel:
+    """ctx["src"]: (N_selected, l, d_src) source prompts in ctx["users"] order."""
+    ctx["src_tensor"] = torch.as_tensor(ctx["src"], dtype=torch.float32)
+    a = cfg.adapter
+    adapter = MigrationAdapter(ctx["src_tensor"].shape[-1], lm.hidden_size, a.width, a.depth, a.dropout)
+    return AdapterModel(adapter, build_head(cfg.task, lm.hidden_size, cfg.head))
+
+
+def adapter_batch(np_batch: dict, lm: FrozenLM, ctx: dict, device) -> dict | None:
+    batch = prompt_batch(np_batch, lm, ctx, device)
+    if batch is not None:
+        batch["src"] = ctx["src_tensor"][batch["user_idx"].cpu()].to(device)
+    return batch
+
+
+TRAINABLES = {
+    "prompts": (PromptsConfig, build_prompt_model, prompt_batch),
+    "adapter": (MigrateConfig, build_adapter_model, adapter_batch),
+}
 
 
 def _lr_lambda(schedule: str, total_steps: int, warmup_frac: float):

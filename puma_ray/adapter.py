@@ -1,0 +1,95 @@
+"""The migration adapter Phi: source prompt vectors -> target prompt vectors.
+
+Reference architecture (METHOD.md, "Stage 2"), pre-LayerNorm residual MLPs with SiLU + dropout;
+``depth`` residual blocks on each side of the width-changing projection (depth=1 is the paper's):
+
+    x = x + MLP(LN(x))   (depth times)    d_in -> h -> d_in
+    y = MLP(LN(x))                        d_in -> h -> d_out
+    y = y + MLP(LN(y))   (depth times)    d_out -> h -> d_out
+    out = MLP(LN(y))                      d_out -> h -> d_out
+
+Saved as ``adapter.safetensors`` + ``adapter.json``; the JSON carries both sides' model
+fingerprints so a wrong pairing is refused at load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from puma_ray import storage
+from puma_ray.errors import PumaError
+
+
+def _mlp(d_in: int, h: int, d_out: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, h), nn.SiLU(), nn.Dropout(dropout), nn.Linear(h, d_out))
+
+
+class _Residual(nn.Module):
+    def __init__(self, d: int, h: int, dropout: float):
+        super().__init__()
+        self.norm, self.mlp = nn.LayerNorm(d), _mlp(d, h, d, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class MigrationAdapter(nn.Module):
+    """(B, l, d_in) -> (B, l, d_out), applied to each of the l prompt vectors."""
+
+    def __init__(self, d_in: int, d_out: int, width: int = 4096, depth: int = 1, dropout: float = 0.1):
+        super().__init__()
+        self.d_in, self.d_out, self.width, self.depth, self.dropout = d_in, d_out, width, depth, dropout
+        self.pre = nn.Sequential(*[_Residual(d_in, width, dropout) for _ in range(depth)])
+        self.proj = nn.Sequential(nn.LayerNorm(d_in), _mlp(d_in, width, d_out, dropout))
+        self.post = nn.Sequential(*[_Residual(d_out, width, dropout) for _ in range(depth)])
+        self.out = nn.Sequential(nn.LayerNorm(d_out), _mlp(d_out, width, d_out, dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_in:
+            raise PumaError(f"adapter takes source prompts of width {self.d_in}, got {x.shape[-1]}")
+        return self.out(self.post(self.proj(self.pre(x))))
+
+    def arch(self) -> dict:
+        return {"d_in": self.d_in, "d_out": self.d_out, "width": self.width, "depth": self.depth, "dropout": self.dropout}
+
+
+def adapter_fingerprint(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def save_adapter(uri_dir: str, adapter: MigrationAdapter, sources: list[dict], target: dict, prompt_length: int) -> str:
+    """Write adapter.safetensors + adapter.json; returns the adapter fingerprint (hash of the weights).
+
+    sources: [{"model", "model_fingerprint", "hidden_size"}...] in concatenation order; target: same keys.
+    """
+    blob = st_save({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()})
+    fp = adapter_fingerprint(blob)
+    storage.write_bytes(storage.join(uri_dir, "adapter.safetensors"), blob)
+    storage.write_json(storage.join(uri_dir, "adapter.json"), {
+        "arch": adapter.arch(), "sources": sources, "target": target, "prompt_length": prompt_length, "fingerprint": fp,
+    })
+    return fp
+
+
+def load_adapter(uri_dir: str, source_fingerprints: list[str] | None = None, target_fingerprint: str | None = None
+                 ) -> tuple[MigrationAdapter, dict]:
+    """-> (adapter in eval mode, its JSON). Refuses a pairing whose model fingerprints differ."""
+    meta = storage.read_json(storage.join(uri_dir, "adapter.json"))
+    have_src = [s["model_fingerprint"] for s in meta["sources"]]
+    if source_fingerprints is not None and list(source_fingerprints) != have_src:
+        raise PumaError(f"{uri_dir}: adapter was trained on source model(s) {[s['model'] for s in meta['sources']]} "
+                        f"(fingerprints {have_src}), not {list(source_fingerprints)}")
+    if target_fingerprint is not None and meta["target"]["model_fingerprint"] != target_fingerprint:
+        raise PumaError(f"{uri_dir}: adapter was trained for target model {meta['target']['model']!r} "
+                        f"(fingerprint {meta['target']['model_fingerprint']}), not {target_fingerprint}")
+    adapter = MigrationAdapter(**meta["arch"])
+    blob = storage.read_bytes(storage.join(uri_dir, "adapter.safetensors"))
+    if adapter_fingerprint(blob) != meta["fingerprint"]:
+        raise PumaError(f"{uri_dir}: adapter.safetensors does not match adapter.json (fingerprint mismatch: corrupt or mixed files)")
+    adapter.load_state_dict(st_load(blob))
+    return adapter.eval(), meta
