@@ -134,6 +134,7 @@ class SelectConfig(Strict):
     gaussian_floor: float = Field(0.1, ge=0)
     min_per_cluster: int = Field(50, ge=0)
     kmeans_sample: int = Field(100_000, ge=1, description="K-means is fit on at most this many users; all are assigned")
+    kmeans_n_init: int = Field(3, ge=1, description="K-means restarts (scikit-learn n_init)")
     seed: int = 0
 
 

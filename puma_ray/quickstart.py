@@ -53,7 +53,9 @@ def quickstart(out: str, task: str = "rating", users: int | None = None, seed: i
     common = {"task": task, "data": splits, "scaling": {"num_workers": num_workers}}
     ray_runs = os.path.join(out, "ray_runs")
     runs = {}
-    for name, model, extra in (("source", source, {}), ("full_retrain", target, {}), ("random_init", target, {"train_prompts": False})):
+    # random_init trains the head only (prompts stay at their init); its validation RMSE is flat after one epoch
+    for name, model, extra in (("source", source, {}), ("full_retrain", target, {}),
+                               ("random_init", target, {"train_prompts": False, "epochs": 1})):
         print(f"quickstart: stage 1 '{name}' on {model['path']}", file=sys.stderr)
         cfg = C.build(C.PromptsConfig, {**common, "model": model, "train": {**train, **extra},
                                          "output": storage.join(out, "runs", name),

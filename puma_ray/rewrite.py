@@ -37,7 +37,7 @@ class Rewriter:
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
         flat = batch.column("prompt").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        x = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32)).view(batch.num_rows, self.l, self.d_in)
+        x = torch.from_numpy(np.array(flat, dtype=np.float32)).view(batch.num_rows, self.l, self.d_in)  # writable copy
         y = self.adapter(x).reshape(batch.num_rows, -1).numpy()  # (B, l, d_src) -> (B, l*d_tgt)
         return prompt_table(self.meta, batch.column("user_id"), y)
 
@@ -57,7 +57,7 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
     if storage.exists(manifest_uri):
         storage.delete_file(manifest_uri)  # from here on the old store is visibly incomplete
     storage.delete_dir(store_uri)
-    _, adapter_info = load_adapter(adapter_uri)
+    adapter_info = storage.read_json(storage.join(adapter_uri, "adapter.json"))
     source = storage.ray_read_parquet(source_uri)
     n_in = source.count()
     print(f"rewrite: {n_in} prompts {source_uri} -> {store_uri}", file=sys.stderr)

@@ -20,8 +20,9 @@ def init_ray(ray_cfg, storage_cfg=None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if ray_cfg.address:
+    if ray_cfg.address or os.environ.get("RAY_ADDRESS"):  # a cluster, e.g. the one a Ray job runs on
         ray.init(address=ray_cfg.address, logging_level=logging.WARNING)
+        quiet_ray_data()
         return
     # Locally, logical CPUs beyond the cores let Ray Data's read tasks run beside the train workers.
     num_cpus = ray_cfg.num_cpus or max(4, os.cpu_count() or 1)

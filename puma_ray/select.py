@@ -29,8 +29,6 @@ from puma_ray.errors import PumaError, user_errors
 Strategy = Callable[[np.ndarray, np.ndarray, int, SelectConfig, np.random.Generator], tuple[np.ndarray, dict]]
 STRATEGIES: dict[str, Strategy] = {}
 
-# K-means restarts (sklearn n_init); fixed so the same seed gives the same clusters.
-KMEANS_N_INIT = 3
 NO_CLUSTER = -1
 
 SELECTED_SCHEMA = pa.schema([pa.field("user_id", pa.string(), nullable=False), pa.field("cluster", pa.int32(), nullable=False)])
@@ -109,7 +107,7 @@ def fit_clusters(prompts: np.ndarray, cfg: SelectConfig, rng: np.random.Generato
     n = len(prompts)
     fit_rows = np.sort(rng.choice(n, size=min(n, cfg.kmeans_sample), replace=False))
     k = min(cfg.clusters, len(fit_rows))
-    km = KMeans(n_clusters=k, n_init=KMEANS_N_INIT, random_state=cfg.seed).fit(prompts[fit_rows])
+    km = KMeans(n_clusters=k, n_init=cfg.kmeans_n_init, random_state=cfg.seed).fit(prompts[fit_rows])
     step = cfg.kmeans_sample
     return np.concatenate([km.predict(prompts[i : i + step]) for i in range(0, n, step)]).astype(np.int64)
 

@@ -47,3 +47,12 @@ def test_data_synth_and_models_tiny_commands(tmp_path, capsys):
 def test_console_script_installed():
     r = subprocess.run([sys.executable, "-m", "puma_ray.cli", "quickstart", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "results.json" in r.stdout
+
+
+@pytest.mark.parametrize("job", ["prompts", "migrate", "rewrite", "evaluate"])
+def test_job_entrypoints_are_the_cli(job):
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "jobs", f"{job}.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--config" in r.stdout
