@@ -9,7 +9,7 @@ def test_quickstart_results_shape(tmp_path, ray_session):
     results = quickstart(str(tmp_path / "qs"), users=40, epochs=1)
     on_disk = json.load(open(tmp_path / "qs" / "results.json"))
     assert on_disk["task"] == "rating"
-    assert list(on_disk["methods"]) == ["puma", "full_retrain", "source", "random_init", "global_mean", "user_mean"]
+    assert set(on_disk["methods"]) == {"puma", "full_retrain", "source", "random_init", "global_mean", "user_mean"}
     for name, m in on_disk["methods"].items():
         assert set(m) == {"rmse", "mae", "lm_sample_passes", "wall_s"}, name
         assert 0 < m["rmse"] < 4 and 0 < m["mae"] <= m["rmse"]
