@@ -33,8 +33,6 @@ class PromptScorer:
         meta = StoreMeta.from_metadata(store_uri, storage.read_schema(store_uri).metadata)
         self.lm = FrozenLM(model["path"], task, meta.template, meta.prompt_length, model["dtype"], model["attn_implementation"])
         _, ids, prompts = read_prompt_store(store_uri, expect_fingerprint=self.lm.fingerprint)
-        if meta.hidden_size != self.lm.hidden_size:
-            raise PumaError(f"{store_uri}: prompts have width d={meta.hidden_size}, model {model['path']!r} has d={self.lm.hidden_size}")
         self.index = {u: i for i, u in enumerate(ids)}
         self.prompts = torch.tensor(prompts).view(len(ids), meta.prompt_length, meta.hidden_size)
         self.head = load_head(run_uri, task, self.lm.fingerprint)

@@ -68,73 +68,70 @@ def _describe(uri: str, exc: BaseException) -> PumaError:
     return PumaError(f"{uri}: {msg}")
 
 
+@contextmanager
+def _errors(uri: str) -> Iterator[None]:
+    """Turn filesystem/Arrow failures on ``uri`` into one-line PumaErrors naming it."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise PumaError(f"{uri}: not found") from None
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise _describe(uri, exc) from None
+
+
+def _make_parent(fs: pafs.FileSystem, path: str) -> None:
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+
+
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    try:
+    with _errors(uri):
         return fs.get_file_info(path).type != pafs.FileType.NotFound
-    except OSError as exc:
-        raise _describe(uri, exc) from None
 
 
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
-    try:
+    with _errors(uri):
         fs.create_dir(path, recursive=True)
-    except OSError as exc:
-        raise _describe(uri, exc) from None
 
 
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
-    try:
+    with _errors(uri):
         if fs.get_file_info(path).type == pafs.FileType.Directory:
             fs.delete_dir(path)
-    except OSError as exc:
-        raise _describe(uri, exc) from None
 
 
 def delete_file(uri: str) -> None:
     fs, path = resolve(uri)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise _describe(uri, exc) from None
+    with _errors(uri):
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Files under a directory URI (recursive, sorted), as URIs."""
     fs, path = resolve(uri)
-    try:
+    with _errors(uri):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    except OSError as exc:
-        raise _describe(uri, exc) from None
     rel = sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
     return [join(uri, r) for r in rel]
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
-    try:
-        parent = path.rsplit("/", 1)[0]
-        if parent:
-            fs.create_dir(parent, recursive=True)
+    with _errors(uri):
+        _make_parent(fs, path)
         with fs.open_output_stream(path) as out:
             out.write(data)
-    except OSError as exc:
-        raise _describe(uri, exc) from None
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise PumaError(f"{uri}: not found") from None
-    except OSError as exc:
-        raise _describe(uri, exc) from None
+    with _errors(uri), fs.open_input_stream(path) as f:
+        return f.read()
 
 
 def write_json(uri: str, obj) -> None:
@@ -152,14 +149,10 @@ def read_json(uri: str):
 def parquet_writer(uri: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
     """Stream record batches into one Parquet file at ``uri``."""
     fs, path = resolve(uri)
-    try:
-        parent = path.rsplit("/", 1)[0]
-        if parent:
-            fs.create_dir(parent, recursive=True)
+    with _errors(uri):
+        _make_parent(fs, path)
         with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
             yield writer
-    except OSError as exc:
-        raise _describe(uri, exc) from None
 
 
 def write_table(uri: str, table: pa.Table) -> None:
@@ -170,12 +163,8 @@ def write_table(uri: str, table: pa.Table) -> None:
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet file or directory of Parquet files into one table (small inputs only)."""
     fs, path = resolve(uri)
-    try:
+    with _errors(uri):
         return pq.read_table(path, filesystem=fs, columns=columns)
-    except FileNotFoundError:
-        raise PumaError(f"{uri}: not found") from None
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise _describe(uri, exc) from None
 
 
 def read_schema(uri: str) -> pa.Schema:
@@ -183,21 +172,17 @@ def read_schema(uri: str) -> pa.Schema:
     import pyarrow.dataset as pads
 
     fs, path = resolve(uri)
-    try:
+    with _errors(uri):
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise PumaError(f"{uri}: not found")
-        files = [path] if info.type == pafs.FileType.File else None
-        if files is None:
-            files = sorted(
-                i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-            )
-            if not files:
-                raise PumaError(f"{uri}: empty input (no .parquet files)")
+        files = [path] if info.type == pafs.FileType.File else sorted(
+            i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+        )
+        if not files:
+            raise PumaError(f"{uri}: empty input (no .parquet files)")
         return pads.dataset(files[0], filesystem=fs, format="parquet").schema
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise _describe(uri, exc) from None
 
 
 def ray_read_parquet(uri: str, **kwargs):
