@@ -28,17 +28,27 @@ from puma_ray.schema import StoreMeta, prompt_table
 class Rewriter:
     """map_batches callable: (user_id, prompt (l*d_src)) rows -> (user_id, prompt (l*d_tgt)) rows."""
 
-    def __init__(self, adapter_uri: str, meta: dict, threads: int = 1):
+    def __init__(self, adapter_uri: str, meta: dict, threads: int = 1, num_gpus: float = 0):
+        from puma_ray.runtime import actor_device
+
         torch.set_num_threads(threads)
-        self.adapter, info = load_adapter(adapter_uri)
+        self.device = actor_device(num_gpus)
+        adapter, info = load_adapter(adapter_uri)
+        self.adapter = adapter.to(self.device)
         self.meta = StoreMeta(**meta)
         self.l, self.d_in = info["prompt_length"], info["arch"]["d_in"]
 
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        flat = batch.column("prompt").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        x = torch.from_numpy(np.array(flat, dtype=np.float32)).view(batch.num_rows, self.l, self.d_in)  # writable copy
-        y = self.adapter(x).reshape(batch.num_rows, -1).numpy()  # (B, l, d_src) -> (B, l*d_tgt)
+        flat = np.array(batch.column("prompt").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+        if flat.size != batch.num_rows * self.l * self.d_in:
+            raise PumaError(f"source prompts have width {flat.size // max(batch.num_rows, 1)}, the adapter takes l*d = {self.l * self.d_in}")
+        x = torch.from_numpy(flat).view(batch.num_rows, self.l, self.d_in)
+        bad = ~torch.isfinite(x).flatten(1).all(1)
+        if bad.any():
+            users = np.asarray(batch.column("user_id").to_pylist())[bad.numpy()][:3].tolist()
+            raise PumaError(f"{int(bad.sum())} source prompt(s) contain NaN or Inf, e.g. users {users}")
+        y = self.adapter(x.to(self.device)).reshape(batch.num_rows, -1).cpu().numpy()  # (B, l, d_src) -> (B, l*d_tgt)
         return prompt_table(self.meta, batch.column("user_id"), y)
 
 
@@ -62,7 +72,8 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
     n_in = source.count()
     print(f"rewrite: {n_in} prompts {source_uri} -> {store_uri}", file=sys.stderr)
     out = source.map_batches(
-        Rewriter, fn_constructor_kwargs={"adapter_uri": adapter_uri, "meta": meta.__dict__, "threads": max(1, int(rcfg.cpus_per_actor))},
+        Rewriter, fn_constructor_kwargs={"adapter_uri": adapter_uri, "meta": meta.__dict__, "threads": max(1, int(rcfg.cpus_per_actor)),
+                               "num_gpus": rcfg.num_gpus},
         batch_size=rcfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=rcfg.actors),
         num_gpus=rcfg.num_gpus, num_cpus=rcfg.cpus_per_actor,
     )

@@ -61,6 +61,13 @@ def setup_worker(scaling) -> "torch.device":  # noqa: F821
     return device
 
 
+def actor_device(num_gpus: float) -> "torch.device":  # noqa: F821
+    """Device of a Ray Data actor: its GPU when it was given one, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu")
+
+
 def deepspeed_config(scaling, train, dtype: str) -> dict:
     """The DeepSpeed engine config: ZeRO stage from config, bf16 only on GPU, fp16 always off
     (a torch optimizer is passed in, so ZeRO must allow it)."""

@@ -54,3 +54,34 @@ def test_save_load_and_refusals(tmp_path):
     with pytest.raises(PumaError, match="does not match adapter.json"):
         load_adapter(str(tmp_path))
     (tmp_path / "adapter.safetensors").write_bytes(blob)
+
+
+def test_rewriter_maps_a_batch_and_refuses_bad_prompts(tmp_path):
+    """The rewrite's map_batches class on its own: shapes, metadata, NaN and width refusals."""
+    import numpy as np
+    import pyarrow as pa
+
+    from puma_ray.rewrite import Rewriter
+    from puma_ray.schema import StoreMeta
+
+    a = MigrationAdapter(8, 12, width=16)
+    save_adapter(str(tmp_path), a, SRC, TGT, prompt_length=2)
+    meta = StoreMeta(model="b", model_fingerprint="fb", hidden_size=12, prompt_length=2, template="rating_v1", stage="rewrite")
+    rw = Rewriter(str(tmp_path), meta.__dict__)
+
+    def batch(p):
+        return pa.table({"user_id": [f"u{i}" for i in range(len(p))],
+                         "prompt": pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1).astype(np.float32)), p.shape[1])})
+
+    x = np.random.default_rng(0).normal(size=(3, 16))
+    out = rw(batch(x))
+    assert out.column("user_id").to_pylist() == ["u0", "u1", "u2"] and out.schema.field("prompt").type.list_size == 24
+    assert StoreMeta.from_metadata("x", out.schema.metadata) == meta
+    want = a.eval()(torch.tensor(x, dtype=torch.float32).view(3, 2, 8)).reshape(3, -1).detach().numpy()
+    got = np.asarray(out.column("prompt").combine_chunks().flatten().to_numpy()).reshape(3, 24)
+    assert np.allclose(got, want, atol=1e-6)
+    x[1, 3] = np.nan
+    with pytest.raises(PumaError, match=r"1 source prompt\(s\) contain NaN or Inf, e.g. users \['u1'\]"):
+        rw(batch(x))
+    with pytest.raises(PumaError, match="source prompts have width 10, the adapter takes l\\*d = 16"):
+        rw(batch(np.zeros((2, 10))))
