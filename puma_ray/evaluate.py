@@ -19,7 +19,7 @@ from puma_ray.data import load_interactions
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import load_head
 from puma_ray.llm import FrozenLM, model_info
-from puma_ray.schema import StoreMeta, read_prompt_store
+from puma_ray.schema import read_prompt_store, read_store_meta
 
 
 class PromptScorer:
@@ -30,7 +30,7 @@ class PromptScorer:
 
     def __init__(self, model: dict, task: str, run_uri: str, batch_size: int):
         store_uri = storage.join(run_uri, "prompts")
-        meta = StoreMeta.from_metadata(store_uri, storage.read_schema(store_uri).metadata)
+        meta = read_store_meta(store_uri)
         self.lm = FrozenLM(model["path"], task, meta.template, meta.prompt_length, model["dtype"], model["attn_implementation"])
         _, ids, prompts = read_prompt_store(store_uri, expect_fingerprint=self.lm.fingerprint)
         self.index = {u: i for i, u in enumerate(ids)}
@@ -81,7 +81,7 @@ def _run_model(cfg: EvaluateConfig, run_uri: str) -> dict:
 
     Raises PumaError when the store was made for a model with another fingerprint."""
     store_uri = storage.join(run_uri, "prompts")
-    meta = StoreMeta.from_metadata(store_uri, storage.read_schema(store_uri).metadata)
+    meta = read_store_meta(store_uri)
     model = cfg.model.model_dump() if cfg.model else {"path": meta.model, "dtype": "float32", "attn_implementation": "sdpa"}
     fingerprint, _ = model_info(model["path"])
     if meta.model_fingerprint != fingerprint:

@@ -49,7 +49,7 @@ def migrate_step(cfg: MigrateConfig) -> dict:
     from puma_ray.llm import DEFAULT_TEMPLATE, model_info
     from puma_ray.profile import profile_users
     from puma_ray.rewrite import rewrite_store
-    from puma_ray.schema import StoreMeta, read_prompt_store
+    from puma_ray.schema import StoreMeta
     from puma_ray.select import read_selected, select_users
     from puma_ray.sources import join_sources
     from puma_ray.train import fit
@@ -65,9 +65,11 @@ def migrate_step(cfg: MigrateConfig) -> dict:
     profile_users(cfg.data.train, cfg.task, profile_uri)
     selection = select_users(cfg.select, src.uri, profile_uri, storage.join(out, "selection"))
     users = read_selected(storage.join(out, "selection"))
-    _, ids, prompts = read_prompt_store(src.uri)  # (N, l*d_src); only the selected rows travel to the workers
-    pos = {u: i for i, u in enumerate(ids)}
-    src_sel = prompts[[pos[u] for u in users]].reshape(len(users), src.meta.prompt_length, src.meta.hidden_size)
+    # only the selected users' prompts are read (select_users already validated the whole store)
+    table = storage.read_table(src.uri, filters=[("user_id", "in", users)])
+    pos = {u: i for i, u in enumerate(table.column("user_id").to_pylist())}
+    flat = table.column("prompt").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1)
+    src_sel = flat[[pos[u] for u in users]].reshape(len(users), src.meta.prompt_length, src.meta.hidden_size)
     datasets, rows = _selected_datasets(cfg, users)
     print(f"migrate: training the adapter on {len(users)} users ({rows} interactions)", file=sys.stderr)
     result = fit("adapter", cfg, datasets, {"users": users, "src": src_sel}, rows)

@@ -44,7 +44,8 @@ def quickstart(out: str, task: str = "rating", users: int | None = None, seed: i
     t0 = time.time()
     data = storage.join(out, "data")
     meta_uri = storage.join(data, "meta.json")
-    if not storage.exists(meta_uri) or storage.read_json(meta_uri)["users"] != users or storage.read_json(meta_uri)["task"] != task:
+    have = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
+    if (have.get("users"), have.get("task"), have.get("seed")) != (users, task, seed):
         synthesize(data, users=users, task=task, seed=seed)
     models = build_tiny(os.path.join(out, "models"), [DEFAULTS["source"], DEFAULTS["target"]], seed=seed)
     source, target = {"path": models[DEFAULTS["source"]]}, {"path": models[DEFAULTS["target"]]}

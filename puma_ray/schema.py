@@ -185,12 +185,17 @@ def write_prompt_store(uri: str, meta: StoreMeta, user_ids, prompts: np.ndarray)
     storage.write_table(target, prompt_table(meta, user_ids, prompts))
 
 
+def read_store_meta(uri: str) -> StoreMeta:
+    """A prompt store's metadata, from Parquet footers only (no prompt is read)."""
+    return StoreMeta.from_metadata(uri, storage.read_schema(uri).metadata)
+
+
 def read_prompt_store(uri: str, expect_fingerprint: str | None = None) -> tuple[StoreMeta, list[str], np.ndarray]:
     """Read and validate a prompt store -> (meta, user ids, (N, l*d) float32 prompts).
 
     ``expect_fingerprint``: refuse a store made for another model.
     """
-    meta = StoreMeta.from_metadata(uri, storage.read_schema(uri).metadata)
+    meta = read_store_meta(uri)
     if expect_fingerprint is not None and meta.model_fingerprint != expect_fingerprint:
         raise PumaError(
             f"{uri}: prompt store was made for model {meta.model!r} (fingerprint {meta.model_fingerprint}, d={meta.hidden_size}); "

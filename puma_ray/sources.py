@@ -13,7 +13,7 @@ import numpy as np
 
 from puma_ray import storage
 from puma_ray.errors import PumaError
-from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
+from puma_ray.schema import StoreMeta, read_prompt_store, read_store_meta, write_prompt_store
 
 
 @dataclass
@@ -24,13 +24,9 @@ class Sources:
     missing: dict[str, int] = field(default_factory=dict)  # source URI -> users of other sources it lacks
 
 
-def store_meta(uri: str) -> StoreMeta:
-    return StoreMeta.from_metadata(uri, storage.read_schema(uri).metadata)
-
-
 def join_sources(uris: list[str], joined_uri: str) -> Sources:
     """One source: used as is. Several: inner-join on user_id into ``joined_uri``."""
-    metas = [store_meta(u) for u in uris]
+    metas = [read_store_meta(u) for u in uris]
     if len(uris) == 1:
         return Sources(uris[0], metas[0], metas)
     if len({m.prompt_length for m in metas}) != 1:

@@ -160,11 +160,12 @@ def write_table(uri: str, table: pa.Table) -> None:
         w.write_table(table)
 
 
-def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a Parquet file or directory of Parquet files into one table (small inputs only)."""
+def read_table(uri: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+    """Read a Parquet file or directory of Parquet files into one table (small inputs only);
+    ``filters`` as in pyarrow.parquet.read_table (rows outside are never materialised)."""
     fs, path = resolve(uri)
     with _errors(uri):
-        return pq.read_table(path, filesystem=fs, columns=columns)
+        return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
 
 
 def read_schema(uri: str) -> pa.Schema:
