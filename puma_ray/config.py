@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal, Optional, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from puma_ray.errors import PumaError
 
@@ -72,6 +72,8 @@ class StorageConfig(Strict):
 class RunConfig(Strict):
     name: str = "puma"
     storage_path: str = Field("./runs", description="where Ray Train keeps checkpoints (path or s3://)")
+    max_failures: int = Field(0, ge=-1, description="Ray Train restarts after a worker failure, resuming from the latest "
+                              "checkpoint (-1: unlimited)")
 
 
 class DataConfig(Strict):
@@ -147,12 +149,24 @@ class AdapterConfig(Strict):
 
 
 class RewriteConfig(Strict):
-    """The bulk rewrite (Ray Data map_batches with an actor pool)."""
+    """The bulk rewrite (Ray Data map_batches over output files, an actor pool). Defaults suit a
+    CPU node; on GPUs raise ``batch_size`` (e.g. 16384) and set ``num_gpus`` per actor."""
 
-    batch_size: int = Field(4096, ge=1, description="prompts per map_batches call")
+    batch_size: int = Field(4096, ge=1, description="prompts per adapter forward")
     actors: int = Field(1, ge=1, description="actor pool size")
     num_gpus: float = Field(0, ge=0, description="GPUs per rewrite actor (0 on CPU clusters)")
     cpus_per_actor: float = Field(1, gt=0)
+    min_rows_per_file: int = Field(16_384, ge=1, description="consecutive input row groups are merged into one output "
+                                   "file until it holds at least this many users (within one input file)")
+    max_rows_per_file: int = Field(131_072, ge=1, description="an output file never holds more users than this")
+    resume: bool = Field(True, description="re-running with the same output, input and adapter keeps finished files")
+    verify: bool = Field(True, description="after writing, prove every user appears exactly once (a Ray Data groupby)")
+
+    @model_validator(mode="after")
+    def _file_sizes(self):
+        if self.min_rows_per_file > self.max_rows_per_file:
+            raise ValueError(f"min_rows_per_file {self.min_rows_per_file} > max_rows_per_file {self.max_rows_per_file}")
+        return self
 
 
 class MigrateConfig(Strict):
@@ -196,6 +210,82 @@ class RewriteJobConfig(Strict):
     rewrite: RewriteConfig = RewriteConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
+
+
+SearchKind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
+TUNE_METRIC_MODES = {"val_rmse": "min", "val_mae": "min", "val_loss": "min", "val_auc": "max"}
+
+
+class SchedulerConfig(Strict):
+    """Early stopping of trials on the validation metric, one decision per epoch.
+
+    ``asha``: asynchronous successive halving (rungs at grace_period * reduction_factor^k epochs);
+    ``median``: stop a trial whose running mean is below the median of the others at that epoch;
+    ``fifo``: no early stopping (every trial runs all its epochs)."""
+
+    name: Literal["asha", "median", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="asha: keep the best 1/reduction_factor at each rung")
+
+
+class TuneConfig(Strict):
+    """``puma-ray tune``: Ray Tune over stage-2 training (the adapter), one migration per trial.
+
+    ``base`` is a migrate config; each trial overrides it with its ``search`` values (dotted keys,
+    e.g. ``adapter.width: {choice: [64, 128]}``, ``train.lr: {loguniform: [1e-4, 1e-2]}``), gets
+    its own ``output`` (OUTPUT/trials/<trial id>) and ``run.name``, and trains without the bulk rewrite."""
+
+    base: MigrateConfig = Field(description="the migration every trial starts from (its output is set per trial)")
+    search: dict[str, dict[SearchKind, list]] = Field(
+        min_length=1, description="dotted MigrateConfig key -> {choice|grid: [values]} or {uniform|loguniform|randint: [low, high]}")
+    scheduler: SchedulerConfig = SchedulerConfig()
+    metric: Optional[str] = Field(None, description="validation metric reported per epoch (default val_rmse for rating, val_auc for ctr)")
+    mode: Optional[Literal["min", "max"]] = Field(None, description="default: min for val_rmse/val_mae/val_loss, max for val_auc")
+    cost: Literal["lm_sample_passes", "wall_s", "selected_users"] = Field("lm_sample_passes", description="cost axis of the Pareto frontier")
+    num_samples: int = Field(8, ge=1, description="trials drawn (with grid values: repeats of the grid)")
+    max_concurrent: Optional[int] = Field(None, ge=1, description="default: available CPUs // (num_workers * cpus_per_worker + driver_cpus)")
+    driver_cpus: float = Field(1.0, ge=0, description="CPUs a trial needs beyond its Train workers (its driver and its Ray Data "
+                               "tasks); counted when deriving max_concurrent")
+    seed: Optional[int] = Field(None, description="seed of the random search (same seed, same trial values)")
+    output: str = Field(description="URI: trials/<id>/ (each trial's migration), results.json, pareto.json, pareto.md, frontier.png, best/")
+    storage_path: str = Field("./runs/tune", description="where Ray Tune keeps the experiment; a rerun with the same name resumes it")
+    name: str = Field("puma-tune", description="experiment name: the search lives at storage_path/name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _base_output(cls, data):
+        """The base migration needs no output of its own: every trial gets one."""
+        if isinstance(data, dict) and isinstance(data.get("base"), dict) and "output" not in data["base"] and data.get("output"):
+            data = {**data, "base": {**data["base"], "output": data["output"]}}
+        return data
+
+    @field_validator("search")
+    @classmethod
+    def _one_kind(cls, v: dict) -> dict:
+        for key, spec in v.items():
+            if len(spec) != 1:
+                raise ValueError(f"{key}: give exactly one of choice, grid, uniform, loguniform, randint")
+            (kind, values), = spec.items()
+            if kind in ("choice", "grid") and not values:
+                raise ValueError(f"{key}: {kind} needs at least one value")
+            if kind in ("uniform", "loguniform", "randint"):
+                if len(values) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values) or not values[0] < values[1]:
+                    raise ValueError(f"{key}: {kind} needs [low, high] numbers with low < high")
+                if kind == "loguniform" and values[0] <= 0:
+                    raise ValueError(f"{key}: loguniform needs low > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _metric_mode(self):
+        if self.metric is None:
+            self.metric = "val_rmse" if self.base.task == "rating" else "val_auc"
+        if self.mode is None:
+            if self.metric not in TUNE_METRIC_MODES:
+                raise ValueError(f"metric {self.metric!r} has no known direction; set mode: min or max")
+            self.mode = TUNE_METRIC_MODES[self.metric]
+        if not self.base.data.valid:
+            raise ValueError("base.data.valid is required: trials are compared on the validation metric")
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -40,8 +40,11 @@ def _selected_datasets(cfg: MigrateConfig, users: list[str]) -> tuple[dict, int]
     return out, rows
 
 
-def migrate_step(cfg: MigrateConfig) -> dict:
-    """One migration (single or aggregated sources -> cfg.model). Writes everything under cfg.output."""
+def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()) -> dict:
+    """One migration (single or aggregated sources -> cfg.model). Writes everything under cfg.output.
+
+    ``rewrite=False`` stops after the adapter and head are saved (a Tune trial); ``callbacks`` go
+    to the Ray Train run (e.g. Tune's TuneReportCallback)."""
     from safetensors.torch import load as st_load
 
     from puma_ray.adapter import MigrationAdapter, save_adapter
@@ -72,7 +75,7 @@ def migrate_step(cfg: MigrateConfig) -> dict:
     src_sel = flat[[pos[u] for u in users]].reshape(len(users), src.meta.prompt_length, src.meta.hidden_size)
     datasets, rows = _selected_datasets(cfg, users)
     print(f"migrate: training the adapter on {len(users)} users ({rows} interactions)", file=sys.stderr)
-    result = fit("adapter", cfg, datasets, {"users": users, "src": src_sel}, rows)
+    result = fit("adapter", cfg, datasets, {"users": users, "src": src_sel}, rows, callbacks)
 
     with result.checkpoint.as_directory() as d:
         state = st_load(storage.read_bytes(f"{d}/trainable.safetensors"))
@@ -89,10 +92,10 @@ def migrate_step(cfg: MigrateConfig) -> dict:
     save_head(out, head, cfg.task, cfg.head.model_dump(), fingerprint, d_tgt)
     meta = StoreMeta(model=cfg.model.path, model_fingerprint=fingerprint, hidden_size=d_tgt, prompt_length=src.meta.prompt_length,
                      template=cfg.template or DEFAULT_TEMPLATE[cfg.task], stage="rewrite")
-    manifest = rewrite_store(src.uri, adapter_uri, meta, out, cfg.rewrite)
+    manifest = rewrite_store(src.uri, adapter_uri, meta, out, cfg.rewrite) if rewrite else None
     summary = {
         "stage": "migrate", "model": cfg.model.path, "sources": cfg.sources, "selected_users": len(users),
-        "source_users": manifest["input"]["rows"], "missing_in_sources": src.missing, "selection": selection,
+        "source_users": manifest["input"]["rows"] if manifest else None, "missing_in_sources": src.missing, "selection": selection,
         "lm_sample_passes": progress["lm_sample_passes"], "train_wall_s": progress["wall_s"], "wall_s": time.time() - t0,
         "final_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
     }

@@ -1,28 +1,34 @@
 """The bulk rewrite: every source prompt -> adapter -> a target prompt store, plus a manifest.
 
-Ray Data ``map_batches`` with a callable class (the adapter loads once per actor; an actor pool
-of ``rewrite.actors``, ``rewrite.num_gpus`` each). The manifest (input/output URIs, row counts,
-adapter fingerprint, per-file checksums) is written LAST, after the output was checked to hold
-every input user exactly once: a store without a manifest is visibly incomplete.
+The input is cut into *units* (consecutive row groups of one input file, ``min_rows_per_file``
+to ``max_rows_per_file`` users), planned from Parquet footers only. Ray Data ``map_batches``
+sends units to an actor pool (the adapter loads once per actor; ``rewrite.num_gpus`` each); an
+actor streams its unit's rows through the adapter into ``prompts/part-<unit>-<k>.parquet`` and
+then writes ``rewrite_state/unit-<unit>.json`` (rows, per-file sha256). Nothing is held whole.
+
+Resumable, exactly once: a re-run with the same output, input and adapter keeps every unit that
+has its marker, deletes leftovers of unfinished units, and rewrites only those. The manifest
+(input/output, row counts, adapter fingerprint, files with checksums) is written LAST, after
+the output was checked to hold every input user exactly once: no manifest = incomplete store.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from puma_ray import storage
 from puma_ray.adapter import load_adapter
 from puma_ray.config import RewriteConfig, RewriteJobConfig
 from puma_ray.errors import PumaError, user_errors
-from puma_ray.schema import StoreMeta, prompt_table
+from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table
 
 
 class Rewriter:
@@ -52,10 +58,93 @@ class Rewriter:
         return prompt_table(self.meta, batch.column("user_id"), y)
 
 
-def _file_entry(uri: str) -> dict:
-    data = storage.read_bytes(uri)
-    rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
-    return {"uri": uri, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+def plan_units(source_uri: str, rcfg: RewriteConfig) -> list[dict]:
+    """Cut the source store into units from footers only: [{"unit", "file", "row_groups", "rows", "size", "mtime"}]
+    (size and mtime make a changed input a different plan, so a resume never mixes inputs)."""
+    units = []
+    for f in storage.list_files(source_uri, ".parquet") if not source_uri.endswith(".parquet") else [source_uri]:
+        md = storage.parquet_file(f).metadata
+        group, rows = [], 0
+        for rg in range(md.num_row_groups):
+            n = md.row_group(rg).num_rows
+            if group and rows + n > rcfg.max_rows_per_file and rows >= rcfg.min_rows_per_file:
+                units.append({"file": f, "row_groups": group, "rows": rows, **storage.stat(f)})
+                group, rows = [], 0
+            group.append(rg)
+            rows += n
+        if rows:
+            units.append({"file": f, "row_groups": group, "rows": rows, **storage.stat(f)})
+    return [{"unit": i, **u} for i, u in enumerate(units)]
+
+
+class UnitRewriter:
+    """map_batches callable over units: rewrites each unit's rows into its own output file(s),
+    then writes the unit's marker. Input batch: unit, file, row_groups, rows -> one row per unit
+    with the marker's JSON."""
+
+    def __init__(self, adapter_uri: str, meta: dict, store_uri: str, state_uri: str, rcfg: dict):
+        self.rcfg = RewriteConfig(**rcfg)
+        self.rewriter = Rewriter(adapter_uri, meta, max(1, int(self.rcfg.cpus_per_actor)), self.rcfg.num_gpus)
+        self.schema = prompt_store_schema(self.rewriter.meta)
+        self.store_uri, self.state_uri = store_uri, state_uri
+
+    def _write_unit(self, unit: int, file: str, row_groups: list[int], rows: int, **_) -> dict:
+        src = storage.parquet_file(file)
+        files, k, written = [], 0, 0
+        batches = src.iter_batches(batch_size=self.rcfg.batch_size, row_groups=row_groups, columns=["user_id", "prompt"])
+        pending = None  # rows read but not yet written (a batch straddling a file boundary)
+        while written < rows:
+            uri = storage.join(self.store_uri, f"part-{unit:06d}-{k:03d}.parquet")
+            digest, in_file = hashlib.sha256(), 0
+            with storage.parquet_writer(uri, self.schema, digest) as w:
+                while in_file < self.rcfg.max_rows_per_file:
+                    if pending is None:
+                        b = next(batches, None)
+                        if b is None:
+                            break
+                        pending = self.rewriter(pa.Table.from_batches([b]))
+                    take = min(pending.num_rows, self.rcfg.max_rows_per_file - in_file)
+                    w.write_table(pending.slice(0, take))
+                    pending = pending.slice(take) if take < pending.num_rows else None
+                    in_file += take
+            if in_file == 0:
+                break
+            files.append({"uri": uri, "rows": in_file, "sha256": digest.hexdigest()})
+            written += in_file
+            k += 1
+        if written != rows:
+            raise PumaError(f"{file}: row groups {row_groups} held {written} rows, the footer says {rows}")
+        marker = {"unit": unit, "rows": written, "files": files}
+        storage.write_json(storage.join(self.state_uri, f"unit-{unit:06d}.json"), marker)
+        return marker
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = [self._write_unit(**u) for u in batch.to_pylist()]
+        return pa.table({"unit": [m["unit"] for m in out], "rows": [m["rows"] for m in out],
+                         "marker": [json.dumps(m) for m in out]})
+
+
+def _start_or_resume(plan: dict, store_uri: str, state_uri: str, resume: bool) -> dict[int, dict]:
+    """Markers of the units already done (empty when starting over); leftovers of others deleted."""
+    plan_uri = storage.join(state_uri, "plan.json")
+    if resume and storage.exists(plan_uri) and storage.read_json(plan_uri) == plan:
+        done = {m["unit"]: m for m in (storage.read_json(u) for u in storage.list_files(state_uri, ".json")
+                                       if u.rsplit("/", 1)[-1].startswith("unit-"))}
+        keep = {f["uri"] for m in done.values() for f in m["files"]}
+        for uri in storage.list_files(store_uri, ".parquet"):
+            if uri not in keep:
+                storage.delete_file(uri)
+        return done
+    storage.delete_dir(store_uri)
+    storage.delete_dir(state_uri)
+    storage.write_json(plan_uri, plan)
+    return {}
+
+
+def _duplicates(store_uri: str) -> int:
+    """Users appearing more than once in the store, counted by a Ray Data groupby (nothing collected)."""
+    counts = storage.ray_read_parquet(store_uri, columns=["user_id"]).groupby("user_id").count()
+    return counts.map_batches(lambda t: t.filter(pc.greater(t.column("count()"), 1)), batch_format="pyarrow").count()
 
 
 def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: str, rcfg: RewriteConfig) -> dict:
@@ -63,31 +152,42 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
     import ray.data
 
     t0 = time.time()
-    manifest_uri, store_uri = storage.join(out_uri, "manifest.json"), storage.join(out_uri, "prompts")
+    manifest_uri, store_uri, state_uri = (storage.join(out_uri, p) for p in ("manifest.json", "prompts", "rewrite_state"))
     if storage.exists(manifest_uri):
         storage.delete_file(manifest_uri)  # from here on the old store is visibly incomplete
-    storage.delete_dir(store_uri)
     adapter_info = storage.read_json(storage.join(adapter_uri, "adapter.json"))
-    source = storage.ray_read_parquet(source_uri)
-    n_in = source.count()
-    print(f"rewrite: {n_in} prompts {source_uri} -> {store_uri}", file=sys.stderr)
-    out = source.map_batches(
-        Rewriter, fn_constructor_kwargs={"adapter_uri": adapter_uri, "meta": meta.__dict__, "threads": max(1, int(rcfg.cpus_per_actor)),
-                               "num_gpus": rcfg.num_gpus},
-        batch_size=rcfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=rcfg.actors),
-        num_gpus=rcfg.num_gpus, num_cpus=rcfg.cpus_per_actor,
-    )
-    fs, path = storage.resolve(store_uri)
-    out.write_parquet(path, filesystem=fs)
-    files = [_file_entry(u) for u in storage.list_files(store_uri, ".parquet")]
-    ids = storage.read_table(store_uri, columns=["user_id"]).column("user_id")
-    n_out, n_unique = len(ids), pc.count_distinct(ids).as_py()
-    if n_out != n_in or n_unique != n_in:
-        raise PumaError(f"{store_uri}: rewrite wrote {n_out} rows ({n_unique} distinct users) for {n_in} input users")
+    units = plan_units(source_uri, rcfg)
+    n_in = sum(u["rows"] for u in units)
+    plan = {"source": source_uri, "adapter": adapter_info["fingerprint"], "target": meta.__dict__, "units": units}
+    done = _start_or_resume(plan, store_uri, state_uri, rcfg.resume)
+    todo = [u for u in units if u["unit"] not in done]
+    print(f"rewrite: {n_in} prompts in {len(units)} file(s) {source_uri} -> {store_uri}"
+          + (f"; resuming, {len(done)} file(s) already done" if done else ""), file=sys.stderr)
+    if todo:
+        results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            UnitRewriter, fn_constructor_kwargs={"adapter_uri": adapter_uri, "meta": meta.__dict__, "store_uri": store_uri,
+                                                 "state_uri": state_uri, "rcfg": rcfg.model_dump()},
+            batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=min(rcfg.actors, len(todo))),
+            num_gpus=rcfg.num_gpus, num_cpus=rcfg.cpus_per_actor,
+        )
+        users, last = sum(m["rows"] for m in done.values()), 0.0
+        for row in results.iter_rows():
+            m = json.loads(row["marker"])
+            done[m["unit"]] = m
+            users += m["rows"]
+            if time.time() - last > 5 or len(done) == len(units):
+                last = time.time()
+                print(f"rewrite: {len(done)}/{len(units)} files, {users}/{n_in} users, "
+                      f"{users / (last - t0):.0f} users/s", file=sys.stderr, flush=True)
+    files = [f for u in sorted(done) for f in done[u]["files"]]
+    n_out = sum(f["rows"] for f in files)
+    dup = _duplicates(store_uri) if rcfg.verify else 0
+    if len(done) != len(units) or n_out != n_in or dup:
+        raise PumaError(f"{store_uri}: rewrite wrote {n_out} rows ({dup} users more than once) for {n_in} input users")
     manifest = {
         "input": {"uri": source_uri, "rows": n_in}, "output": {"uri": store_uri, "rows": n_out, "files": files},
         "adapter": {"uri": adapter_uri, "fingerprint": adapter_info["fingerprint"]}, "target": meta.__dict__,
-        "wall_s": time.time() - t0,
+        "verified_unique": rcfg.verify, "wall_s": time.time() - t0,
     }
     storage.write_json(manifest_uri, manifest)
     print(f"rewrite: {n_out} users exactly once in {len(files)} file(s), {manifest['wall_s']:.1f} s", file=sys.stderr)

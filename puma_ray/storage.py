@@ -9,8 +9,10 @@ The endpoint can be overridden (MinIO, a local moto server) with ``AWS_ENDPOINT_
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlparse
@@ -22,6 +24,14 @@ import pyarrow.parquet as pq
 from puma_ray.errors import PumaError
 
 _S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+# A dead endpoint fails in seconds, not minutes: connect timeout, stall (no-progress) timeout and
+# attempts per request. The stall timeout is the AWS SDK's own default; override with env vars.
+S3_CONNECT_TIMEOUT_S = float(os.environ.get("PUMA_S3_CONNECT_TIMEOUT", 2))
+S3_REQUEST_TIMEOUT_S = float(os.environ.get("PUMA_S3_REQUEST_TIMEOUT", 3))
+S3_MAX_ATTEMPTS = int(os.environ.get("PUMA_S3_MAX_ATTEMPTS", 3))
+_SECRET_ENVS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")  # redacted from messages, should one echo them
+_DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "EXPIRED_TOKEN", "INVALID_CLIENT_TOKEN_ID",
+           "UNRECOGNIZED_CLIENT", "HTTP status 403")
 
 
 def set_s3_endpoint(endpoint: str | None) -> None:
@@ -30,9 +40,15 @@ def set_s3_endpoint(endpoint: str | None) -> None:
         os.environ[_S3_ENDPOINT_ENV] = endpoint
 
 
+def _s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(_S3_ENDPOINT_ENV)
+
+
 def _s3_filesystem() -> pafs.S3FileSystem:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(_S3_ENDPOINT_ENV)
-    kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    endpoint = _s3_endpoint()
+    kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+                    "connect_timeout": S3_CONNECT_TIMEOUT_S, "request_timeout": S3_REQUEST_TIMEOUT_S,
+                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -62,20 +78,51 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def _not_found(uri: str) -> PumaError:
+    """'not found', or 'bucket ... does not exist' when it is the bucket that is missing (s3://)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        try:
+            gone = _s3_filesystem().get_file_info(parsed.netloc).type == pafs.FileType.NotFound
+        except OSError:
+            gone = False
+        if gone:
+            return PumaError(f"{uri}: bucket {parsed.netloc!r} does not exist")
+    return PumaError(f"{uri}: not found")
+
+
 def _describe(uri: str, exc: BaseException) -> PumaError:
     """A one-line error for a storage failure; never includes credentials."""
+    exc = getattr(exc, "cause", None) or exc  # a Ray task error: the original exception
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    aws = re.search(r"AWS Error (.+?) during (\w+) operation: ?(.*)", msg)
+    bucket = re.search(r"Bucket '([^']+)' not found", msg)
+    if bucket:
+        msg = f"bucket {bucket.group(1)!r} does not exist"
+    elif aws and any(code in aws.group(1) for code in _DENIED):
+        msg = f"access denied ({aws.group(1)} on {aws.group(2)}): check the AWS credentials and the bucket's permissions"
+    elif aws and "NETWORK_CONNECTION" in aws.group(1):
+        detail = aws.group(3).split("Details: ")[-1]
+        msg = f"cannot reach the S3 endpoint {_s3_endpoint() or '(AWS default)'} after {S3_MAX_ATTEMPTS} attempt(s): {detail}"
+    elif "magic bytes not found" in msg or "deserialize thrift" in msg:
+        name = re.search(r"source '([^']+)'", msg)
+        msg = f"truncated or corrupt Parquet file{' ' + name.group(1) if name else ''} ({msg.rsplit(': ', 1)[-1].rstrip('.')})"
+    for name in _SECRET_ENVS:
+        if os.environ.get(name):
+            msg = msg.replace(os.environ[name], "***")
     return PumaError(f"{uri}: {msg}")
 
 
 @contextmanager
 def _errors(uri: str) -> Iterator[None]:
-    """Turn filesystem/Arrow failures on ``uri`` into one-line PumaErrors naming it."""
+    """Turn filesystem/Arrow failures on ``uri`` (also inside Ray tasks) into one-line PumaErrors naming it."""
     try:
         yield
     except FileNotFoundError:
-        raise PumaError(f"{uri}: not found") from None
+        raise _not_found(uri) from None
     except (OSError, pa.ArrowInvalid) as exc:
+        if isinstance(getattr(exc, "cause", None), FileNotFoundError):
+            raise _not_found(uri) from None
         raise _describe(uri, exc) from None
 
 
@@ -145,14 +192,53 @@ def read_json(uri: str):
         raise PumaError(f"{uri}: not valid JSON ({exc})") from None
 
 
+class _DigestSink(io.RawIOBase):
+    """A write-only stream that feeds every byte to ``digest`` on its way to ``sink``."""
+
+    def __init__(self, sink, digest):
+        self.sink, self.digest, self.size = sink, digest, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.digest.update(b)
+        self.sink.write(b)
+        self.size += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.size
+
+
 @contextmanager
-def parquet_writer(uri: str, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
-    """Stream record batches into one Parquet file at ``uri``."""
+def parquet_writer(uri: str, schema: pa.Schema, digest=None) -> Iterator[pq.ParquetWriter]:
+    """Stream record batches into one Parquet file at ``uri``; ``digest`` (a hashlib object), if
+    given, sees every byte written, so a checksum costs no second read."""
     fs, path = resolve(uri)
     with _errors(uri):
         _make_parent(fs, path)
-        with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema, compression="zstd") as writer:
-            yield writer
+        with fs.open_output_stream(path) as sink:
+            where = sink if digest is None else pa.PythonFile(_DigestSink(sink, digest), mode="w")
+            with pq.ParquetWriter(where, schema, compression="zstd") as writer:
+                yield writer
+
+
+def stat(uri: str) -> dict:
+    """{"size": bytes, "mtime": ISO time or None} of one file."""
+    fs, path = resolve(uri)
+    with _errors(uri):
+        info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise PumaError(f"{uri}: not found")
+    return {"size": info.size, "mtime": info.mtime.isoformat() if info.mtime else None}
+
+
+def parquet_file(uri: str) -> pq.ParquetFile:
+    """An open Parquet file (footer read; row groups read on demand)."""
+    fs, path = resolve(uri)
+    with _errors(uri):
+        return pq.ParquetFile(fs.open_input_file(path))
 
 
 def write_table(uri: str, table: pa.Table) -> None:
@@ -176,7 +262,7 @@ def read_schema(uri: str) -> pa.Schema:
     with _errors(uri):
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise PumaError(f"{uri}: not found")
+            raise _not_found(uri)
         files = [path] if info.type == pafs.FileType.File else sorted(
             i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
             if i.type == pafs.FileType.File and i.path.endswith(".parquet")
@@ -191,5 +277,8 @@ def ray_read_parquet(uri: str, **kwargs):
     import ray.data
 
     fs, path = resolve(uri)
-    return ray.data.read_parquet(path, filesystem=fs, **kwargs)
+    with _errors(uri):  # files are listed and footers read here, on the driver
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:  # fail before Ray's listing threads start
+            raise FileNotFoundError(path)
+        return ray.data.read_parquet(path, filesystem=fs, **kwargs)
 

@@ -253,8 +253,10 @@ def train_loop_per_worker(config: dict) -> None:
         _report(metrics, engine, rank)
 
 
-def fit(kind: str, cfg, datasets: dict, ctx: dict, train_rows: int):
-    """Run ``train_loop_per_worker`` on a TorchTrainer; returns the ray.train.Result (raises PumaError on failure)."""
+def fit(kind: str, cfg, datasets: dict, ctx: dict, train_rows: int, callbacks: tuple = ()):
+    """Run ``train_loop_per_worker`` on a TorchTrainer; returns the ray.train.Result (raises PumaError on failure).
+
+    ``callbacks``: extra Ray Train callbacks, e.g. Tune's TuneReportCallback when run as a Tune trial."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -269,6 +271,8 @@ def fit(kind: str, cfg, datasets: dict, ctx: dict, train_rows: int):
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=_storage_path(cfg.run.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=list(callbacks) or None,
         ),
         datasets=datasets,
     )
