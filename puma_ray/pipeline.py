@@ -8,6 +8,7 @@ training). Each step's output directory is itself a run (prompts/ + head + summa
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -19,21 +20,23 @@ from puma_ray.config import EvaluateConfig, MigrateConfig, build
 from puma_ray.errors import PumaError, user_errors
 
 
-def _selected_datasets(cfg: MigrateConfig, users: list[str]) -> tuple[dict, int]:
-    """Interactions of the selected users only: {"train", "valid"} Ray Datasets + train row count."""
+def _training_data(cfg: MigrateConfig, src_uri: str, users: pa.Array) -> tuple[dict, int]:
+    """Stage-2 data, streamed: the selected users' interactions joined (Ray Data hash join on
+    user_id) with their source prompts, so every row carries its user's prompt and no process
+    holds the prompt table. -> ({"train", "valid"} Ray Datasets, train row count)."""
     from puma_ray.data import load_interactions
 
-    wanted = pa.array(users, pa.string())
-
     def keep(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(batch.column("user_id"), value_set=wanted))
+        return batch.filter(pc.is_in(batch.column("user_id"), value_set=users))
 
+    prompts = storage.ray_read_parquet(src_uri, columns=["user_id", "prompt"]).map_batches(keep, batch_format="pyarrow")
     out = {}
     for split in ("train", "valid"):
         uri = getattr(cfg.data, split)
         if uri:
             ds, _ = load_interactions(uri, cfg.task)
-            out[split] = ds.map_batches(keep, batch_format="pyarrow")
+            out[split] = ds.map_batches(keep, batch_format="pyarrow").join(
+                prompts, join_type="inner", num_partitions=max(2, cfg.scaling.num_workers), on=("user_id",))
     rows = out["train"].count()
     if rows == 0:
         raise PumaError(f"{cfg.data.train}: the {len(users)} selected users have no training interactions")
@@ -53,9 +56,9 @@ def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()
     from puma_ray.profile import profile_users
     from puma_ray.rewrite import rewrite_store
     from puma_ray.schema import StoreMeta
-    from puma_ray.select import read_selected, select_users
+    from puma_ray.select import select_users
     from puma_ray.sources import join_sources
-    from puma_ray.train import fit
+    from puma_ray.train import fit, read_checkpoint_file
 
     t0 = time.time()
     out = cfg.output
@@ -67,19 +70,13 @@ def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()
     profile_uri = storage.join(out, "profile")
     profile_users(cfg.data.train, cfg.task, profile_uri)
     selection = select_users(cfg.select, src.uri, profile_uri, storage.join(out, "selection"))
-    users = read_selected(storage.join(out, "selection"))
-    # only the selected users' prompts are read (select_users already validated the whole store)
-    table = storage.read_table(src.uri, filters=[("user_id", "in", users)])
-    pos = {u: i for i, u in enumerate(table.column("user_id").to_pylist())}
-    flat = table.column("prompt").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1)
-    src_sel = flat[[pos[u] for u in users]].reshape(len(users), src.meta.prompt_length, src.meta.hidden_size)
-    datasets, rows = _selected_datasets(cfg, users)
+    users = storage.read_table(storage.join(out, "selection", "selected.parquet"), columns=["user_id"]).column("user_id").combine_chunks()
+    datasets, rows = _training_data(cfg, src.uri, users)
     print(f"migrate: training the adapter on {len(users)} users ({rows} interactions)", file=sys.stderr)
-    result = fit("adapter", cfg, datasets, {"users": users, "src": src_sel}, rows, callbacks)
-
-    with result.checkpoint.as_directory() as d:
-        state = st_load(storage.read_bytes(f"{d}/trainable.safetensors"))
-        progress = storage.read_json(f"{d}/state.json")
+    ctx = {"d_src": src.meta.hidden_size, "prompt_length": src.meta.prompt_length}
+    result = fit("adapter", cfg, datasets, ctx, rows, callbacks)
+    state = st_load(read_checkpoint_file(result.checkpoint, "trainable.safetensors"))
+    progress = json.loads(read_checkpoint_file(result.checkpoint, "state.json"))
     a = cfg.adapter
     adapter = MigrationAdapter(src.meta.hidden_size, d_tgt, a.width, a.depth, a.dropout)
     adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})

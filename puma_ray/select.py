@@ -2,31 +2,53 @@
 
 A strategy is one function in :data:`STRATEGIES`::
 
-    fn(prompts (N, w) float32, var (N,) float64, budget int, cfg SelectConfig, rng np.random.Generator)
-        -> (indices (budget,) int64 unique rows of ``prompts``, extra dict)
+    fn(cand Candidates, budget int, cfg SelectConfig, rng np.random.Generator)
+        -> (indices (budget,) int64 unique positions in ``cand``, extra dict)
 
-``extra`` goes into the selection summary; its optional key ``"cluster"`` ((budget,) int, the
-cluster of each selected row, aligned with ``indices``) goes into ``selected.parquet`` instead.
+``cand`` holds the candidates' label variances (N,) and a ``clusters(cfg, rng)`` function that
+returns the K-means cluster of each candidate (N,): fit on a bounded random sample of prompts
+(``cfg.kmeans_sample``), assigned to every user. ``extra`` goes into the selection summary; its
+optional key ``"cluster"`` ((budget,) int, aligned with ``indices``) goes into ``selected.parquet``.
 
-:func:`select_users` (the stage entry) reads a prompt store and a user profile
-(:mod:`puma_ray.profile`), runs one strategy on the users that have both, and writes
-``selected.parquet`` (user_id string, cluster int32; -1 = no cluster) and ``selection.json``.
+:func:`select_users` (the stage entry) streams: it reads user ids and the profile (no prompt),
+reads only the K-means sample's prompts, and assigns clusters with Ray Data ``map_batches`` over
+the store (``selection/clusters/``). It writes ``selected.parquet`` (user_id string, cluster
+int32; -1 = no cluster) and ``selection.json``.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from puma_ray import storage
 from puma_ray.config import SelectConfig
 from puma_ray.errors import PumaError, user_errors
 
-Strategy = Callable[[np.ndarray, np.ndarray, int, SelectConfig, np.random.Generator], tuple[np.ndarray, dict]]
+
+
+@dataclass
+class Candidates:
+    """The users a strategy chooses from (in user_id order): label variances and a cluster function."""
+
+    var: np.ndarray  # (N,) float64
+    clusters: Callable[[SelectConfig, np.random.Generator], np.ndarray]  # -> (N,) int64 cluster per candidate
+
+    def __len__(self) -> int:
+        return len(self.var)
+
+    @classmethod
+    def from_prompts(cls, prompts: np.ndarray, var: np.ndarray) -> "Candidates":
+        """In-memory candidates: prompts (N, w), var (N,) (small inputs and tests)."""
+        return cls(var, lambda cfg, rng: fit_kmeans(prompts[kmeans_sample(len(prompts), cfg, rng)], cfg).predict(prompts))
+
+
+Strategy = Callable[[Candidates, int, SelectConfig, np.random.Generator], tuple[np.ndarray, dict]]
 STRATEGIES: dict[str, Strategy] = {}
 
 NO_CLUSTER = -1
@@ -99,17 +121,17 @@ def variance_groups(var: np.ndarray, groups: int, rng: np.random.Generator) -> n
     return g
 
 
-def fit_clusters(prompts: np.ndarray, cfg: SelectConfig, rng: np.random.Generator) -> np.ndarray:
-    """(N,) cluster id per row of ``prompts`` (N, w): K-means (k = cfg.clusters, at most the sample
-    size) fit on at most ``cfg.kmeans_sample`` random rows, then every row assigned in batches."""
+def kmeans_sample(n: int, cfg: SelectConfig, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of the (at most ``cfg.kmeans_sample``) candidates K-means is fit on."""
+    return np.sort(rng.choice(n, size=min(n, cfg.kmeans_sample), replace=False))
+
+
+def fit_kmeans(sample: np.ndarray, cfg: SelectConfig):
+    """scikit-learn KMeans (k = cfg.clusters, at most the sample size) fit on sample (S, w)."""
     from sklearn.cluster import KMeans
 
-    n = len(prompts)
-    fit_rows = np.sort(rng.choice(n, size=min(n, cfg.kmeans_sample), replace=False))
-    k = min(cfg.clusters, len(fit_rows))
-    km = KMeans(n_clusters=k, n_init=cfg.kmeans_n_init, random_state=cfg.seed).fit(prompts[fit_rows])
-    step = cfg.kmeans_sample
-    return np.concatenate([km.predict(prompts[i : i + step]) for i in range(0, n, step)]).astype(np.int64)
+    k = min(cfg.clusters, len(sample))
+    return KMeans(n_clusters=k, n_init=cfg.kmeans_n_init, random_state=cfg.seed).fit(sample)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,24 +139,24 @@ def fit_clusters(prompts: np.ndarray, cfg: SelectConfig, rng: np.random.Generato
 
 
 @strategy("random")
-def random_users(prompts: np.ndarray, var: np.ndarray, budget: int, cfg: SelectConfig, rng: np.random.Generator):
-    """``budget`` users uniformly at random without replacement. prompts (N, w), var (N,) unused."""
-    return np.sort(rng.choice(len(prompts), size=budget, replace=False)), {}
+def random_users(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """``budget`` users uniformly at random without replacement (no prompt is read)."""
+    return np.sort(rng.choice(len(cand), size=budget, replace=False)), {}
 
 
 @strategy("kmeans_variance")
-def kmeans_variance(prompts: np.ndarray, var: np.ndarray, budget: int, cfg: SelectConfig, rng: np.random.Generator):
-    """PUMA: K-means diversity x label-variance strata. prompts (N, w), var (N,) -> (budget,) rows.
+def kmeans_variance(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """PUMA: K-means diversity x label-variance strata -> (budget,) positions in ``cand``.
 
-    1. K-means clusters of the prompts (:func:`fit_clusters`).
+    1. K-means clusters of the prompts (``cand.clusters``: sample fit, every user assigned).
     2. Per cluster, ``cfg.variance_groups`` variance quantile groups weighted by :func:`group_weights`.
     3. A minimum of min(cfg.min_per_cluster, size) per cluster (scaled down proportionally when
        they exceed the budget), the rest in proportion to cluster sizes; inside a cluster, users
        are drawn without replacement with probability ~ weight(group) / size(group).
     4. A random top-up to exactly ``budget`` (only if the draws above fall short).
     """
-    n = len(prompts)
-    cluster = fit_clusters(prompts, cfg, rng)
+    n, var = len(cand), cand.var
+    cluster = np.asarray(cand.clusters(cfg, rng), np.int64)
     k = int(cluster.max()) + 1
     sizes = np.bincount(cluster, minlength=k)
 
@@ -197,50 +219,80 @@ def _variance_summary(var: np.ndarray) -> dict:
     return {"p10": float(p10), "p50": float(p50), "p90": float(p90), "mean": float(np.mean(var))}
 
 
+def _assign(batch: pa.Table, km, meta, uri: str) -> pa.Table:
+    """map_batches: (user_id, prompt) rows -> (user_id, cluster int32), prompts validated on the way."""
+    from puma_ray.schema import check_prompt_values
+
+    if batch.num_rows == 0:
+        return pa.table({"user_id": pa.array([], pa.string()), "cluster": pa.array([], pa.int32())})
+    x = check_prompt_values(uri, meta, batch)
+    return pa.table({"user_id": batch.column("user_id"), "cluster": pa.array(km.predict(x).astype(np.int32))})
+
+
+def stream_clusters(store_uri: str, ids: pa.Array, cfg: SelectConfig, rng: np.random.Generator, out_uri: str) -> np.ndarray:
+    """K-means over a prompt store without holding it: fit on the prompts of a random sample of
+    ``ids`` (sorted candidate ids, (N,)), assign every store user with Ray Data map_batches into
+    ``out_uri`` (user_id, cluster). Returns (N,) int64 clusters aligned with ``ids``."""
+    from ray.data import SaveMode
+
+    from puma_ray.schema import check_prompt_values, read_store_meta
+
+    meta = read_store_meta(store_uri)
+    sample_ids = ids.take(pa.array(kmeans_sample(len(ids), cfg, rng)))
+    sample = storage.read_table(store_uri, filters=pc.field("user_id").isin(sample_ids)).sort_by("user_id")
+    km = fit_kmeans(check_prompt_values(store_uri, meta, sample), cfg)
+    fs, path = storage.resolve(out_uri)
+    storage.ray_read_parquet(store_uri).map_batches(
+        _assign, fn_kwargs={"km": km, "meta": meta, "uri": store_uri}, batch_format="pyarrow",
+    ).write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE)
+    assigned = storage.read_table(out_uri).cast(pa.schema([("user_id", pa.string()), ("cluster", pa.int32())]))
+    assigned = pa.table({"user_id": ids}).join(assigned, "user_id", join_type="inner").sort_by("user_id")
+    return assigned.column("cluster").to_numpy().astype(np.int64)
+
+
 @user_errors
 def select_users(cfg: SelectConfig, source_store_uri: str, profile_uri: str, out_uri: str) -> dict:
     """Entry: choose ``cfg.budget`` users of the prompt store that have interactions in the profile.
 
-    Writes ``out_uri/selected.parquet`` (user_id, cluster; sorted by user_id) and
-    ``out_uri/selection.json`` (the returned summary). Store users without interactions and
+    Writes ``out_uri/selected.parquet`` (user_id, cluster; sorted by user_id),
+    ``out_uri/selection.json`` (the returned summary) and, for K-means strategies,
+    ``out_uri/clusters/`` (every store user's cluster). Store users without interactions and
     profile users without a prompt are counted in the summary and noted on stderr.
     """
-    from puma_ray.profile import read_profile
-    from puma_ray.schema import read_prompt_store
-
     fn = STRATEGIES.get(cfg.strategy)
     if fn is None:
         raise PumaError(f"select: unknown strategy {cfg.strategy!r}; choose one of {sorted(STRATEGIES)}")
 
-    _, store_ids, prompts = read_prompt_store(source_store_uri)
-    profile = read_profile(profile_uri)
-    store_ids = pd.Index(store_ids, dtype=object)
-    profile_ids = pd.Index(profile["user_id"], dtype=object)
-    has_rows = store_ids.isin(profile_ids)
-    no_interactions = int((~has_rows).sum())
-    no_prompt = int((~profile_ids.isin(store_ids)).sum())
+    store_ids = storage.read_table(source_store_uri, columns=["user_id"]).column("user_id").combine_chunks()
+    if pc.count_distinct(store_ids).as_py() != len(store_ids):
+        raise PumaError(f"{source_store_uri}: {len(store_ids) - pc.count_distinct(store_ids).as_py()} duplicate user_id row(s)")
+    profile = storage.read_table(profile_uri)
+    missing = [c for c in ("user_id", "label_var") if c not in profile.column_names]
+    if missing:
+        raise PumaError(f"{profile_uri}: not a user profile (lacks columns {missing})")
+    profile = profile.select(["user_id", "label_var"]).cast(pa.schema([("user_id", pa.string()), ("label_var", pa.float64())]))
+    # Candidates in user_id order, so the result does not depend on the store's row order.
+    cand = pa.table({"user_id": store_ids}).join(profile, "user_id", join_type="inner").sort_by("user_id")
+    no_interactions, no_prompt = len(store_ids) - cand.num_rows, profile.num_rows - cand.num_rows
     if no_interactions or no_prompt:
         print(f"select: skipping {no_interactions} store user(s) with no interactions and "
               f"{no_prompt} profile user(s) with no prompt", file=sys.stderr)
-
-    # Candidates in user_id order, so the result does not depend on the store's row order.
-    rows = np.flatnonzero(has_rows)
-    rows = rows[np.argsort(store_ids[rows].to_numpy(), kind="stable")]
-    ids = store_ids[rows].to_numpy()
-    if len(ids) == 0:
+    if cand.num_rows == 0:
         raise PumaError(f"{source_store_uri}: no user of the prompt store has interactions in {profile_uri}")
-    var = profile.set_index("user_id")["label_var"].reindex(ids).to_numpy(np.float64)
+    ids = cand.column("user_id").combine_chunks()
+    var = cand.column("label_var").to_numpy()
     budget = resolve_budget(cfg.budget, len(ids), source_store_uri)
 
-    picked, extra = fn(prompts[rows], var, budget, cfg, np.random.default_rng(cfg.seed))
+    clusters_uri = storage.join(out_uri, "clusters")
+    candidates = Candidates(var, lambda c, rng: stream_clusters(source_store_uri, ids, c, rng, clusters_uri))
+    picked, extra = fn(candidates, budget, cfg, np.random.default_rng(cfg.seed))
     picked = np.asarray(picked, np.int64)
     if len(picked) != budget or len(np.unique(picked)) != budget:
         raise RuntimeError(f"strategy {cfg.strategy!r} returned {len(np.unique(picked))} unique of {len(picked)} users, expected {budget}")
     cluster = np.asarray(extra.pop("cluster", np.full(budget, NO_CLUSTER)), np.int32)
 
-    order = np.argsort(ids[picked], kind="stable")
-    table = pa.Table.from_arrays([pa.array(ids[picked][order].tolist(), pa.string()), pa.array(cluster[order])],
-                                 schema=SELECTED_SCHEMA)
+    order = np.argsort(picked, kind="stable")  # positions in sorted ids -> selection sorted by user_id
+    table = pa.Table.from_arrays([ids.take(pa.array(picked[order])), pa.array(cluster[order])], schema=SELECTED_SCHEMA)
     storage.write_table(storage.join(out_uri, "selected.parquet"), table)
 
     summary = {

@@ -39,8 +39,9 @@ def ctr_data(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole suite (starting Ray costs seconds)."""
+def ray_session(s3_server):
+    """One local Ray for the whole suite (starting Ray costs seconds). It starts after the S3
+    server, so its workers inherit the endpoint and (dummy) credentials from the environment."""
     import ray
 
     from puma_ray.config import RayConfig

@@ -9,7 +9,7 @@ from puma_ray.config import SelectConfig
 from puma_ray.errors import PumaError
 from puma_ray.profile import PROFILE_SCHEMA
 from puma_ray.schema import StoreMeta, write_prompt_store
-from puma_ray.select import (STRATEGIES, apportion, group_weights, read_selected, resolve_budget,
+from puma_ray.select import (STRATEGIES, Candidates, apportion, group_weights, read_selected, resolve_budget,
                              select_users)
 
 SIZES = [400, 200, 100, 60]
@@ -25,7 +25,7 @@ def blobs(sizes=SIZES, dim=8, seed=0):
 
 def run(name, prompts, var, budget, seed=0, **cfg):
     cfg = SelectConfig(seed=seed, **{"clusters": len(SIZES), "min_per_cluster": 20, **cfg})
-    return STRATEGIES[name](prompts, var, budget, cfg, np.random.default_rng(seed))
+    return STRATEGIES[name](Candidates.from_prompts(prompts, var), budget, cfg, np.random.default_rng(seed))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_resolve_budget():
 
 
 # ---------------------------------------------------------------------------------------------
-# select_users end to end (no Ray)
+# select_users end to end (cluster assignment streams through Ray Data)
 
 META = StoreMeta(model="m", model_fingerprint="f", hidden_size=4, prompt_length=2, template="t", stage="prompts")
 
@@ -156,7 +156,7 @@ def inputs(tmp_path):
     return store, profile, ids, x
 
 
-def test_select_users_end_to_end(tmp_path, inputs, capsys):
+def test_select_users_end_to_end(tmp_path, inputs, capsys, ray_session):
     store, profile, ids, _ = inputs
     out = str(tmp_path / "sel")
     cfg = SelectConfig(budget=10, clusters=3, min_per_cluster=2, seed=7)
@@ -182,7 +182,7 @@ def test_select_users_end_to_end(tmp_path, inputs, capsys):
     assert read_selected(str(tmp_path / "sel2")) == chosen and again == summary
 
 
-def test_select_users_random_fraction(tmp_path, inputs):
+def test_select_users_random_fraction(tmp_path, inputs, ray_session):
     store, profile, _, _ = inputs
     out = str(tmp_path / "sel")
     summary = select_users(SelectConfig(strategy="random", budget=0.2), store, profile, out)
@@ -191,10 +191,26 @@ def test_select_users_random_fraction(tmp_path, inputs):
     assert set(storage.read_table(f"{out}/selected.parquet").column("cluster").to_pylist()) == {-1}
 
 
-def test_select_users_errors(tmp_path, inputs):
+def test_select_users_errors(tmp_path, inputs, ray_session):
     store, profile, _, _ = inputs
     with pytest.raises(PumaError, match="budget 36 exceeds the 35 users with interactions"):
         select_users(SelectConfig(budget=36), store, profile, str(tmp_path / "a"))
     with pytest.raises(PumaError, match=r"unknown strategy 'nope'.*kmeans_variance.*random"):
         select_users(SelectConfig(strategy="nope"), store, profile, str(tmp_path / "b"))
     assert not storage.exists(str(tmp_path / "a")) and not storage.exists(str(tmp_path / "b"))
+
+
+def test_streamed_clusters_match_in_memory_kmeans(tmp_path, inputs, ray_session):
+    """The store is never held: K-means is fit on a sample read by id, every user assigned by
+    map_batches; the result equals fitting and predicting in memory on the same sample."""
+    store, profile, ids, x = inputs
+    cfg = SelectConfig(budget=10, clusters=3, min_per_cluster=2, kmeans_sample=25, seed=3)
+    select_users(cfg, store, profile, str(tmp_path / "sel"))
+    streamed = storage.read_table(str(tmp_path / "sel" / "clusters")).sort_by("user_id")
+    assert streamed.column("user_id").to_pylist() == sorted(ids)  # every store user, profile or not
+    cand = [i for i in range(40) if ids[i] in set(ids[:35])]  # candidates = store users with a profile, in id order
+    from puma_ray.select import fit_kmeans, kmeans_sample
+
+    sample = np.array(cand)[kmeans_sample(len(cand), cfg, np.random.default_rng(cfg.seed))]
+    want = fit_kmeans(x[sample], cfg).predict(x)
+    assert streamed.column("cluster").to_pylist() == want.tolist()
