@@ -89,3 +89,26 @@ def test_rerun_same_name_resumes_from_latest_checkpoint(tmp_path, tiny_models, r
     # the second run trained only epoch 2: cumulative passes are two epochs' worth, not three
     assert second["lm_sample_passes"] == 2 * first["lm_sample_passes"]
     assert second["final_metrics"]["epoch"] == 1
+
+
+def test_workers_hold_only_their_users(tmp_path, tiny_models, rating_data, ray_session):
+    """Stage 1 partitions users: each worker's prompt table holds only its users (disjoint, all
+    covered), every worker writes its own store file, and the table per worker shrinks as workers
+    are added."""
+    from puma_ray.train import train_prompts
+
+    users = sorted(set(pq.read_table(f"{rating_data}/train", columns=["user_id"]).column("user_id").to_pylist()))
+    per_worker = {}
+    for w in (1, 2):
+        cfg = _cfg(tmp_path / f"w{w}", tiny_models, rating_data, train={"epochs": 1}, scaling={"num_workers": w, "zero_stage": 0})
+        summary = train_prompts(cfg)
+        fm = summary["final_metrics"]
+        assert sum(summary["worker_users"]) == len(users) and len(summary["worker_users"]) == w
+        files = storage.list_files(f"{cfg.output}/prompts", ".parquet")
+        assert len(files) == w
+        held = [pq.read_table(f, columns=["user_id"]).column("user_id").to_pylist() for f in files]
+        assert sorted(u for h in held for u in h) == users  # disjoint and complete
+        assert [len(h) for h in held] == summary["worker_users"]
+        per_worker[w] = max(summary["worker_users"])
+        assert fm["val_rows"] > 0
+    assert per_worker[2] < 0.75 * per_worker[1]
