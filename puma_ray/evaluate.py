@@ -1,8 +1,9 @@
 """Score prompt stores (+ model + head) and simple baselines on held-out interactions.
 
-Scoring runs as Ray Data ``map_batches`` over the valid interactions with a callable class
-(the LM, prompts and head load once per actor). Metrics use scikit-learn:
-rating -> RMSE, MAE; ctr -> AUC and uAUC (mean per-user AUC over users with both classes).
+Streamed end to end: valid interactions are hash-joined (Ray Data) with a run's prompt store,
+scored by ``map_batches`` with a callable class (the LM and head load once per actor), and reduced
+to metrics without collecting rows: rating -> RMSE, MAE (error sums); ctr -> exact AUC (over a
+distributed sort) and uAUC (mean per-user AUC over users with both classes; scikit-learn per user).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from puma_ray import storage
@@ -19,35 +22,32 @@ from puma_ray.data import load_interactions
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import load_head
 from puma_ray.llm import FrozenLM, model_info
-from puma_ray.schema import read_prompt_store, read_store_meta
+from puma_ray.profile import shuffle_partitions
+from puma_ray.schema import read_store_meta
 
 
 class PromptScorer:
-    """map_batches callable: rows of (user_id, item_text[, history_text]) -> predictions.
+    """map_batches callable over valid rows joined with their users' prompts:
+    (user_id, label, item_text[, history_text], prompt (l*d)) -> (user_id, label, pred).
 
-    Rows whose user has no prompt in the store get pred = NaN (counted by the caller).
-    """
+    Only the LM and the head live in the actor; prompts arrive in the rows."""
 
     def __init__(self, model: dict, task: str, run_uri: str, batch_size: int):
-        store_uri = storage.join(run_uri, "prompts")
-        meta = read_store_meta(store_uri)
+        meta = read_store_meta(storage.join(run_uri, "prompts"))
         self.lm = FrozenLM(model["path"], task, meta.template, meta.prompt_length, model["dtype"], model["attn_implementation"])
-        _, ids, prompts = read_prompt_store(store_uri, expect_fingerprint=self.lm.fingerprint)
-        self.index = {u: i for i, u in enumerate(ids)}
-        self.prompts = torch.tensor(prompts).view(len(ids), meta.prompt_length, meta.hidden_size)
         self.head = load_head(run_uri, task, self.lm.fingerprint)
-        self.batch_size = batch_size
+        self.l, self.d, self.batch_size = meta.prompt_length, meta.hidden_size, batch_size
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        idx = np.array([self.index.get(u, -1) for u in batch["user_id"]])
-        pred = np.full(len(idx), np.nan, dtype=np.float32)
-        known = np.flatnonzero(idx >= 0)
+        p = batch["prompt"]
+        prompts = torch.as_tensor(np.asarray(np.stack(p) if p.dtype == object else p, np.float32)).view(len(p), self.l, self.d)
+        pred = np.empty(len(p), dtype=np.float32)
         hist = batch.get("history_text")
-        for s in range(0, len(known), self.batch_size):
-            rows = known[s : s + self.batch_size]
+        for s in range(0, len(p), self.batch_size):
+            rows = slice(s, s + self.batch_size)
             inputs = self.lm.collate(batch["item_text"][rows], hist[rows] if hist is not None else None)
-            out = self.lm.forward(self.prompts[idx[rows]], inputs, want_hidden=self.head.wants_hidden)
+            out = self.lm.forward(prompts[rows], inputs, want_hidden=self.head.wants_hidden)
             pred[rows] = self.head.predict(out).float().numpy()
         return {"user_id": batch["user_id"], "label": batch["label"], "pred": pred}
 
@@ -55,25 +55,62 @@ class PromptScorer:
 METRIC_NAMES = ("rmse", "mae", "auc", "uauc")
 
 
-def metrics(task: str, frame: pd.DataFrame) -> dict:
-    """frame: user_id, label, pred (NaN = not scored) -> metric dict incl. scored/unknown counts."""
-    from sklearn.metrics import mean_absolute_error, mean_squared_error, roc_auc_score
+def _error_sums(batch: pa.Table) -> pa.Table:
+    err = np.asarray(batch.column("pred"), np.float64) - np.asarray(batch.column("label"), np.float64)
+    return pa.table({"n": [len(err)], "se": [float((err**2).sum())], "ae": [float(np.abs(err).sum())]})
 
-    ok = frame["pred"].notna()
-    f = frame[ok]
-    out: dict = {"scored_rows": int(ok.sum()), "unknown_rows": int((~ok).sum()),
-                 "unknown_users": int(frame.loc[~ok, "user_id"].nunique())}
-    if len(f) == 0:
-        raise PumaError("no valid row could be scored (no user of the valid set has a prompt)")
+
+def sorted_auc(batches) -> float:
+    """Exact ROC AUC (ties count 1/2) from batches sorted by pred ascending, one batch in memory:
+    AUC = sum over positives of (negatives below + half the tied negatives) / (P * N)."""
+    negs_below = pairs = 0.0
+    pos_total = neg_total = 0
+    carry = None  # (value, positives, negatives) of the last tie group, which may continue in the next batch
+    for b in batches:
+        pred, lab = np.asarray(b["pred"], np.float64), np.asarray(b["label"]) > 0.5
+        if len(pred) == 0:
+            continue
+        vals, start = np.unique(pred, return_index=True)
+        pos = np.add.reduceat(lab.astype(np.int64), start)
+        neg = np.add.reduceat((~lab).astype(np.int64), start)
+        if carry is not None and len(vals) and vals[0] == carry[0]:
+            pos[0] += carry[1]; neg[0] += carry[2]
+        elif carry is not None:
+            vals, pos, neg = np.r_[carry[0], vals], np.r_[carry[1], pos], np.r_[carry[2], neg]
+        below = negs_below + np.cumsum(neg) - neg
+        pairs += float((pos[:-1] * (below[:-1] + 0.5 * neg[:-1])).sum())
+        negs_below = float(below[-1])
+        pos_total += int(pos[:-1].sum()); neg_total += int(neg[:-1].sum())
+        carry = (vals[-1], int(pos[-1]), int(neg[-1]))
+    if carry is not None:
+        pairs += carry[1] * (negs_below + 0.5 * carry[2])
+        pos_total += carry[1]; neg_total += carry[2]
+    return pairs / (pos_total * neg_total) if pos_total and neg_total else float("nan")
+
+
+def _user_auc(group: pd.DataFrame) -> pd.DataFrame:
+    """One user's rows -> (auc_sum, users): their AUC and 1, or 0 and 0 when they have one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    y = group["label"].to_numpy() > 0.5
+    both = 0 < y.sum() < len(y)
+    return pd.DataFrame({"auc_sum": [float(roc_auc_score(y, group["pred"].to_numpy())) if both else 0.0], "users": [int(both)]})
+
+
+def dataset_metrics(task: str, ds) -> dict:
+    """Metrics of a scored Ray Dataset (label, pred[, user_id]), streamed: rating -> RMSE, MAE from
+    per-batch error sums; ctr -> exact AUC over a distributed sort, uAUC = mean per-user AUC
+    (users with both classes) from a groupby. Nothing per row is collected."""
     if task == "rating":
-        out["rmse"] = math.sqrt(mean_squared_error(f["label"], f["pred"]))
-        out["mae"] = float(mean_absolute_error(f["label"], f["pred"]))
-    else:
-        out["auc"] = float(roc_auc_score(f["label"], f["pred"])) if f["label"].nunique() == 2 else float("nan")
-        per_user = [roc_auc_score(g["label"], g["pred"]) for _, g in f.groupby("user_id") if g["label"].nunique() == 2]
-        out["uauc"] = float(np.mean(per_user)) if per_user else float("nan")
-        out["uauc_users"] = len(per_user)
-    return out
+        sums = ds.select_columns(["label", "pred"]).map_batches(_error_sums, batch_format="pyarrow").to_pandas().sum()
+        if sums.get("n", 0) == 0:
+            raise PumaError("no valid row could be scored (no user of the valid set has a prompt)")
+        return {"rmse": math.sqrt(sums["se"] / sums["n"]), "mae": float(sums["ae"] / sums["n"])}
+    auc = sorted_auc(ds.select_columns(["label", "pred"]).sort("pred").iter_batches(batch_format="numpy", batch_size=65_536))
+    per_user = ds.select_columns(["user_id", "label", "pred"]).groupby("user_id", num_partitions=shuffle_partitions(ds.count())) \
+        .map_groups(_user_auc, batch_format="pandas")
+    total, n = per_user.sum("auc_sum") or 0.0, int(per_user.sum("users") or 0)
+    return {"auc": auc, "uauc": total / n if n else float("nan"), "uauc_users": n}
 
 
 def _run_model(cfg: EvaluateConfig, run_uri: str) -> dict:
@@ -90,28 +127,53 @@ def _run_model(cfg: EvaluateConfig, run_uri: str) -> dict:
     return model
 
 
-def _collect(ds, columns=("user_id", "label", "pred")) -> pd.DataFrame:
-    """The (small) scored columns as a plain numpy-backed frame (Arrow-backed floats hide NaN from notna)."""
-    df = ds.select_columns(list(columns)).to_pandas()
-    return pd.DataFrame({c: df[c].astype(str) if c == "user_id" else df[c].to_numpy(np.float64) for c in columns})
+def _distinct_users(ds, rows: int) -> int:
+    return ds.select_columns(["user_id"]).groupby("user_id", num_partitions=shuffle_partitions(rows)).count().count()
 
 
-def baseline_frames(train_ds, valid: pd.DataFrame, names: list[str]) -> dict[str, pd.DataFrame]:
-    """global_mean: the mean train label; user_mean: each user's mean train label (global for unseen users)."""
-    out = {}
-    g = float(train_ds.mean("label"))
-    if "global_mean" in names:
-        out["global_mean"] = valid.assign(pred=g)
-    if "user_mean" in names:
-        um = train_ds.groupby("user_id").mean("label").to_pandas()
-        um = pd.Series(um["mean(label)"].to_numpy(np.float64), index=um["user_id"].astype(str))
-        out["user_mean"] = valid.assign(pred=valid["user_id"].map(um).fillna(g))
+def _with_subsets(ds, subsets: dict[str, pa.Array]):
+    """Adds a boolean column ``in_<name>`` per subset (small user lists, e.g. the adapter's users)."""
+    if not subsets:
+        return ds
+
+    def flag(batch: pa.Table) -> pa.Table:
+        for name, users in subsets.items():
+            batch = batch.append_column(f"in_{name}", pc.is_in(batch.column("user_id").cast(pa.string()), value_set=users))
+        return batch
+
+    return ds.map_batches(flag, batch_format="pyarrow")
+
+
+def _report_metrics(task: str, scored, subsets: dict[str, pa.Array]) -> dict:
+    """Whole-set metrics plus, per subset, the same metrics inside and outside it."""
+    scored = _with_subsets(scored, subsets).materialize()  # scored once, read by every metric below
+    out = dataset_metrics(task, scored)
+    for name in subsets:
+        for side, keep in (("in", True), ("out", False)):
+            part = scored.filter(expr=f"in_{name} == {keep}")
+            if part.count():
+                out.update({f"{k}_{side}_{name}": v for k, v in dataset_metrics(task, part).items() if k in METRIC_NAMES})
     return out
+
+
+def _user_mean_scored(train_ds, valid_ds, g: float):
+    """user_mean baseline rows: each valid row predicted by its user's mean train label (global for unseen users)."""
+    means = train_ds.groupby("user_id", num_partitions=4).mean("label").rename_columns({"mean(label)": "user_mean"})
+    joined = valid_ds.select_columns(["user_id", "label"]).join(means, join_type="left_outer", num_partitions=4, on=("user_id",))
+
+    def fill(batch: pa.Table) -> pa.Table:
+        pred = pc.fill_null(batch.column("user_mean").cast(pa.float64()), g)
+        return pa.table({"user_id": batch.column("user_id"), "label": batch.column("label"), "pred": pred})
+
+    return joined.map_batches(fill, batch_format="pyarrow")
 
 
 @user_errors
 def evaluate(cfg: EvaluateConfig) -> dict:
-    """Entry: score every run in ``cfg.runs`` and the baselines on ``cfg.data.valid``; print a table."""
+    """Entry: score every run in ``cfg.runs`` and the baselines on ``cfg.data.valid``; print a table.
+
+    Valid rows are joined (Ray Data hash join) with each run's prompt store and scored by an actor
+    pool holding only the LM and head; rows of users without a prompt are counted, not scored."""
     import ray.data
 
     from puma_ray.runtime import init_ray
@@ -119,31 +181,35 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     init_ray(cfg.ray, cfg.storage)
     if not cfg.data.valid:
         raise PumaError("evaluate needs data.valid (the held-out interactions)")
-    valid_ds, _ = load_interactions(cfg.data.valid, cfg.task)
+    valid_ds, valid_rows = load_interactions(cfg.data.valid, cfg.task)
     models = {name: _run_model(cfg, run_uri) for name, run_uri in cfg.runs.items()}  # refuses mismatches before any actor starts
-    subsets = {name: set(storage.read_table(uri, columns=["user_id"]).column("user_id").to_pylist()) for name, uri in cfg.subsets.items()}
-    frames: dict[str, tuple[pd.DataFrame, dict]] = {}
+    subsets = {name: storage.read_table(uri, columns=["user_id"]).column("user_id").combine_chunks().cast(pa.string())
+               for name, uri in cfg.subsets.items()}
+    valid_users = _distinct_users(valid_ds, valid_rows)
+    results = {}
     for name, run_uri in cfg.runs.items():
         summary_uri = storage.join(run_uri, "summary.json")
         summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
-        scored = valid_ds.map_batches(
+        prompts = storage.ray_read_parquet(storage.join(run_uri, "prompts"), columns=["user_id", "prompt"])
+        scored = valid_ds.join(prompts, join_type="inner", num_partitions=4, on=("user_id",)).map_batches(
             PromptScorer, fn_constructor_kwargs={"model": models[name], "task": cfg.task, "run_uri": run_uri, "batch_size": cfg.batch_size},
             batch_size=4 * cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-        )
-        frames[name] = (_collect(scored), {"lm_sample_passes": summary.get("lm_sample_passes", 0), "wall_s": summary.get("wall_s", 0.0)})
+        ).materialize()
+        rows = scored.count()
+        if rows == 0:
+            raise PumaError(f"{run_uri}: no valid row could be scored (no user of {cfg.data.valid} has a prompt)")
+        results[name] = {**_report_metrics(cfg.task, scored, subsets), "scored_rows": rows, "unknown_rows": valid_rows - rows,
+                         "unknown_users": valid_users - _distinct_users(scored, rows),
+                         "lm_sample_passes": summary.get("lm_sample_passes", 0), "wall_s": summary.get("wall_s", 0.0)}
     if cfg.baselines:
         train_ds, _ = load_interactions(cfg.data.train, cfg.task)
-        valid = _collect(valid_ds, ("user_id", "label"))
-        for name, frame in baseline_frames(train_ds, valid, cfg.baselines).items():
-            frames[name] = (frame, {"lm_sample_passes": 0, "wall_s": 0.0})
-    results = {}
-    for name, (frame, cost) in frames.items():
-        results[name] = {**metrics(cfg.task, frame), **cost}
-        for sub, users in subsets.items():
-            inside = frame["user_id"].isin(users)
-            for side, part in (("in", frame[inside]), ("out", frame[~inside])):
-                if part["pred"].notna().any():
-                    results[name].update({f"{k}_{side}_{sub}": v for k, v in metrics(cfg.task, part).items() if k in METRIC_NAMES})
+        g = float(train_ds.mean("label"))
+        base = {"global_mean": lambda: valid_ds.select_columns(["user_id", "label"]).map_batches(
+                    lambda b: b.append_column("pred", pa.array(np.full(b.num_rows, g))), batch_format="pyarrow"),
+                "user_mean": lambda: _user_mean_scored(train_ds, valid_ds, g)}
+        for name in cfg.baselines:
+            results[name] = {**_report_metrics(cfg.task, base[name](), subsets), "scored_rows": valid_rows, "unknown_rows": 0,
+                             "unknown_users": 0, "lm_sample_passes": 0, "wall_s": 0.0}
     report = {"task": cfg.task, "valid": cfg.data.valid, "methods": results}
     print(format_table(report))
     if cfg.output:

@@ -50,7 +50,7 @@ def _check_target(out_uri: str) -> None:
         raise PumaError(f"{out_uri}: not empty and not a user profile; choose another output path")
 
 
-def _partitions(rows: int) -> int:
+def shuffle_partitions(rows: int) -> int:
     """Hash partitions for ``rows`` interactions: one per ROWS_PER_PARTITION, at most Ray's default."""
     import ray.data
 
@@ -72,7 +72,7 @@ def profile_users(interactions_uri: str, task: str, out_uri: str) -> dict:
 
     _check_target(out_uri)
     ds, rows = load_interactions(interactions_uri, task)
-    stats = ds.select_columns(["user_id", "label"]).groupby("user_id", num_partitions=_partitions(rows)).aggregate(
+    stats = ds.select_columns(["user_id", "label"]).groupby("user_id", num_partitions=shuffle_partitions(rows)).aggregate(
         Count(alias_name="n"),
         Mean("label", alias_name="label_mean"),
         Std("label", ddof=0, alias_name="label_std"),

@@ -1,4 +1,5 @@
-"""Source prompt stores of a migration: one store, or several joined on user_id (aggregation).
+"""Source prompt stores of a migration: one store, or several joined on user_id (aggregation),
+streamed through Ray Data (no process holds a store).
 
 Aggregated [A; B] prompts are concatenated per prompt position: (l, d_A) and (l, d_B) ->
 (l, d_A + d_B). Users missing from any source are counted and reported, never silently dropped.
@@ -10,10 +11,11 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from puma_ray import storage
 from puma_ray.errors import PumaError
-from puma_ray.schema import StoreMeta, read_prompt_store, read_store_meta, write_prompt_store
+from puma_ray.schema import StoreMeta, prompt_table, read_store_meta
 
 
 @dataclass
@@ -24,30 +26,41 @@ class Sources:
     missing: dict[str, int] = field(default_factory=dict)  # source URI -> users of other sources it lacks
 
 
+def _concat(batch: pa.Table, meta: StoreMeta, widths: list[int]) -> pa.Table:
+    """Joined rows (user_id, p0, p1, ...) -> store rows with prompts concatenated per position."""
+    l = meta.prompt_length
+    parts = [np.asarray(batch.column(f"p{i}").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32).reshape(batch.num_rows, l, d)
+             for i, d in enumerate(widths)]
+    return prompt_table(meta, batch.column("user_id").cast(pa.string()), np.concatenate(parts, axis=-1).reshape(batch.num_rows, -1))
+
+
 def join_sources(uris: list[str], joined_uri: str) -> Sources:
-    """One source: used as is. Several: inner-join on user_id into ``joined_uri``."""
+    """One source: used as is. Several: a streamed Ray Data inner join on user_id into ``joined_uri``."""
+    from ray.data import SaveMode
+
     metas = [read_store_meta(u) for u in uris]
     if len(uris) == 1:
         return Sources(uris[0], metas[0], metas)
     if len({m.prompt_length for m in metas}) != 1:
         raise PumaError(f"aggregated sources need one prompt length l, got {[m.prompt_length for m in metas]} for {uris}")
-    stores = [read_prompt_store(u) for u in uris]
-    common = set.intersection(*(set(ids) for _, ids, _ in stores))
-    every = set.union(*(set(ids) for _, ids, _ in stores))
-    missing = {u: len(every) - len(set(ids)) for u, (_, ids, _) in zip(uris, stores)}
-    if not common:
+    stores = [storage.ray_read_parquet(u, columns=["user_id", "prompt"]) for u in uris]
+    counts = [ds.count() for ds in stores]
+    every = stores[0].select_columns(["user_id"]).union(*[ds.select_columns(["user_id"]) for ds in stores[1:]])
+    n_every = every.groupby("user_id").count().count()
+    joined = stores[0].rename_columns({"prompt": "p0"})
+    for i, ds in enumerate(stores[1:], 1):
+        joined = joined.join(ds.rename_columns({"prompt": f"p{i}"}), join_type="inner", num_partitions=4, on=("user_id",))
+    meta = StoreMeta(model="+".join(m.model for m in metas), model_fingerprint="+".join(m.model_fingerprint for m in metas),
+                     hidden_size=sum(m.hidden_size for m in metas), prompt_length=metas[0].prompt_length,
+                     template=metas[0].template, stage="aggregate")
+    fs, path = storage.resolve(joined_uri)
+    joined.map_batches(_concat, fn_kwargs={"meta": meta, "widths": [m.hidden_size for m in metas]}, batch_format="pyarrow") \
+        .write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE)
+    n_common = storage.ray_read_parquet(joined_uri, columns=["user_id"]).count() if storage.list_files(joined_uri, ".parquet") else 0
+    missing = {u: n_every - n for u, n in zip(uris, counts)}
+    if n_common == 0:
         raise PumaError(f"aggregated sources {uris} share no user")
     if any(missing.values()):
-        print(f"aggregate: {len(every) - len(common)} user(s) lack a prompt in some source and are skipped "
+        print(f"aggregate: {n_every - n_common} user(s) lack a prompt in some source and are skipped "
               f"(missing per source: {missing})", file=sys.stderr)
-    ids = sorted(common)
-    l = metas[0].prompt_length
-    parts = []
-    for (_, sid, p), m in zip(stores, metas):
-        pos = {u: i for i, u in enumerate(sid)}
-        parts.append(p[[pos[u] for u in ids]].reshape(len(ids), l, m.hidden_size))
-    joined = np.concatenate(parts, axis=-1).reshape(len(ids), -1)  # (N, l * sum d)
-    meta = StoreMeta(model="+".join(m.model for m in metas), model_fingerprint="+".join(m.model_fingerprint for m in metas),
-                     hidden_size=sum(m.hidden_size for m in metas), prompt_length=l, template=metas[0].template, stage="aggregate")
-    write_prompt_store(joined_uri, meta, ids, joined)
     return Sources(joined_uri, meta, metas, missing)

@@ -8,27 +8,42 @@ import pytest
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.evaluate import evaluate, format_table, metrics
+from puma_ray.evaluate import dataset_metrics, evaluate, format_table
 
 
-def test_rating_metrics_by_hand():
-    f = pd.DataFrame({"user_id": ["a", "a", "b", "c"], "label": [1.0, 3.0, 5.0, 4.0], "pred": [2.0, 3.0, 3.0, np.nan]})
-    m = metrics("rating", f)
+def test_rating_metrics_by_hand(ray_session):
+    import ray.data
+
+    f = pd.DataFrame({"user_id": ["a", "a", "b"], "label": [1.0, 3.0, 5.0], "pred": [2.0, 3.0, 3.0]})
+    m = dataset_metrics("rating", ray.data.from_pandas(f))
     assert m["rmse"] == pytest.approx(math.sqrt((1 + 0 + 4) / 3)) and m["mae"] == pytest.approx(1.0)
-    assert (m["scored_rows"], m["unknown_rows"], m["unknown_users"]) == (3, 1, 1)
 
 
-def test_ctr_metrics_uauc_skips_one_class_users():
+def test_ctr_metrics_uauc_skips_one_class_users(ray_session):
+    import ray.data
+    from sklearn.metrics import roc_auc_score
+
     f = pd.DataFrame({
         "user_id": ["a", "a", "a", "b", "b", "c"],
         "label": [1, 0, 0, 1, 0, 1], "pred": [0.9, 0.1, 0.95, 0.2, 0.8, 0.5],
     })
-    m = metrics("ctr", f)
+    m = dataset_metrics("ctr", ray.data.from_pandas(f))
     # user a: pairs (0.9>0.1 yes, 0.9>0.95 no) = 0.5; user b: 0.0; user c has one class
     assert m["uauc"] == pytest.approx(0.25) and m["uauc_users"] == 2
+    assert m["auc"] == pytest.approx(roc_auc_score(f["label"], f["pred"]))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 1000])
+def test_sorted_auc_is_exact_with_ties_across_batches(batch):
     from sklearn.metrics import roc_auc_score
 
-    assert m["auc"] == pytest.approx(roc_auc_score(f["label"], f["pred"]))
+    from puma_ray.evaluate import sorted_auc
+
+    rng = np.random.default_rng(0)
+    pred = np.sort(rng.integers(0, 20, 500) / 20)  # many ties
+    label = (rng.random(500) < 0.3 + 0.5 * pred).astype(float)
+    batches = [{"pred": pred[i : i + batch], "label": label[i : i + batch]} for i in range(0, 500, batch)]
+    assert sorted_auc(batches) == pytest.approx(roc_auc_score(label, pred), abs=1e-12)
 
 
 def test_evaluate_runs_and_reports_unknown_users(tmp_path, tiny_models, rating_data, ray_session, capsys):
