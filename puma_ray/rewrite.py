@@ -90,7 +90,7 @@ class UnitRewriter:
 
     def _write_unit(self, unit: int, file: str, row_groups: list[int], rows: int, **_) -> dict:
         src = storage.parquet_file(file)
-        files, k, written = [], 0, 0
+        files, k, written, unit_ids = [], 0, 0, []
         batches = src.iter_batches(batch_size=self.rcfg.batch_size, row_groups=row_groups, columns=["user_id", "prompt"])
         pending = None  # rows read but not yet written (a batch straddling a file boundary)
         while written < rows:
@@ -104,6 +104,7 @@ class UnitRewriter:
                             break
                         pending = self.rewriter(pa.Table.from_batches([b]))
                     take = min(pending.num_rows, self.rcfg.max_rows_per_file - in_file)
+                    unit_ids.extend(pending.column("user_id").slice(0, take).chunks)
                     w.write_table(pending.slice(0, take))
                     pending = pending.slice(take) if take < pending.num_rows else None
                     in_file += take
@@ -114,7 +115,10 @@ class UnitRewriter:
             k += 1
         if written != rows:
             raise PumaError(f"{file}: row groups {row_groups} held {written} rows, the footer says {rows}")
-        marker = {"unit": unit, "rows": written, "files": files}
+        ids = pa.chunked_array(unit_ids, pa.string())  # one unit's ids only (<= its row groups' rows)
+        mm = pc.min_max(ids).as_py()
+        marker = {"unit": unit, "rows": written, "files": files, "id_min": mm["min"], "id_max": mm["max"],
+                  "unique": pc.count_distinct(ids).as_py() == written}
         storage.write_json(storage.join(self.state_uri, f"unit-{unit:06d}.json"), marker)
         return marker
 
@@ -139,6 +143,13 @@ def _start_or_resume(plan: dict, store_uri: str, state_uri: str, resume: bool) -
     storage.delete_dir(state_uri)
     storage.write_json(plan_uri, plan)
     return {}
+
+
+def _disjoint_unique(markers: list[dict]) -> bool:
+    """Exactly-once proven from the markers alone: every unit's ids are distinct and the units'
+    id ranges do not overlap (true for stores partitioned by id range; else a groupby decides)."""
+    ranges = sorted((m["id_min"], m["id_max"]) for m in markers if m["rows"])
+    return all(m.get("unique", False) for m in markers) and all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))
 
 
 def _duplicates(store_uri: str) -> int:
@@ -181,13 +192,15 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
                       f"{users / (last - t0):.0f} users/s", file=sys.stderr, flush=True)
     files = [f for u in sorted(done) for f in done[u]["files"]]
     n_out = sum(f["rows"] for f in files)
-    dup = _duplicates(store_uri) if rcfg.verify else 0
+    proven = _disjoint_unique(list(done.values()))
+    dup = _duplicates(store_uri) if rcfg.verify and not proven else 0
     if len(done) != len(units) or n_out != n_in or dup:
         raise PumaError(f"{store_uri}: rewrite wrote {n_out} rows ({dup} users more than once) for {n_in} input users")
     manifest = {
         "input": {"uri": source_uri, "rows": n_in}, "output": {"uri": store_uri, "rows": n_out, "files": files},
         "adapter": {"uri": adapter_uri, "fingerprint": adapter_info["fingerprint"]}, "target": meta.__dict__,
-        "verified_unique": rcfg.verify, "wall_s": time.time() - t0,
+        "verified_unique": proven or rcfg.verify, "unique_by": "disjoint unit id ranges" if proven else ("groupby" if rcfg.verify else None),
+        "wall_s": time.time() - t0,
     }
     storage.write_json(manifest_uri, manifest)
     print(f"rewrite: {n_out} users exactly once in {len(files)} file(s), {manifest['wall_s']:.1f} s", file=sys.stderr)

@@ -19,15 +19,16 @@ from puma_ray.llm import model_info
 from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table
 
 
-def chunked_store(uri, model_path, n_users, rows_per_group, seed=0):
-    """A source store with many row groups (one per ``rows_per_group`` users), like a big store."""
+def chunked_store(uri, model_path, n_users, rows_per_group, seed=0, ids=None):
+    """A source store with many row groups (one per ``rows_per_group`` users), like a big store;
+    ``ids`` (default user000000.. in order) in store row order."""
     fp, d = model_info(model_path)
     meta = StoreMeta(model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=1, template="rating_v1", stage="prompts")
     rng = np.random.default_rng(seed)
     with storage.parquet_writer(storage.join(uri, "part-00000.parquet"), prompt_store_schema(meta)) as w:
         for i in range(0, n_users, rows_per_group):
-            ids = [f"user{j:06d}" for j in range(i, min(n_users, i + rows_per_group))]
-            w.write_table(prompt_table(meta, ids, rng.uniform(-0.1, 0.1, (len(ids), d))))
+            part = [ids[j] if ids else f"user{j:06d}" for j in range(i, min(n_users, i + rows_per_group))]
+            w.write_table(prompt_table(meta, part, rng.uniform(-0.1, 0.1, (len(part), d))))
     return uri
 
 
@@ -73,6 +74,7 @@ def test_rewrite_splits_files_and_reports_progress(tmp_path, tiny_models, ray_se
     manifest = rewrite(job(tmp_path, tiny_models, src, out, min_rows_per_file=10, max_rows_per_file=120, actors=2))
     assert [f["rows"] for f in manifest["output"]["files"]] == [120, 120, 120, 120, 20]
     assert sorted(ids_of(f"{out}/prompts")) == sorted(ids_of(src)) and manifest["verified_unique"]
+    assert manifest["unique_by"] == "disjoint unit id ranges"  # proven from the markers, no shuffle
     for f in manifest["output"]["files"]:  # the streamed checksum is the file's
         import hashlib
 
@@ -127,3 +129,19 @@ def test_changed_input_starts_over(tmp_path, tiny_models, ray_session):
     second = rewrite(job(tmp_path, tiny_models, src, out, min_rows_per_file=50, max_rows_per_file=50))
     assert first["output"]["rows"] == 200 and second["output"]["rows"] == 150
     assert len(ids_of(f"{out}/prompts")) == 150
+
+
+def test_exactly_once_check_without_ordered_ids(tmp_path, tiny_models, ray_session):
+    """Ids not partitioned by range: the check falls back to a groupby, and a user present in two
+    units is refused (no manifest)."""
+    from puma_ray.errors import PumaError
+    from puma_ray.rewrite import rewrite
+
+    ids = [f"user{j:06d}" for j in np.random.default_rng(0).permutation(300)]
+    src = chunked_store(str(tmp_path / "shuffled"), tiny_models["llama"], 300, rows_per_group=100, ids=ids)
+    manifest = rewrite(job(tmp_path, tiny_models, src, str(tmp_path / "out"), min_rows_per_file=100, max_rows_per_file=100))
+    assert manifest["unique_by"] == "groupby" and manifest["output"]["rows"] == 300
+    dup = chunked_store(str(tmp_path / "dup"), tiny_models["llama"], 200, rows_per_group=100, ids=ids[:100] + ids[:100])
+    with pytest.raises(PumaError, match="100 users more than once"):
+        rewrite(job(tmp_path, tiny_models, dup, str(tmp_path / "out2"), min_rows_per_file=100, max_rows_per_file=100))
+    assert not storage.exists(str(tmp_path / "out2" / "manifest.json"))
