@@ -29,13 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="generate data").add_subparsers(dest="sub", required=True, metavar="<sub>")
     s = data.add_parser("synth", help="write a synthetic interaction set (streamed)",
                         description="Synthetic users/items with Zipf popularity, per-user bias and noise, and a taste x item "
-                        "signal visible in item_text words. Writes OUT/train, OUT/valid (per-user time split), OUT/users, OUT/meta.json.")
+                        "signal visible in item_text words. Writes OUT/train, OUT/valid (per-user time split), OUT/users, OUT/meta.json; "
+                        "with --prompt-width also OUT/prompts (a source prompt store).")
     s.add_argument("--out", required=True, help="output URI")
     s.add_argument("--users", type=int, required=True, help="number of users")
     s.add_argument("--task", choices=["rating", "ctr"], default="rating")
     s.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     s.add_argument("--items", type=int, default=None, help="item count (default max(500, users/2))")
     s.add_argument("--chunk-users", type=int, default=20000, help="users generated and written per file")
+    s.add_argument("--prompt-width", type=int, default=0, metavar="D",
+                   help="also write OUT/prompts, a source prompt store of every user with hidden size D (default 0: none)")
+    s.add_argument("--prompt-length", type=int, default=1, metavar="L", help="prompt positions per user (default 1)")
+    s.add_argument("--prompt-model", default=None, metavar="NAME_OR_DIR",
+                   help="model the store is for: a model directory (its fingerprint; D must be its hidden size) or a "
+                   "name (default synthetic-d<D>)")
 
     models = sub.add_parser("models", help="build models").add_subparsers(dest="sub", required=True, metavar="<sub>")
     m = models.add_parser("tiny", help="save tiny random-init causal LMs + tokenizer",
@@ -58,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_cmd(sub, "rewrite", "apply a trained adapter to every prompt of the source store(s)",
                 "Ray Data map_batches over ALL source prompts -> OUTPUT/prompts (target store); OUTPUT/manifest.json is written last.")
 
+    _config_cmd(sub, "tune", "Ray Tune over the adapter's training: early stopping, cost per trial, quality-vs-cost frontier",
+                "One migration without the rewrite per trial (base config + the trial's `search` values); ASHA stops\n"
+                "weak trials early; a rerun with the same name resumes an interrupted search.\n"
+                "Writes OUTPUT/trials/<id>/, results.json, pareto.json, pareto.md, frontier.png and best/ (adapter/ for `rewrite`).")
+
     q = sub.add_parser("quickstart", help="the whole story on tiny local models, from nothing",
                        description="synth data -> tiny LM -> stage 1 -> evaluate; writes OUT/results.json.")
     q.add_argument("--out", default="quickstart_out", help="output directory (default ./quickstart_out)")
@@ -74,7 +86,8 @@ def run(args: argparse.Namespace) -> None:
     if args.cmd == "data":
         from puma_ray.datasets.synthetic import synthesize
 
-        synthesize(args.out, users=args.users, task=args.task, seed=args.seed, items=args.items, chunk_users=args.chunk_users)
+        synthesize(args.out, users=args.users, task=args.task, seed=args.seed, items=args.items, chunk_users=args.chunk_users,
+                   prompt_width=args.prompt_width, prompt_length=args.prompt_length, prompt_model=args.prompt_model)
     elif args.cmd == "models":
         from puma_ray.models import build_tiny
 
@@ -95,6 +108,10 @@ def run(args: argparse.Namespace) -> None:
         from puma_ray.rewrite import rewrite
 
         rewrite(C.load(C.RewriteJobConfig, args.config, args.overrides))
+    elif args.cmd == "tune":
+        from puma_ray.tune import tune
+
+        tune(C.load(C.TuneConfig, args.config, args.overrides))
     elif args.cmd == "quickstart":
         from puma_ray.quickstart import quickstart
 

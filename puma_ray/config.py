@@ -243,7 +243,7 @@ class TuneConfig(Strict):
     mode: Optional[Literal["min", "max"]] = Field(None, description="default: min for val_rmse/val_mae/val_loss, max for val_auc")
     cost: Literal["lm_sample_passes", "wall_s", "selected_users"] = Field("lm_sample_passes", description="cost axis of the Pareto frontier")
     num_samples: int = Field(8, ge=1, description="trials drawn (with grid values: repeats of the grid)")
-    max_concurrent: Optional[int] = Field(None, ge=1, description="default: available CPUs // (num_workers * cpus_per_worker + driver_cpus)")
+    max_concurrent: Optional[int] = Field(None, ge=1, description="default: the cluster's CPUs // (num_workers * cpus_per_worker + driver_cpus)")
     driver_cpus: float = Field(1.0, ge=0, description="CPUs a trial needs beyond its Train workers (its driver and its Ray Data "
                                "tasks); counted when deriving max_concurrent")
     seed: Optional[int] = Field(None, description="seed of the random search (same seed, same trial values)")

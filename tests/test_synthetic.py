@@ -202,10 +202,75 @@ def test_streams_one_file_per_chunk(tmp_path, capsys):
 
 @pytest.mark.parametrize("kwargs", [
     {"users": 0}, {"users": 10, "task": "regression"}, {"users": 10, "chunk_users": 0},
-    {"users": 10, "seed": -1}, {"users": 10, "items": 5},
+    {"users": 10, "seed": -1}, {"users": 10, "items": 5}, {"users": 10, "prompt_width": -1},
+    {"users": 10, "prompt_width": 4, "prompt_length": 0},
 ])
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(PumaError) as exc:
         synthetic.synthesize(str(tmp_path / "x"), **kwargs)
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "x").exists()
+
+
+def test_prompt_store(tmp_path):
+    """--prompt-width: a valid prompt store of every user, one part per chunk, carrying the users'
+    latent traits; the interactions are the same bytes as without it."""
+    out, plain = str(tmp_path / "p"), str(tmp_path / "plain")
+    meta = synthetic.synthesize(out, 1200, seed=5, chunk_users=500, progress=False, prompt_width=8, prompt_length=2)
+    synthetic.synthesize(plain, 1200, seed=5, chunk_users=500, progress=False)
+    assert _files(os.path.join(out, "prompts")) == [f"part-{i:05d}.parquet" for i in range(3)]
+    for f in _files(plain):
+        if f != "meta.json":
+            with open(os.path.join(out, f), "rb") as a, open(os.path.join(plain, f), "rb") as b:
+                assert a.read() == b.read(), f
+    smeta, ids, prompts = schema.read_prompt_store(os.path.join(out, "prompts"))  # checks width, NaN, duplicates
+    assert (smeta.hidden_size, smeta.prompt_length, smeta.stage, smeta.model) == (8, 2, "synthetic", "synthetic-d8")
+    from puma_ray.llm import DEFAULT_TEMPLATE
+
+    assert smeta.template == DEFAULT_TEMPLATE["rating"]
+    assert meta["prompts"] == {"model": "synthetic-d8", "model_fingerprint": smeta.model_fingerprint, "hidden_size": 8, "prompt_length": 2}
+    users = pq.read_table(os.path.join(out, "users"))
+    assert ids == users["user_id"].to_pylist() and prompts.shape == (1200, 16)
+    # Prompts carry the user's traits: a linear read-out recovers the bias.
+    x = np.c_[prompts, np.ones(len(prompts))]
+    bias = users["bias"].to_numpy()
+    fit = x @ np.linalg.lstsq(x, bias, rcond=None)[0]
+    assert np.corrcoef(fit, bias)[0, 1] > 0.9
+    again = str(tmp_path / "again")
+    synthetic.synthesize(again, 1200, seed=5, chunk_users=500, progress=False, prompt_width=8, prompt_length=2)
+    for f in _files(os.path.join(out, "prompts")):
+        with open(os.path.join(out, "prompts", f), "rb") as a, open(os.path.join(again, "prompts", f), "rb") as b:
+            assert a.read() == b.read(), f
+
+
+def test_prompt_store_for_a_model_dir(tmp_path):
+    """--prompt-model DIR: the store carries that model's fingerprint; a width it lacks is refused."""
+    from transformers import LlamaConfig
+
+    from puma_ray.llm import model_info
+
+    model = str(tmp_path / "llama")
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64).save_pretrained(model)
+    synthetic.synthesize(str(tmp_path / "o"), 30, progress=False, items=100, prompt_width=16, prompt_model=model)
+    smeta = schema.read_store_meta(str(tmp_path / "o" / "prompts"))
+    assert (smeta.model, smeta.model_fingerprint, smeta.hidden_size) == (model, model_info(model)[0], 16)
+    with pytest.raises(PumaError, match="hidden size is 16"):
+        synthetic.synthesize(str(tmp_path / "bad"), 30, progress=False, items=100, prompt_width=8, prompt_model=model)
+
+
+def test_memory_stays_flat(tmp_path):
+    """Peak RSS does not grow with the user count (streamed one chunk at a time): 4x the users
+    (prompts included), a few MB more at most."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, resource, sys; from puma_ray.datasets.synthetic import synthesize; "
+            "synthesize(sys.argv[1], int(sys.argv[2]), items=2000, chunk_users=4000, progress=False, prompt_width=64); "
+            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))")
+    peak = {}
+    for users in (8000, 32000):
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / str(users)), str(users)],
+                             capture_output=True, text=True, check=True)
+        peak[users] = json.loads(run.stdout) / 1024  # MB
+    assert peak[32000] - peak[8000] < 40, peak

@@ -2,12 +2,15 @@
 
 Items carry a latent genre vector that shows up as genre words in their titles; users have a
 bias, a noise level and a taste vector over genres. Labels mix these (see :func:`synthesize`),
-so a model that reads ``item_text`` and remembers a user can beat per-user averages. Output is
-streamed one chunk of users at a time and is byte-identical for identical arguments.
+so a model that reads ``item_text`` and remembers a user can beat per-user averages. Optionally a
+source prompt store (``OUT/prompts``): each user's prompt is a fixed random linear image of that
+user's latent (bias, noise, taste) plus noise, so prompts cluster by taste the way trained ones do.
+Output is streamed one chunk of users at a time and is byte-identical for identical arguments.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 
 import numpy as np
@@ -39,6 +42,7 @@ under over after before inside beyond again together alone
 K = len(GENRES)  # number of latent genres
 _WPG = len(GENRES[0])  # words per genre
 _ITEM_STREAM = 0xFFFFFFFF  # SeedSequence key of the item table (chunks use 0, 1, 2, ...)
+_PROMPT_STREAM = 0xFFFFFFFE  # SeedSequence key of the prompt map (and, after the chunk index, of prompt noise)
 _T0 = 1_600_000_000  # earliest user start time (unix seconds)
 
 
@@ -107,8 +111,9 @@ def _history(user: np.ndarray, first: np.ndarray, click: np.ndarray, titles: pa.
     return pa.ListArray.from_arrays(pa.array(offsets), titles.take(item[src]))
 
 
-def _chunk(task: str, seed: int, index: int, u0: int, u1: int, items: _Items) -> tuple[pa.Table, pa.Table]:
-    """Users u0..u1-1 -> (interactions with an extra bool column 'valid', ground-truth users table).
+def _chunk(task: str, seed: int, index: int, u0: int, u1: int, items: _Items) -> tuple[pa.Table, pa.Table, np.ndarray]:
+    """Users u0..u1-1 -> (interactions with an extra bool column 'valid', ground-truth users table,
+    latent features (m, K+2): standardised bias, log noise and taste, for :func:`_prompts`).
 
     noise_std in the users table only drives rating labels; ctr labels ignore it."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
@@ -144,16 +149,50 @@ def _chunk(task: str, seed: int, index: int, u0: int, u1: int, items: _Items) ->
     users = pa.table({
         "user_id": user_ids, "n_records": n.astype(np.int32), "bias": bias.astype(np.float32), "noise_std": noise.astype(np.float32),
     })
-    return table, users
+    latent = np.concatenate([(bias / 0.7)[:, None], (2.0 * np.log(noise / 0.6))[:, None], taste], 1)
+    return table, users, latent
+
+
+def prompt_meta(task: str, width: int, length: int = 1, model: str | None = None) -> schema.StoreMeta:
+    """StoreMeta of the synthetic prompt store: d = ``width`` per position, ``length`` positions.
+
+    ``model``: a local model directory (transformers config) makes the store valid for that model
+    (its fingerprint; d must equal its hidden size); any other name (default ``synthetic-d<width>``)
+    gets a fingerprint hashed from the name and width."""
+    name = model or f"synthetic-d{width}"
+    if storage.exists(storage.join(name, "config.json")):
+        from puma_ray.llm import model_info
+
+        fingerprint, d = model_info(name)
+        if d != width:
+            raise PumaError(f"{name}: model hidden size is {d}, prompt width {width} asked for")
+    else:
+        fingerprint = hashlib.sha256(f"puma_ray.synthetic:{name}:{width}".encode()).hexdigest()[:16]
+    return schema.StoreMeta(model=name, model_fingerprint=fingerprint, hidden_size=width, prompt_length=length,
+                            template=f"{task}_v1", stage="synthetic")  # = llm.DEFAULT_TEMPLATE[task]; llm imports torch
+
+
+def _prompts(seed: int, index: int, latent: np.ndarray, width: int, proj: np.ndarray) -> np.ndarray:
+    """(m, K+2) latent -> (m, width) float32 prompts: 0.1 * latent @ proj + N(0, 0.02^2) noise."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, _PROMPT_STREAM]))
+    out = latent.astype(np.float32) @ proj  # float32 x float32: BLAS (a float64 x float32 matmul is not)
+    out *= 0.1
+    noise = rng.standard_normal((len(latent), width), dtype=np.float32)
+    noise *= 0.02
+    out += noise
+    return out
 
 
 def synthesize(out_uri: str, users: int, task: str = "rating", seed: int = 0, items: int | None = None,
-               chunk_users: int = 20000, progress: bool = True) -> dict:
+               chunk_users: int = 20000, progress: bool = True, prompt_width: int = 0, prompt_length: int = 1,
+               prompt_model: str | None = None) -> dict:
     """Write train/, valid/, users/ (ground truth) Parquet parts and meta.json under ``out_uri``.
 
     rating: label = clip(round(3.6 + b_u + c_i + 0.6 t_u.a_i + s_u eps), 1, 5).
     ctr: label ~ Bernoulli(sigmoid(-1.9 + b_u + 0.8 t_u.a_i)); history_text = up to 5 latest
     earlier clicked titles. The last 20% of each user's records (by time) are validation.
+    ``prompt_width`` > 0 also writes ``prompts/``, a prompt store of every user (l = ``prompt_length``
+    positions of d = ``prompt_width``; metadata from :func:`prompt_meta`), one part per chunk.
     An existing output of this generator at ``out_uri`` is replaced. Returns the meta.json dict.
     """
     if not isinstance(users, int) or users < 1:
@@ -167,17 +206,24 @@ def synthesize(out_uri: str, users: int, task: str = "rating", seed: int = 0, it
     n_items = min(200_000, max(500, users // 2)) if items is None else items
     if not isinstance(n_items, int) or n_items < 100:
         raise PumaError(f"synthetic data: items must be an integer >= 100, got {n_items!r}")
+    if not isinstance(prompt_width, int) or prompt_width < 0 or not isinstance(prompt_length, int) or prompt_length < 1:
+        raise PumaError(f"synthetic data: prompt width must be an integer >= 0 and prompt length >= 1, "
+                        f"got {prompt_width!r}, {prompt_length!r}")
+    pmeta = prompt_meta(task, prompt_width, prompt_length, prompt_model) if prompt_width else None
     if storage.list_files(out_uri):
         meta_uri = storage.join(out_uri, "meta.json")
         if not storage.exists(meta_uri) or storage.read_json(meta_uri).get("generator") != "puma_ray.synthetic":
             raise PumaError(f"{out_uri}: not empty and not a synthetic data set; choose another output path")
-        for sub in ("train", "valid", "users"):
+        for sub in ("train", "valid", "users", "prompts"):
             storage.delete_dir(storage.join(out_uri, sub))
     item_table = _Items(seed, n_items)
     iface = schema.interactions_schema(task)
+    if pmeta is not None:
+        proj_rng = np.random.default_rng(np.random.SeedSequence([seed, _PROMPT_STREAM]))
+        proj = (proj_rng.normal(size=(K + 2, pmeta.width)) / np.sqrt(K + 2)).astype(np.float32)
     rows = {"train": 0, "valid": 0}
     for index, u0 in enumerate(range(0, users, chunk_users)):
-        table, truth = _chunk(task, seed, index, u0, min(users, u0 + chunk_users), item_table)
+        table, truth, latent = _chunk(task, seed, index, u0, min(users, u0 + chunk_users), item_table)
         part = f"part-{index:05d}.parquet"
         for split, mask in (("train", pc.invert(table["valid"])), ("valid", table["valid"])):
             sub = table.filter(mask).drop_columns(["valid"])
@@ -186,10 +232,17 @@ def synthesize(out_uri: str, users: int, task: str = "rating", seed: int = 0, it
                 w.write_table(sub)
         with storage.parquet_writer(storage.join(out_uri, "users", part), truth.schema) as w:
             w.write_table(truth)
+        if pmeta is not None:
+            prompts = _prompts(seed, index, latent, pmeta.width, proj)
+            with storage.parquet_writer(storage.join(out_uri, "prompts", part), schema.prompt_store_schema(pmeta)) as w:
+                w.write_table(schema.prompt_table(pmeta, truth["user_id"], prompts))
         if progress:
             done = min(users, u0 + chunk_users)
             print(f"synth: {done}/{users} users, {(rows['train'] + rows['valid']) / 1e6:.1f}M rows", file=sys.stderr)
     meta = {"task": task, "users": users, "items": n_items, "seed": seed, "words_version": WORDS_VERSION,
             "train_rows": rows["train"], "valid_rows": rows["valid"], "generator": "puma_ray.synthetic"}
+    if pmeta is not None:
+        meta["prompts"] = {"model": pmeta.model, "model_fingerprint": pmeta.model_fingerprint, "hidden_size": pmeta.hidden_size,
+                           "prompt_length": pmeta.prompt_length}
     storage.write_json(storage.join(out_uri, "meta.json"), meta)
     return meta
