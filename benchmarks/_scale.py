@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import argparse
 import json
 import os
 import resource
@@ -181,3 +182,16 @@ def table(rows: list[dict], cols: list[str]) -> str:
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
     out += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(out)
+
+
+def child_args(ap) -> None:
+    """The hidden arguments a benchmark's measured child process is started with (see in_child)."""
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+
+
+def run_child(args, child) -> bool:
+    """In a child process: run ``child(spec)``, print its JSON result, return True (the caller returns)."""
+    if args.child:
+        print(json.dumps(child(json.loads(args.spec))))
+    return bool(args.child)

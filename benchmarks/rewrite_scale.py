@@ -27,7 +27,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _scale import TreeMemory, du_mb, in_child, make_adapter, make_store, source_meta, table, target_meta  # noqa: E402
+from _scale import (TreeMemory, child_args, du_mb, in_child, make_adapter, make_store, run_child, source_meta, table,  # noqa: E402
+                    target_meta)
 
 
 def _rcfg(sets: list[str]):
@@ -68,11 +69,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="RewriteConfig field")
     ap.add_argument("--source", action="append", default=[], metavar="N=URI", help="reuse an existing store of N users")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    child_args(ap)
     args = ap.parse_args()
-    if args.child:
-        print(json.dumps(child(json.loads(args.spec))))
+    if run_child(args, child):
         return
 
     from puma_ray.schema import read_store_meta

@@ -27,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _scale import TreeMemory, in_child, table  # noqa: E402
+from _scale import TreeMemory, child_args, in_child, run_child, table  # noqa: E402
 
 
 def _cfg(sets: list[str]):
@@ -116,11 +116,9 @@ def main() -> None:
     ap.add_argument("--data", help="an existing `data synth --prompt-width` output (skips step 1's synth)")
     ap.add_argument("--work", default="/tmp/bench/select_scale")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
+    child_args(ap)
     args = ap.parse_args()
-    if args.child:
-        print(json.dumps(child(json.loads(args.spec))))
+    if run_child(args, child):
         return
 
     _cfg(args.set)  # fail early on a bad --set
