@@ -148,12 +148,26 @@ class AdapterConfig(Strict):
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
+class ValidationConfig(Strict):
+    """Whose valid interactions the per-epoch metric of adapter training is taken on (what Ray
+    Train reports, checkpoints are ranked by, and Tune compares trials on).
+
+    ``fixed_sample``: about ``sample_users`` users of ALL users, chosen by a stable hash of user_id,
+    so the set is the same whatever the selection (trials with different budgets or strategies are
+    compared on the same users; most of them were not trained on). ``selected``: the selected
+    (training) users only: an in-sample figure."""
+
+    users: Literal["fixed_sample", "selected"] = "fixed_sample"
+    sample_users: int = Field(2000, ge=1, description="fixed_sample: users drawn (about; a hash threshold)")
+
+
 class RewriteConfig(Strict):
     """The bulk rewrite (Ray Data map_batches over output files, an actor pool). Defaults suit a
     CPU node; on GPUs raise ``batch_size`` (e.g. 16384) and set ``num_gpus`` per actor."""
 
     batch_size: int = Field(4096, ge=1, description="prompts per adapter forward")
-    actors: int = Field(1, ge=1, description="actor pool size")
+    actors: Optional[int] = Field(None, ge=1, description="actor pool size (default: as many actors as the cluster's "
+                                  "CPUs (a local Ray: its cores), or GPUs when num_gpus > 0, hold)")
     num_gpus: float = Field(0, ge=0, description="GPUs per rewrite actor (0 on CPU clusters)")
     cpus_per_actor: float = Field(1, gt=0)
     min_rows_per_file: int = Field(16_384, ge=1, description="consecutive input row groups are merged into one output "
@@ -189,6 +203,7 @@ class MigrateConfig(Strict):
     adapter: AdapterConfig = AdapterConfig()
     head: HeadConfig = HeadConfig()
     train: TrainConfig = TrainConfig(epochs=4, lr=1e-4, batch_size=32)
+    validation: ValidationConfig = ValidationConfig()
     scaling: ScalingConfig = ScalingConfig()
     rewrite: RewriteConfig = RewriteConfig()
     compare: dict[str, str] = Field(default_factory=dict, description="name -> run URI scored beside PUMA (full_retrain, ...)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pyarrow as pa
 
 from puma_ray import schema, storage
@@ -24,3 +25,17 @@ def load_interactions(uri: str, task: str):
     if rows == 0:
         raise PumaError(f"{uri}: empty input (0 interactions)")
     return ds.map_batches(functools.partial(_checked, uri=uri, task=task), batch_format="pyarrow"), rows
+
+
+def user_hash(ids) -> np.ndarray:
+    """(n,) user ids -> (n,) uint64, stable across processes and runs (pandas' hash_array, fixed key)."""
+    import pandas as pd
+
+    return pd.util.hash_array(np.asarray(ids, dtype=object))
+
+
+def hashed_fraction(ids, fraction: float) -> np.ndarray:
+    """(n,) bool: the users whose hash falls in the lowest ``fraction`` of the hash range; the same
+    users in every process, run and trial."""
+    h = user_hash(ids)
+    return np.ones(len(h), bool) if fraction >= 1 else h < np.uint64(int(fraction * 2**64))

@@ -20,22 +20,29 @@ from puma_ray.config import EvaluateConfig, MigrateConfig, build
 from puma_ray.errors import PumaError, user_errors
 
 
-def _training_data(cfg: MigrateConfig, src_uri: str, users: pa.Array) -> tuple[dict, int]:
-    """Stage-2 data, streamed: the selected users' interactions joined (Ray Data hash join on
-    user_id) with their source prompts, so every row carries its user's prompt and no process
-    holds the prompt table. -> ({"train", "valid"} Ray Datasets, train row count)."""
-    from puma_ray.data import load_interactions
+def _training_data(cfg: MigrateConfig, src_uri: str, users: pa.Array, all_users: int) -> tuple[dict, int]:
+    """Stage-2 data, streamed: interactions joined (Ray Data hash join on user_id) with their
+    users' source prompts, so every row carries its user's prompt and no process holds the prompt
+    table. "train" holds the selected users' rows; "valid" the users ``cfg.validation`` names (a
+    fixed hashed sample of all ``all_users`` users, or the selected ones).
+    -> ({"train", "valid"} Ray Datasets, train row count)."""
+    from puma_ray.data import hashed_fraction, load_interactions
 
-    def keep(batch: pa.Table) -> pa.Table:
+    def selected(batch: pa.Table) -> pa.Table:
         return batch.filter(pc.is_in(batch.column("user_id"), value_set=users))
 
-    prompts = storage.ray_read_parquet(src_uri, columns=["user_id", "prompt"]).map_batches(keep, batch_format="pyarrow")
+    def sampled(batch: pa.Table) -> pa.Table:
+        ids = batch.column("user_id").to_numpy(zero_copy_only=False)
+        return batch.filter(hashed_fraction(ids, cfg.validation.sample_users / max(1, all_users)))
+
+    keep = {"train": selected, "valid": selected if cfg.validation.users == "selected" else sampled}
     out = {}
     for split in ("train", "valid"):
         uri = getattr(cfg.data, split)
         if uri:
             ds, _ = load_interactions(uri, cfg.task)
-            out[split] = ds.map_batches(keep, batch_format="pyarrow").join(
+            prompts = storage.ray_read_parquet(src_uri, columns=["user_id", "prompt"]).map_batches(keep[split], batch_format="pyarrow")
+            out[split] = ds.map_batches(keep[split], batch_format="pyarrow").join(
                 prompts, join_type="inner", num_partitions=max(2, cfg.scaling.num_workers), on=("user_id",))
     rows = out["train"].count()
     if rows == 0:
@@ -68,10 +75,10 @@ def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()
     print(f"migrate: {' + '.join(m.model for m in src.metas)} (d={src.meta.hidden_size}) -> {cfg.model.path} (d={d_tgt})", file=sys.stderr)
 
     profile_uri = storage.join(out, "profile")
-    profile_users(cfg.data.train, cfg.task, profile_uri)
+    profiled = profile_users(cfg.data.train, cfg.task, profile_uri)
     selection = select_users(cfg.select, src.uri, profile_uri, storage.join(out, "selection"))
     users = storage.read_table(storage.join(out, "selection", "selected.parquet"), columns=["user_id"]).column("user_id").combine_chunks()
-    datasets, rows = _training_data(cfg, src.uri, users)
+    datasets, rows = _training_data(cfg, src.uri, users, profiled["users"])
     print(f"migrate: training the adapter on {len(users)} users ({rows} interactions)", file=sys.stderr)
     ctx = {"d_src": src.meta.hidden_size, "prompt_length": src.meta.prompt_length}
     result = fit("adapter", cfg, datasets, ctx, rows, callbacks)
@@ -93,6 +100,7 @@ def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()
     summary = {
         "stage": "migrate", "model": cfg.model.path, "sources": cfg.sources, "selected_users": len(users),
         "source_users": manifest["input"]["rows"] if manifest else None, "missing_in_sources": src.missing, "selection": selection,
+        "validation": cfg.validation.model_dump(),
         "lm_sample_passes": progress["lm_sample_passes"], "train_wall_s": progress["wall_s"], "wall_s": time.time() - t0,
         "final_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
     }

@@ -11,6 +11,9 @@ import os
 from puma_ray import storage
 
 
+CORES = "puma_local_cores"  # resource name: the cores of a local Ray that puma-ray started
+
+
 def init_ray(ray_cfg, storage_cfg=None) -> None:
     """Start a local Ray (or join ``ray_cfg.address``) once per process."""
     import ray
@@ -24,9 +27,11 @@ def init_ray(ray_cfg, storage_cfg=None) -> None:
         ray.init(address=ray_cfg.address, logging_level=logging.WARNING)
         quiet_ray_data()
         return
-    # Locally, logical CPUs beyond the cores let Ray Data's read tasks run beside the train workers.
+    # Locally, logical CPUs beyond the cores let Ray Data's read tasks run beside the train workers;
+    # the real core count is advertised as a resource so CPU-bound pools (the rewrite) do not
+    # oversubscribe the machine.
     num_cpus = ray_cfg.num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, logging_level=logging.WARNING)
+    ray.init(num_cpus=num_cpus, resources={CORES: os.cpu_count() or 1}, logging_level=logging.WARNING)
     quiet_ray_data()
 
 

@@ -355,9 +355,9 @@ def _write_store_part(store_uri: str, meta: StoreMeta, users: list[str], local: 
 
 def _shard_of(ids: np.ndarray, world: int) -> np.ndarray:
     """Stable worker index per user id (the same in every process and run): hash(user_id) % world."""
-    import pandas as pd
+    from puma_ray.data import user_hash
 
-    return (pd.util.hash_array(np.asarray(ids, dtype=object)) % np.uint64(world)).astype(np.int64)
+    return (user_hash(ids) % np.uint64(world)).astype(np.int64)
 
 
 def shard_by_user(datasets: dict, world: int, out_uri: str) -> dict[str, str]:

@@ -127,3 +127,28 @@ def test_migrate_bad_inputs(tmp_path, tiny_models, rating_data, ray_session):
     report = migrate(mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "b2", evaluate=False))
     assert report["summary"]["selection"]["skipped_no_interactions"] == 2
     assert report["summary"]["source_users"] == len(users) + 2  # ...but every user is still rewritten
+
+
+def test_validation_users_do_not_depend_on_the_selection(tmp_path, tiny_models, rating_data, ray_session):
+    """fixed_sample: the per-epoch metric's users are the same whatever is selected (Tune compares
+    trials on them); selected: they are the training users."""
+    import pyarrow as pa
+
+    from puma_ray.data import hashed_fraction
+    from puma_ray.pipeline import _training_data
+
+    users = users_of(rating_data)
+    src = make_store(str(tmp_path / "src"), tiny_models["llama"], users)
+    cfg = mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "v", validation={"sample_users": 20})
+    seen = []
+    for chosen in (users[:15], users[30:45]):
+        data, rows = _training_data(cfg, src, pa.array(chosen), len(users))
+        train_ids = set(data["train"].to_pandas()["user_id"])
+        valid = data["valid"].to_pandas()
+        assert train_ids == set(chosen) and rows > 0 and valid["prompt"].map(len).eq(64).all()
+        seen.append(set(valid["user_id"]))
+    assert seen[0] == seen[1] == set(np.array(users)[hashed_fraction(users, 20 / len(users))])
+    assert 10 <= len(seen[0]) <= 30  # about sample_users of the 60
+    in_sample = mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "v", validation={"users": "selected"})
+    data, _ = _training_data(in_sample, src, pa.array(users[:15]), len(users))
+    assert set(data["valid"].to_pandas()["user_id"]) == set(users[:15])

@@ -66,6 +66,25 @@ def test_units_respect_file_sizes(tmp_path, tiny_models):
         RewriteConfig(min_rows_per_file=300, max_rows_per_file=200)
 
 
+def test_actor_pool_defaults_to_the_cluster(ray_session):
+    """No rewrite.actors: one actor per cpus_per_actor CPUs (per num_gpus GPUs) of the cluster (a
+    local Ray: of its cores);
+    GPU actors asked of a cluster without GPUs are refused, not left pending forever."""
+    import ray
+
+    from puma_ray.errors import PumaError
+    from puma_ray.rewrite import pool_size
+
+    from puma_ray.runtime import CORES
+
+    cpus = int(min(ray.cluster_resources()["CPU"], os.cpu_count()))  # a local Ray's logical CPUs overcommit the cores
+    assert ray.cluster_resources()[CORES] == os.cpu_count()
+    assert pool_size(RewriteConfig()) == cpus and pool_size(RewriteConfig(cpus_per_actor=2)) == max(1, cpus // 2)
+    assert pool_size(RewriteConfig(actors=3)) == 3
+    with pytest.raises(PumaError, match="rewrite.num_gpus is 1.0 but the Ray cluster has 0 GPUs"):
+        pool_size(RewriteConfig(num_gpus=1))
+
+
 def test_rewrite_splits_files_and_reports_progress(tmp_path, tiny_models, ray_session, capsys):
     from puma_ray.rewrite import rewrite
 
