@@ -156,6 +156,7 @@ def main() -> None:
 
     from puma_ray import config as C
     from puma_ray import rewrite as R
+    from puma_ray.runtime import actor_pool_size
     from puma_ray import storage
     from puma_ray.runtime import init_ray
 
@@ -182,7 +183,7 @@ def main() -> None:
     part = storage.read_table(src, columns=["prompt"]).slice(0, m)
     prompts = np.array(part.column("prompt").combine_chunks().flatten().to_numpy(), dtype=np.float32).reshape(m, -1)
     del part
-    rewrite_threads = min(cores, max(1, int(rcfg.cpus_per_actor)) * R.pool_size(rcfg))
+    rewrite_threads = min(cores, max(1, int(rcfg.cpus_per_actor)) * actor_pool_size(rcfg, "rewrite"))
     compute = {}
     for threads in sorted({cores, rewrite_threads, max(1, int(rcfg.cpus_per_actor))}):
         wall, _ = _phase(f"compute_{threads}_threads", lambda: compute_limit(adapter, prompts, 1, args.d_in, rcfg.batch_size, threads))
@@ -204,7 +205,7 @@ def main() -> None:
     limit = min(io_lim, comp_lim)
     doc = {
         "benchmark": "rewrite_limits", "users": n, "d_in": args.d_in, "d_out": args.d_out, "adapter_width": args.width,
-        "cores": cores, "rewrite_config": rcfg.model_dump(), "rewrite_actors": R.pool_size(rcfg), "compute_rows": m,
+        "cores": cores, "rewrite_config": rcfg.model_dump(), "rewrite_actors": actor_pool_size(rcfg, "rewrite"), "compute_rows": m,
         "wall_s": {k: round(v, 2) for k, v in rows.items()},
         "users_per_s": {**{k: round(v) for k, v in ups.items()}, **{f"compute_{t}_threads": round(v) for t, v in compute.items()}},
         "ratios": {

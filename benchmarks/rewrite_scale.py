@@ -41,7 +41,8 @@ def child(spec: dict) -> dict:
     if spec["op"] == "gen":
         return make_store(spec["uri"], spec["users"], spec["d_in"], spec["l"], seed=spec["seed"])
     from puma_ray.config import RayConfig
-    from puma_ray.rewrite import pool_size, rewrite_store
+    from puma_ray.rewrite import rewrite_store
+    from puma_ray.runtime import actor_pool_size
     from puma_ray.runtime import init_ray
     from puma_ray.schema import StoreMeta
 
@@ -55,7 +56,7 @@ def child(spec: dict) -> dict:
     return {"users": spec["users"], "wall_s": round(wall, 1), "users_per_s": round(spec["users"] / wall),
             "users_per_cpu_s": round(spec["users"] / mem.peak["tree_cpu_s"]),
             "rows_out": manifest["output"]["rows"], "files_out": len(manifest["output"]["files"]),
-            "out_mb": du_mb(spec["out"]), "rewrite_config": rcfg.model_dump(), "rewrite_actors": pool_size(rcfg), **mem.peak}
+            "out_mb": du_mb(spec["out"]), "rewrite_config": rcfg.model_dump(), "rewrite_actors": actor_pool_size(rcfg, "rewrite"), **mem.peak}
 
 
 def main() -> None:

@@ -98,6 +98,17 @@ class PromptsConfig(Strict):
     run: RunConfig = RunConfig()
 
 
+class ScoringConfig(Strict):
+    """The actor pool that scores valid rows through the LM + head (evaluation). The LM dominates:
+    on GPU clusters set ``num_gpus`` per actor and a bigger ``batch_size``."""
+
+    batch_size: int = Field(256, ge=1, description="rows per LM forward")
+    actors: Optional[int] = Field(None, ge=1, description="pool size (default: as many actors as the cluster's CPUs (a local "
+                                  "Ray: its cores), or GPUs when num_gpus > 0, hold)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per scoring actor")
+    cpus_per_actor: float = Field(1, gt=0)
+
+
 class EvaluateConfig(Strict):
     """``puma-ray evaluate``: score stage outputs and baselines on held-out interactions."""
 
@@ -109,7 +120,7 @@ class EvaluateConfig(Strict):
                                     "reported for users inside (<metric>_in_<name>) and outside (<metric>_out_<name>)")
     baselines: list[Literal["global_mean", "user_mean"]] = ["global_mean", "user_mean"]
     output: Optional[str] = Field(None, description="URI of the JSON report")
-    batch_size: int = Field(256, ge=1)
+    scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -208,6 +219,7 @@ class MigrateConfig(Strict):
     rewrite: RewriteConfig = RewriteConfig()
     compare: dict[str, str] = Field(default_factory=dict, description="name -> run URI scored beside PUMA (full_retrain, ...)")
     evaluate: bool = True
+    scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
     run: RunConfig = RunConfig()
@@ -235,10 +247,9 @@ class SchedulerConfig(Strict):
     """Early stopping of trials on the validation metric, one decision per epoch.
 
     ``asha``: asynchronous successive halving (rungs at grace_period * reduction_factor^k epochs);
-    ``median``: stop a trial whose running mean is below the median of the others at that epoch;
     ``fifo``: no early stopping (every trial runs all its epochs)."""
 
-    name: Literal["asha", "median", "fifo"] = "asha"
+    name: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="asha: keep the best 1/reduction_factor at each rung")
 

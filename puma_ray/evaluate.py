@@ -32,85 +32,146 @@ class PromptScorer:
 
     Only the LM and the head live in the actor; prompts arrive in the rows."""
 
-    def __init__(self, model: dict, task: str, run_uri: str, batch_size: int):
+    def __init__(self, model: dict, task: str, run_uri: str, batch_size: int, num_gpus: float = 0):
+        from puma_ray.runtime import actor_device
+
         meta = read_store_meta(storage.join(run_uri, "prompts"))
-        self.lm = FrozenLM(model["path"], task, meta.template, meta.prompt_length, model["dtype"], model["attn_implementation"])
-        self.head = load_head(run_uri, task, self.lm.fingerprint)
+        self.device = actor_device(num_gpus)
+        self.lm = FrozenLM(model["path"], task, meta.template, meta.prompt_length, model["dtype"], model["attn_implementation"], self.device)
+        self.head = load_head(run_uri, task, self.lm.fingerprint).to(self.device)
         self.l, self.d, self.batch_size = meta.prompt_length, meta.hidden_size, batch_size
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
         p = batch["prompt"]
-        prompts = torch.as_tensor(np.asarray(np.stack(p) if p.dtype == object else p, np.float32)).view(len(p), self.l, self.d)
+        prompts = torch.as_tensor(np.asarray(np.stack(p) if p.dtype == object else p, np.float32)).view(len(p), self.l, self.d).to(self.device)
         pred = np.empty(len(p), dtype=np.float32)
         hist = batch.get("history_text")
         for s in range(0, len(p), self.batch_size):
             rows = slice(s, s + self.batch_size)
             inputs = self.lm.collate(batch["item_text"][rows], hist[rows] if hist is not None else None)
             out = self.lm.forward(prompts[rows], inputs, want_hidden=self.head.wants_hidden)
-            pred[rows] = self.head.predict(out).float().numpy()
+            pred[rows] = self.head.predict(out).float().cpu().numpy()
         return {"user_id": batch["user_id"], "label": batch["label"], "pred": pred}
 
 
 METRIC_NAMES = ("rmse", "mae", "auc", "uauc")
 
 
-def _error_sums(batch: pa.Table) -> pa.Table:
+def _masks(batch, groups) -> dict[str, np.ndarray | None]:
+    """Row selections of one batch: "" = every row (None), "_in_<g>" / "_out_<g>" = rows whose
+    boolean column ``in_<g>`` is true / false."""
+    out: dict = {"": None}
+    for g in groups:
+        flag = np.asarray(batch[f"in_{g}"], bool)
+        out[f"_in_{g}"], out[f"_out_{g}"] = flag, ~flag
+    return out
+
+
+def _error_sums(batch: pa.Table, groups=()) -> pa.Table:
+    """One row per batch: n, se, ae for every row selection of :func:`_masks` (column suffixes)."""
     err = np.asarray(batch.column("pred"), np.float64) - np.asarray(batch.column("label"), np.float64)
-    return pa.table({"n": [len(err)], "se": [float((err**2).sum())], "ae": [float(np.abs(err).sum())]})
+    cols = {}
+    for side, m in _masks({f"in_{g}": batch.column(f"in_{g}").to_numpy(zero_copy_only=False) for g in groups}, groups).items():
+        e = err if m is None else err[m]
+        cols.update({f"n{side}": [len(e)], f"se{side}": [float((e**2).sum())], f"ae{side}": [float(np.abs(e).sum())]})
+    return pa.table(cols)
 
 
-def sorted_auc(batches) -> float:
-    """Exact ROC AUC (ties count 1/2) from batches sorted by pred ascending, one batch in memory:
+class SortedAUC:
+    """Exact ROC AUC (ties count 1/2), fed batches in ascending pred order, one batch in memory:
     AUC = sum over positives of (negatives below + half the tied negatives) / (P * N)."""
-    negs_below = pairs = 0.0
-    pos_total = neg_total = 0
-    carry = None  # (value, positives, negatives) of the last tie group, which may continue in the next batch
-    for b in batches:
-        pred, lab = np.asarray(b["pred"], np.float64), np.asarray(b["label"]) > 0.5
+
+    def __init__(self):
+        self.negs_below = self.pairs = 0.0
+        self.pos_total = self.neg_total = 0
+        self.carry = None  # (value, positives, negatives) of the last tie group, which may continue in the next batch
+
+    def add(self, pred, label) -> None:
+        """pred (B,) ascending, continuing the previous batches; label (B,) 0/1."""
+        pred, lab = np.asarray(pred, np.float64), np.asarray(label) > 0.5
         if len(pred) == 0:
-            continue
+            return
         vals, start = np.unique(pred, return_index=True)
         pos = np.add.reduceat(lab.astype(np.int64), start)
         neg = np.add.reduceat((~lab).astype(np.int64), start)
-        if carry is not None and len(vals) and vals[0] == carry[0]:
-            pos[0] += carry[1]; neg[0] += carry[2]
-        elif carry is not None:
-            vals, pos, neg = np.r_[carry[0], vals], np.r_[carry[1], pos], np.r_[carry[2], neg]
-        below = negs_below + np.cumsum(neg) - neg
-        pairs += float((pos[:-1] * (below[:-1] + 0.5 * neg[:-1])).sum())
-        negs_below = float(below[-1])
-        pos_total += int(pos[:-1].sum()); neg_total += int(neg[:-1].sum())
-        carry = (vals[-1], int(pos[-1]), int(neg[-1]))
-    if carry is not None:
-        pairs += carry[1] * (negs_below + 0.5 * carry[2])
-        pos_total += carry[1]; neg_total += carry[2]
-    return pairs / (pos_total * neg_total) if pos_total and neg_total else float("nan")
+        if self.carry is not None and vals[0] == self.carry[0]:
+            pos[0] += self.carry[1]; neg[0] += self.carry[2]
+        elif self.carry is not None:
+            vals, pos, neg = np.r_[self.carry[0], vals], np.r_[self.carry[1], pos], np.r_[self.carry[2], neg]
+        below = self.negs_below + np.cumsum(neg) - neg
+        self.pairs += float((pos[:-1] * (below[:-1] + 0.5 * neg[:-1])).sum())
+        self.negs_below = float(below[-1])
+        self.pos_total += int(pos[:-1].sum()); self.neg_total += int(neg[:-1].sum())
+        self.carry = (vals[-1], int(pos[-1]), int(neg[-1]))
+
+    def rows(self) -> int:
+        return self.pos_total + self.neg_total + (self.carry[1] + self.carry[2] if self.carry else 0)
+
+    def value(self) -> float:
+        pairs, p, n = self.pairs, self.pos_total, self.neg_total
+        if self.carry is not None:
+            pairs += self.carry[1] * (self.negs_below + 0.5 * self.carry[2])
+            p += self.carry[1]; n += self.carry[2]
+        return pairs / (p * n) if p and n else float("nan")
 
 
-def _user_auc(group: pd.DataFrame) -> pd.DataFrame:
-    """One user's rows -> (auc_sum, users): their AUC and 1, or 0 and 0 when they have one class only."""
+def sorted_auc(batches) -> float:
+    """Exact ROC AUC of batches ({"pred", "label"}) sorted by pred ascending (see SortedAUC)."""
+    auc = SortedAUC()
+    for b in batches:
+        auc.add(b["pred"], b["label"])
+    return auc.value()
+
+
+def _user_auc(group: pd.DataFrame, groups=()) -> pd.DataFrame:
+    """One user's rows -> (auc_sum, users[, in_<g>]): their AUC and 1, or 0 and 0 when they have one
+    class only; the user's subset flags are carried along."""
     from sklearn.metrics import roc_auc_score
 
     y = group["label"].to_numpy() > 0.5
     both = 0 < y.sum() < len(y)
-    return pd.DataFrame({"auc_sum": [float(roc_auc_score(y, group["pred"].to_numpy())) if both else 0.0], "users": [int(both)]})
+    return pd.DataFrame({"auc_sum": [float(roc_auc_score(y, group["pred"].to_numpy())) if both else 0.0], "users": [int(both)],
+                         **{f"in_{g}": [bool(group[f"in_{g}"].iloc[0])] for g in groups}})
 
 
-def dataset_metrics(task: str, ds) -> dict:
-    """Metrics of a scored Ray Dataset (label, pred[, user_id]), streamed: rating -> RMSE, MAE from
-    per-batch error sums; ctr -> exact AUC over a distributed sort, uAUC = mean per-user AUC
-    (users with both classes) from a groupby. Nothing per row is collected."""
+def _uauc_sums(batch: pd.DataFrame, groups=()) -> pd.DataFrame:
+    cols = {}
+    for side, m in _masks(batch, groups).items():
+        part = batch if m is None else batch[m]
+        cols.update({f"auc_sum{side}": [float(part["auc_sum"].sum())], f"users{side}": [int(part["users"].sum())]})
+    return pd.DataFrame(cols)
+
+
+def dataset_metrics(task: str, ds, groups: tuple[str, ...] = ()) -> dict:
+    """Metrics of a scored Ray Dataset (label, pred[, user_id][, in_<g>...]), streamed; for each
+    group g also over the rows with in_<g> true (``<metric>_in_<g>``) and false (``_out_<g>``), in
+    the same passes. rating -> RMSE, MAE from per-batch error sums; ctr -> exact AUC over one
+    distributed sort, uAUC = mean per-user AUC (users with both classes) from one groupby.
+    Nothing per row is collected; a selection without rows gets no metrics."""
+    flags = [f"in_{g}" for g in groups]
     if task == "rating":
-        sums = ds.select_columns(["label", "pred"]).map_batches(_error_sums, batch_format="pyarrow").to_pandas().sum()
+        sums = ds.select_columns(["label", "pred", *flags]).map_batches(_error_sums, fn_kwargs={"groups": groups},
+                                                                        batch_format="pyarrow").to_pandas().sum()
         if sums.get("n", 0) == 0:
             raise PumaError("no valid row could be scored (no user of the valid set has a prompt)")
-        return {"rmse": math.sqrt(sums["se"] / sums["n"]), "mae": float(sums["ae"] / sums["n"])}
-    auc = sorted_auc(ds.select_columns(["label", "pred"]).sort("pred").iter_batches(batch_format="numpy", batch_size=65_536))
-    per_user = ds.select_columns(["user_id", "label", "pred"]).groupby("user_id", num_partitions=shuffle_partitions(ds.count())) \
-        .map_groups(_user_auc, batch_format="pandas")
-    total, n = per_user.sum("auc_sum") or 0.0, int(per_user.sum("users") or 0)
-    return {"auc": auc, "uauc": total / n if n else float("nan"), "uauc_users": n}
+        return {f"{k}{side}": v for side in _masks({f: [] for f in flags}, groups) if sums[f"n{side}"] > 0
+                for k, v in (("rmse", math.sqrt(sums[f"se{side}"] / sums[f"n{side}"])), ("mae", float(sums[f"ae{side}"] / sums[f"n{side}"])))}
+    aucs: dict[str, SortedAUC] = {}
+    for b in ds.select_columns(["label", "pred", *flags]).sort("pred").iter_batches(batch_format="numpy", batch_size=65_536):
+        for side, m in _masks(b, groups).items():
+            aucs.setdefault(side, SortedAUC()).add(b["pred"] if m is None else b["pred"][m], b["label"] if m is None else b["label"][m])
+    per_user = ds.select_columns(["user_id", "label", "pred", *flags]).groupby("user_id", num_partitions=shuffle_partitions(ds.count())) \
+        .map_groups(_user_auc, fn_kwargs={"groups": groups}, batch_format="pandas")
+    sums = per_user.map_batches(_uauc_sums, fn_kwargs={"groups": groups}, batch_format="pandas").to_pandas().sum()
+    out = {"uauc_users": int(sums.get("users", 0))}
+    for side, auc in aucs.items():
+        if auc.rows():
+            n = int(sums.get(f"users{side}", 0))
+            out.update({f"auc{side}": auc.value(), f"uauc{side}": sums[f"auc_sum{side}"] / n if n else float("nan")})
+    if "auc" not in out:
+        out.update(auc=float("nan"), uauc=float("nan"))
+    return out
 
 
 def _run_model(cfg: EvaluateConfig, run_uri: str) -> dict:
@@ -145,15 +206,8 @@ def _with_subsets(ds, subsets: dict[str, pa.Array]):
 
 
 def _report_metrics(task: str, scored, subsets: dict[str, pa.Array]) -> dict:
-    """Whole-set metrics plus, per subset, the same metrics inside and outside it."""
-    scored = _with_subsets(scored, subsets).materialize()  # scored once, read by every metric below
-    out = dataset_metrics(task, scored)
-    for name in subsets:
-        for side, keep in (("in", True), ("out", False)):
-            part = scored.filter(expr=f"in_{name} == {keep}")
-            if part.count():
-                out.update({f"{k}_{side}_{name}": v for k, v in dataset_metrics(task, part).items() if k in METRIC_NAMES})
-    return out
+    """Whole-set metrics plus, per subset, the same metrics inside and outside it (one set of passes)."""
+    return dataset_metrics(task, _with_subsets(scored, subsets).materialize(), tuple(subsets))
 
 
 def _user_mean_scored(train_ds, valid_ds, g: float):
@@ -176,7 +230,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     pool holding only the LM and head; rows of users without a prompt are counted, not scored."""
     import ray.data
 
-    from puma_ray.runtime import init_ray
+    from puma_ray.runtime import actor_pool_size, init_ray
 
     init_ray(cfg.ray, cfg.storage)
     if not cfg.data.valid:
@@ -186,14 +240,17 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     subsets = {name: storage.read_table(uri, columns=["user_id"]).column("user_id").combine_chunks().cast(pa.string())
                for name, uri in cfg.subsets.items()}
     valid_users = _distinct_users(valid_ds, valid_rows)
+    sc, pool = cfg.scoring, actor_pool_size(cfg.scoring, "scoring")
     results = {}
     for name, run_uri in cfg.runs.items():
         summary_uri = storage.join(run_uri, "summary.json")
         summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
         prompts = storage.ray_read_parquet(storage.join(run_uri, "prompts"), columns=["user_id", "prompt"])
         scored = valid_ds.join(prompts, join_type="inner", num_partitions=4, on=("user_id",)).map_batches(
-            PromptScorer, fn_constructor_kwargs={"model": models[name], "task": cfg.task, "run_uri": run_uri, "batch_size": cfg.batch_size},
-            batch_size=4 * cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+            PromptScorer, fn_constructor_kwargs={"model": models[name], "task": cfg.task, "run_uri": run_uri,
+                                                 "batch_size": sc.batch_size, "num_gpus": sc.num_gpus},
+            batch_size=4 * sc.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool),
+            num_gpus=sc.num_gpus, num_cpus=sc.cpus_per_actor,
         ).materialize()
         rows = scored.count()
         if rows == 0:

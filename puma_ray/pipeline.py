@@ -137,6 +137,7 @@ def migrate(cfg: MigrateConfig) -> dict:
             "task": cfg.task, "data": cfg.data.model_dump(), "runs": {"puma": cfg.output, **cfg.compare},
             "subsets": {"adapter_users": storage.join(cfg.output, "selection", "selected.parquet")},
             "output": storage.join(cfg.output, "evaluation.json"), "ray": cfg.ray.model_dump(), "storage": cfg.storage.model_dump(),
+            "scoring": cfg.scoring.model_dump(),
         })
         report["evaluation"] = evaluate(ev)
     return report

@@ -158,29 +158,11 @@ def _duplicates(store_uri: str) -> int:
     return counts.map_batches(lambda t: t.filter(pc.greater(t.column("count()"), 1)), batch_format="pyarrow").count()
 
 
-def pool_size(rcfg: RewriteConfig) -> int:
-    """Rewrite actors: ``rcfg.actors``, else as many as the cluster's GPUs (num_gpus > 0) or CPUs
-    hold (on a local Ray, its real cores: its logical CPUs overcommit them)."""
-    import ray
-
-    from puma_ray.runtime import CORES
-
-    have = ray.cluster_resources()
-    if rcfg.num_gpus and have.get("GPU", 0) < rcfg.num_gpus:
-        raise PumaError(f"rewrite.num_gpus is {rcfg.num_gpus} but the Ray cluster has {have.get('GPU', 0):g} GPUs; "
-                        "set rewrite.num_gpus=0 on a CPU cluster")
-    if rcfg.actors:
-        return rcfg.actors
-    if rcfg.num_gpus:
-        n = have.get("GPU", 0) / rcfg.num_gpus
-    else:
-        n = min(have.get("CPU", 1), have.get(CORES, float("inf"))) / rcfg.cpus_per_actor
-    return max(1, int(n))
-
-
 def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: str, rcfg: RewriteConfig) -> dict:
     """Rewrite every prompt of ``source_uri`` into ``out_uri/prompts``; write ``out_uri/manifest.json`` last."""
     import ray.data
+
+    from puma_ray.runtime import actor_pool_size
 
     t0 = time.time()
     manifest_uri, store_uri, state_uri = (storage.join(out_uri, p) for p in ("manifest.json", "prompts", "rewrite_state"))
@@ -198,7 +180,7 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
         results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             UnitRewriter, fn_constructor_kwargs={"adapter_uri": adapter_uri, "meta": meta.__dict__, "store_uri": store_uri,
                                                  "state_uri": state_uri, "rcfg": rcfg.model_dump()},
-            batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=min(pool_size(rcfg), len(todo))),
+            batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=min(actor_pool_size(rcfg, "rewrite"), len(todo))),
             num_gpus=rcfg.num_gpus, num_cpus=rcfg.cpus_per_actor,
         )
         users, last = sum(m["rows"] for m in done.values()), 0.0

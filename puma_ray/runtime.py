@@ -44,6 +44,28 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def actor_pool_size(pool, section: str) -> int:
+    """Actors of a Ray Data pool configured by ``pool`` (RewriteConfig / ScoringConfig: actors,
+    num_gpus, cpus_per_actor): ``pool.actors``, else as many as the cluster's GPUs (num_gpus > 0)
+    or CPUs hold (a local Ray: its real cores, which its logical CPUs overcommit). GPU actors on a
+    cluster without enough GPUs are refused here instead of waiting forever."""
+    import ray
+
+    from puma_ray.errors import PumaError
+
+    have = ray.cluster_resources()
+    if pool.num_gpus and have.get("GPU", 0) < pool.num_gpus:
+        raise PumaError(f"{section}.num_gpus is {pool.num_gpus} but the Ray cluster has {have.get('GPU', 0):g} GPUs; "
+                        f"set {section}.num_gpus=0 on a CPU cluster")
+    if pool.actors:
+        return pool.actors
+    if pool.num_gpus:
+        n = have.get("GPU", 0) / pool.num_gpus
+    else:
+        n = min(have.get("CPU", 1), have.get(CORES, float("inf"))) / pool.cpus_per_actor
+    return max(1, int(n))
+
+
 def setup_worker(scaling) -> "torch.device":  # noqa: F821
     """Inside a Ray Train worker: pick the device, DeepSpeed accelerator and thread count.
 

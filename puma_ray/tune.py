@@ -34,6 +34,7 @@ import time
 
 import yaml
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
 
 from puma_ray import storage
 from puma_ray.config import MigrateConfig, TuneConfig, build, deep_merge
@@ -119,19 +120,31 @@ def max_concurrent(cfg: TuneConfig, available: dict) -> int:
     return n
 
 
+class FinishLastEpoch(ASHAScheduler):
+    """ASHA, except that a trial which has trained all ``epochs`` is never stopped (it saves its
+    adapter). Needed after a resume: ASHA's rungs start empty, so a trial reporting its last epoch
+    would be judged at a rung it had passed before the interruption."""
+
+    def __init__(self, epochs: int, **kwargs):
+        super().__init__(**kwargs)
+        self.epochs = epochs
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        return self.CONTINUE if result.get("epochs_done", 0) >= self.epochs else action
+
+
 def _scheduler(cfg: TuneConfig):
     """ASHA on ``epochs_done``. Rungs stop below the last epoch (a trial reaching it always finishes and
     saves its adapter) and ``stop_last_trials=False`` lets every surviving trial run all its epochs."""
     if cfg.scheduler.name == "fifo":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     epochs, grace = cfg.base.train.epochs, cfg.scheduler.grace_period
     if grace >= epochs:
         raise PumaError(f"scheduler.grace_period ({grace}) must be below base.train.epochs ({epochs}) for early "
                         "stopping; raise the epochs or use scheduler.name: fifo")
-    return ASHAScheduler(time_attr="epochs_done", max_t=epochs - 1, grace_period=grace,
-                         reduction_factor=cfg.scheduler.reduction_factor, stop_last_trials=False)
+    return FinishLastEpoch(epochs, time_attr="epochs_done", max_t=epochs - 1, grace_period=grace,
+                           reduction_factor=cfg.scheduler.reduction_factor, stop_last_trials=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def test_gpu_preset_loads_and_asks_for_gpus():
 
     cfg = C.load(C.MigrateConfig, str(REPO / "configs" / "migrate_gpu.yaml"))
     assert cfg.model.dtype == "bfloat16" and cfg.scaling.use_gpu and cfg.scaling.zero_stage in (2, 3)
-    assert cfg.scaling.num_workers >= 2 and cfg.rewrite.num_gpus > 0 and cfg.run.max_failures >= 1
+    assert cfg.scaling.num_workers >= 2 and cfg.rewrite.num_gpus > 0 and cfg.scoring.num_gpus > 0 and cfg.run.max_failures >= 1
     assert cfg.train.batch_size >= 64 and cfg.rewrite.batch_size >= 8192
     uris = [*cfg.sources, cfg.data.train, cfg.data.valid, cfg.output, cfg.run.storage_path]
     assert all(u.startswith("s3://") for u in uris), uris  # shared storage: nothing node-local on a cluster

@@ -33,6 +33,26 @@ def test_ctr_metrics_uauc_skips_one_class_users(ray_session):
     assert m["auc"] == pytest.approx(roc_auc_score(f["label"], f["pred"]))
 
 
+@pytest.mark.parametrize("task", ["rating", "ctr"])
+def test_subset_metrics_in_one_pass_equal_filtered(task, ray_session):
+    """<metric>_in_g / _out_g, computed in the same passes as the whole set, equal the metrics of
+    the filtered rows (g is a per-user flag, as evaluate's adapter_users subset)."""
+    import ray.data
+
+    rng = np.random.default_rng(1)
+    users = rng.integers(0, 30, 600)
+    label = rng.integers(1, 6, 600).astype(float) if task == "rating" else (rng.random(600) < 0.4).astype(float)
+    f = pd.DataFrame({"user_id": [f"u{u}" for u in users], "label": label,
+                      "pred": rng.integers(0, 10, 600) / 10 + (label if task == "rating" else 0.2 * label), "in_g": users < 10})
+    both = dataset_metrics(task, ray.data.from_pandas(f).repartition(7), ("g",))
+    for side, part in (("in", f[f.in_g]), ("out", f[~f.in_g])):
+        alone = dataset_metrics(task, ray.data.from_pandas(part.drop(columns="in_g")))
+        for k in ("rmse", "mae") if task == "rating" else ("auc", "uauc"):
+            assert both[f"{k}_{side}_g"] == pytest.approx(alone[k], abs=1e-12), (k, side)
+    whole = dataset_metrics(task, ray.data.from_pandas(f.drop(columns="in_g")))
+    assert all(both[k] == pytest.approx(v, abs=1e-12) for k, v in whole.items())
+
+
 @pytest.mark.parametrize("batch", [1, 3, 7, 1000])
 def test_sorted_auc_is_exact_with_ties_across_batches(batch):
     from sklearn.metrics import roc_auc_score

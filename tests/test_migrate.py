@@ -1,5 +1,5 @@
-"""PUMA end to end on tiny models: migrate (rating and CTR), rewrite exactly-once, chain, aggregate,
-and the bad inputs of a migration. Source stores are written directly (random prompts tagged with
+"""PUMA end to end on tiny models: migrate (CTR; rating runs on S3 in test_s3_migrate.py), the
+rewrite command, chain, aggregate, and the bad inputs of a migration. Source stores are written directly (random prompts tagged with
 the source model's fingerprint): the machinery is under test here, not prompt quality."""
 
 import numpy as np
@@ -36,31 +36,6 @@ def mcfg(tmp_path, data_dir, target, sources, name, task="rating", **over):
     return C.build(C.MigrateConfig, C.deep_merge(base, over))
 
 
-def test_migrate_rating_end_to_end(tmp_path, tiny_models, rating_data, ray_session):
-    from puma_ray.pipeline import migrate
-
-    users = users_of(rating_data)
-    src = make_store(str(tmp_path / "src"), tiny_models["llama"], users)
-    report = migrate(mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "m1"))
-    out = str(tmp_path / "m1")
-    meta, ids, prompts = read_prompt_store(f"{out}/prompts", expect_fingerprint=model_info(tiny_models["qwen2"])[0])
-    assert sorted(ids) == users and len(ids) == len(set(ids)) and prompts.shape == (len(users), 96) and meta.stage == "rewrite"
-    manifest = storage.read_json(f"{out}/manifest.json")
-    assert manifest["input"]["rows"] == manifest["output"]["rows"] == len(users)
-    assert sum(f["rows"] for f in manifest["output"]["files"]) == len(users) and all(len(f["sha256"]) == 64 for f in manifest["output"]["files"])
-    summary = report["summary"]
-    assert summary["selected_users"] == 20
-    # stage 2 saw only the selected users' interactions
-    sel = set(pq.read_table(f"{out}/selection/selected.parquet").column("user_id").to_pylist())
-    rows = sum(1 for u in pq.read_table(f"{rating_data}/train", columns=["user_id"]).column("user_id").to_pylist() if u in sel)
-    assert rows - 2 <= summary["lm_sample_passes"] <= rows
-    puma = report["evaluation"]["methods"]["puma"]
-    assert puma["unknown_rows"] == 0 and "rmse_in_adapter_users" in puma and "rmse_out_adapter_users" in puma
-    # re-running with the same run name resumes the finished training instead of starting over
-    again = migrate(mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "m1"))
-    assert again["summary"]["lm_sample_passes"] == summary["lm_sample_passes"]
-
-
 def test_migrate_ctr(tmp_path, tiny_models, ctr_data, ray_session):
     from puma_ray.pipeline import migrate
 
@@ -94,13 +69,12 @@ def test_chain_and_aggregate(tmp_path, tiny_models, rating_data, ray_session):
 
 
 def test_rewrite_command_and_bad_pairings(tmp_path, tiny_models, rating_data, ray_session):
-    from puma_ray.pipeline import migrate
     from puma_ray.rewrite import rewrite
+    from test_rewrite import make_adapter
 
     users = users_of(rating_data)
     src = make_store(str(tmp_path / "src"), tiny_models["llama"], users)
-    migrate(mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "m", evaluate=False))
-    adapter = str(tmp_path / "m" / "adapter")
+    adapter = make_adapter(str(tmp_path / "adapter"), tiny_models["llama"], tiny_models["qwen2"])  # as migrate saves it
 
     def job(**over):
         base = {"model": {"path": tiny_models["qwen2"]}, "sources": [src], "adapter": adapter, "output": str(tmp_path / "rw")}
@@ -130,8 +104,9 @@ def test_migrate_bad_inputs(tmp_path, tiny_models, rating_data, ray_session):
 
 
 def test_validation_users_do_not_depend_on_the_selection(tmp_path, tiny_models, rating_data, ray_session):
-    """fixed_sample: the per-epoch metric's users are the same whatever is selected (Tune compares
-    trials on them); selected: they are the training users."""
+    """fixed_sample: the per-epoch metric's users are a hashed sample of all users, computed
+    without the selection (so the same whatever is selected: Tune compares trials on them);
+    selected: they are the training users."""
     import pyarrow as pa
 
     from puma_ray.data import hashed_fraction
@@ -140,15 +115,12 @@ def test_validation_users_do_not_depend_on_the_selection(tmp_path, tiny_models, 
     users = users_of(rating_data)
     src = make_store(str(tmp_path / "src"), tiny_models["llama"], users)
     cfg = mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "v", validation={"sample_users": 20})
-    seen = []
-    for chosen in (users[:15], users[30:45]):
-        data, rows = _training_data(cfg, src, pa.array(chosen), len(users))
-        train_ids = set(data["train"].to_pandas()["user_id"])
-        valid = data["valid"].to_pandas()
-        assert train_ids == set(chosen) and rows > 0 and valid["prompt"].map(len).eq(64).all()
-        seen.append(set(valid["user_id"]))
-    assert seen[0] == seen[1] == set(np.array(users)[hashed_fraction(users, 20 / len(users))])
-    assert 10 <= len(seen[0]) <= 30  # about sample_users of the 60
+    data, rows = _training_data(cfg, src, pa.array(users[:15]), len(users))
+    valid = data["valid"].to_pandas()
+    assert set(data["train"].to_pandas()["user_id"]) == set(users[:15]) and rows > 0 and valid["prompt"].map(len).eq(64).all()
+    sample = set(np.array(users)[hashed_fraction(users, 20 / len(users))])
+    assert set(valid["user_id"]) == sample and 10 <= len(sample) <= 30  # about sample_users of the 60
+    assert hashed_fraction(users[::-1], 20 / len(users))[::-1].tolist() == hashed_fraction(users, 20 / len(users)).tolist()
     in_sample = mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "v", validation={"users": "selected"})
-    data, _ = _training_data(in_sample, src, pa.array(users[:15]), len(users))
-    assert set(data["valid"].to_pandas()["user_id"]) == set(users[:15])
+    data, _ = _training_data(in_sample, src, pa.array(users[30:45]), len(users))
+    assert set(data["valid"].to_pandas()["user_id"]) == set(users[30:45])

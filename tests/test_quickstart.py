@@ -6,7 +6,7 @@ import json
 def test_quickstart_results_shape(tmp_path, ray_session):
     from puma_ray.quickstart import quickstart
 
-    results = quickstart(str(tmp_path / "qs"), users=40, epochs=1)
+    results = quickstart(str(tmp_path / "qs"), users=40, epochs=1, num_workers=1)
     on_disk = json.load(open(tmp_path / "qs" / "results.json"))
     assert on_disk["task"] == "rating"
     assert set(on_disk["methods"]) == {"puma", "full_retrain", "source", "random_init", "global_mean", "user_mean"}

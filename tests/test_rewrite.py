@@ -67,20 +67,24 @@ def test_units_respect_file_sizes(tmp_path, tiny_models):
 
 
 def test_actor_pool_defaults_to_the_cluster(ray_session):
-    """No rewrite.actors: one actor per cpus_per_actor CPUs (per num_gpus GPUs) of the cluster (a
+    """Rewrite (and evaluation scoring) pools. No rewrite.actors: one actor per cpus_per_actor CPUs (per num_gpus GPUs) of the cluster (a
     local Ray: of its cores);
     GPU actors asked of a cluster without GPUs are refused, not left pending forever."""
     import ray
 
     from puma_ray.errors import PumaError
-    from puma_ray.rewrite import pool_size
+    from puma_ray.config import ScoringConfig
+    from puma_ray.runtime import actor_pool_size
 
     from puma_ray.runtime import CORES
 
     cpus = int(min(ray.cluster_resources()["CPU"], os.cpu_count()))  # a local Ray's logical CPUs overcommit the cores
     assert ray.cluster_resources()[CORES] == os.cpu_count()
+    def pool_size(cfg):
+        return actor_pool_size(cfg, "rewrite")
+
     assert pool_size(RewriteConfig()) == cpus and pool_size(RewriteConfig(cpus_per_actor=2)) == max(1, cpus // 2)
-    assert pool_size(RewriteConfig(actors=3)) == 3
+    assert pool_size(RewriteConfig(actors=3)) == 3 and actor_pool_size(ScoringConfig(), "scoring") == cpus
     with pytest.raises(PumaError, match="rewrite.num_gpus is 1.0 but the Ray cluster has 0 GPUs"):
         pool_size(RewriteConfig(num_gpus=1))
 

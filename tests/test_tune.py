@@ -37,7 +37,10 @@ def tcfg(root, models, data, src, **over):
     base = {"model": {"path": models["qwen2"]}, "sources": [src], "data": {"train": f"{data}/train", "valid": f"{data}/valid"},
             "select": {"strategy": "random", "budget": 20},
             "adapter": {"width": 32}, "train": {"epochs": 2, "batch_size": 64}, "scaling": {"num_workers": 1},
-            "rewrite": {"batch_size": 16}, "run": {"storage_path": f"{root}/ray"}}
+            "rewrite": {"batch_size": 16}, "run": {"storage_path": f"{root}/ray"},
+            # scored on the training users: there one epoch at GOOD_LR is clearly ahead of BAD_LR, which
+            # the scheduler test needs (on all 60 users the gap after one epoch is within noise)
+            "validation": {"users": "selected"}}
     d = {"base": base, "output": f"{root}/out", "storage_path": f"{root}/tune", "name": "t", "seed": 0, "num_samples": 2,
          # grid order: trials 0 and 2 learn, trials 1 and 3 do not
          "search": {"train.lr": {"grid": [GOOD_LR, BAD_LR]}, "adapter.depth": {"choice": [0, 1]}, "select.budget": {"choice": [15, 20]}}}
