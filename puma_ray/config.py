@@ -98,15 +98,20 @@ class PromptsConfig(Strict):
     run: RunConfig = RunConfig()
 
 
-class ScoringConfig(Strict):
+class ActorPoolConfig(Strict):
+    """A Ray Data actor pool (sized by ``runtime.actor_pool_size``)."""
+
+    actors: Optional[int] = Field(None, ge=1, description="pool size (default: as many actors as the cluster's CPUs (a local "
+                                  "Ray: its cores), or GPUs when num_gpus > 0, hold)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor (0 on CPU clusters)")
+    cpus_per_actor: float = Field(1, gt=0)
+
+
+class ScoringConfig(ActorPoolConfig):
     """The actor pool that scores valid rows through the LM + head (evaluation). The LM dominates:
     on GPU clusters set ``num_gpus`` per actor and a bigger ``batch_size``."""
 
     batch_size: int = Field(256, ge=1, description="rows per LM forward")
-    actors: Optional[int] = Field(None, ge=1, description="pool size (default: as many actors as the cluster's CPUs (a local "
-                                  "Ray: its cores), or GPUs when num_gpus > 0, hold)")
-    num_gpus: float = Field(0, ge=0, description="GPUs per scoring actor")
-    cpus_per_actor: float = Field(1, gt=0)
 
 
 class EvaluateConfig(Strict):
@@ -172,15 +177,11 @@ class ValidationConfig(Strict):
     sample_users: int = Field(2000, ge=1, description="fixed_sample: users drawn (about; a hash threshold)")
 
 
-class RewriteConfig(Strict):
+class RewriteConfig(ActorPoolConfig):
     """The bulk rewrite (Ray Data map_batches over output files, an actor pool). Defaults suit a
     CPU node; on GPUs raise ``batch_size`` (e.g. 16384) and set ``num_gpus`` per actor."""
 
     batch_size: int = Field(4096, ge=1, description="prompts per adapter forward")
-    actors: Optional[int] = Field(None, ge=1, description="actor pool size (default: as many actors as the cluster's "
-                                  "CPUs (a local Ray: its cores), or GPUs when num_gpus > 0, hold)")
-    num_gpus: float = Field(0, ge=0, description="GPUs per rewrite actor (0 on CPU clusters)")
-    cpus_per_actor: float = Field(1, gt=0)
     min_rows_per_file: int = Field(16_384, ge=1, description="consecutive input row groups are merged into one output "
                                    "file until it holds at least this many users (within one input file)")
     max_rows_per_file: int = Field(131_072, ge=1, description="an output file never holds more users than this")
@@ -327,15 +328,23 @@ def _set_dotted(d: dict, key: str, value) -> None:
     d[parts[-1]] = value
 
 
+def nest(flat: dict) -> dict:
+    """``{"train.epochs": 3, "model.path": "/x"}`` -> ``{"train": {"epochs": 3}, "model": {"path": "/x"}}``."""
+    out: dict = {}
+    for key, value in flat.items():
+        _set_dotted(out, key, value)
+    return out
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``["train.epochs=3", "model.path=/x"]`` -> nested dict; values parsed as YAML scalars."""
-    out: dict = {}
+    flat = {}
     for pair in pairs:
         if "=" not in pair:
             raise PumaError(f"override {pair!r} is not key=value")
         key, raw = pair.split("=", 1)
-        _set_dotted(out, key.strip(), yaml.safe_load(raw) if raw != "" else None)
-    return out
+        flat[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+    return nest(flat)
 
 
 def deep_merge(base: dict, over: dict) -> dict:

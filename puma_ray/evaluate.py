@@ -58,9 +58,14 @@ class PromptScorer:
 METRIC_NAMES = ("rmse", "mae", "auc", "uauc")
 
 
-def _masks(batch, groups) -> dict[str, np.ndarray | None]:
-    """Row selections of one batch: "" = every row (None), "_in_<g>" / "_out_<g>" = rows whose
+def _sides(groups) -> list[str]:
+    """Metric-name suffixes of the row selections: "" every row, "_in_<g>" / "_out_<g>" rows whose
     boolean column ``in_<g>`` is true / false."""
+    return ["", *(f"_{side}_{g}" for g in groups for side in ("in", "out"))]
+
+
+def _masks(batch, groups) -> dict[str, np.ndarray | None]:
+    """One batch (pyarrow, pandas or numpy dict) -> {suffix of :func:`_sides`: row mask (None = every row)}."""
     out: dict = {"": None}
     for g in groups:
         flag = np.asarray(batch[f"in_{g}"], bool)
@@ -72,7 +77,7 @@ def _error_sums(batch: pa.Table, groups=()) -> pa.Table:
     """One row per batch: n, se, ae for every row selection of :func:`_masks` (column suffixes)."""
     err = np.asarray(batch.column("pred"), np.float64) - np.asarray(batch.column("label"), np.float64)
     cols = {}
-    for side, m in _masks({f"in_{g}": batch.column(f"in_{g}").to_numpy(zero_copy_only=False) for g in groups}, groups).items():
+    for side, m in _masks(batch, groups).items():
         e = err if m is None else err[m]
         cols.update({f"n{side}": [len(e)], f"se{side}": [float((e**2).sum())], f"ae{side}": [float(np.abs(e).sum())]})
     return pa.table(cols)
@@ -155,7 +160,7 @@ def dataset_metrics(task: str, ds, groups: tuple[str, ...] = ()) -> dict:
                                                                         batch_format="pyarrow").to_pandas().sum()
         if sums.get("n", 0) == 0:
             raise PumaError("no valid row could be scored (no user of the valid set has a prompt)")
-        return {f"{k}{side}": v for side in _masks({f: [] for f in flags}, groups) if sums[f"n{side}"] > 0
+        return {f"{k}{side}": v for side in _sides(groups) if sums[f"n{side}"] > 0
                 for k, v in (("rmse", math.sqrt(sums[f"se{side}"] / sums[f"n{side}"])), ("mae", float(sums[f"ae{side}"] / sums[f"n{side}"])))}
     aucs: dict[str, SortedAUC] = {}
     for b in ds.select_columns(["label", "pred", *flags]).sort("pred").iter_batches(batch_format="numpy", batch_size=65_536):

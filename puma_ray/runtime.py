@@ -45,8 +45,8 @@ def quiet_ray_data() -> None:
 
 
 def actor_pool_size(pool, section: str) -> int:
-    """Actors of a Ray Data pool configured by ``pool`` (RewriteConfig / ScoringConfig: actors,
-    num_gpus, cpus_per_actor): ``pool.actors``, else as many as the cluster's GPUs (num_gpus > 0)
+    """Actors of a Ray Data pool configured by ``pool`` (a config.ActorPoolConfig, e.g. the
+    ``section`` "rewrite" or "scoring"): ``pool.actors``, else as many as the cluster's GPUs (num_gpus > 0)
     or CPUs hold (a local Ray: its real cores, which its logical CPUs overcommit). GPU actors on a
     cluster without enough GPUs are refused here instead of waiting forever."""
     import ray

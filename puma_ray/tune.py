@@ -37,7 +37,7 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from puma_ray import storage
-from puma_ray.config import MigrateConfig, TuneConfig, build, deep_merge
+from puma_ray.config import MigrateConfig, TuneConfig, build, deep_merge, nest
 from puma_ray.errors import PumaError, find_user_error, user_errors
 
 FROZEN_KEYS = ("output", "train.epochs")
@@ -45,16 +45,6 @@ FROZEN_KEYS = ("output", "train.epochs")
 
 # ---------------------------------------------------------------------------------------------
 # Search space, resources, scheduler
-
-
-def _nest(dotted: str, value) -> dict:
-    out: dict = {}
-    d = out
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        d = d.setdefault(p, {})
-    d[parts[-1]] = value
-    return out
 
 
 def _candidates(kind: str, values: list) -> list:
@@ -75,10 +65,10 @@ def check_search(cfg: TuneConfig) -> None:
                             "scheduler's budget: set it in base)")
         (kind, values), = spec.items()
         for v in _candidates(kind, values):
-            build(MigrateConfig, deep_merge(base, _nest(key, v)), source=f"search.{key}={v!r}")
+            build(MigrateConfig, deep_merge(base, nest({key: v})), source=f"search.{key}={v!r}")
             if key.endswith("select.strategy") and v not in STRATEGIES:
                 raise PumaError(f"search.{key}: unknown strategy {v!r}; choose from {sorted(STRATEGIES)}")
-        probe = build(MigrateConfig, deep_merge(base, _nest(key, _candidates(kind, values)[0])))
+        probe = build(MigrateConfig, deep_merge(base, nest({key: _candidates(kind, values)[0]})))
         node = probe.model_dump()
         for p in key.split("."):
             node = node[p]
@@ -92,11 +82,7 @@ def param_space(search: dict) -> dict:
 
     make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
             "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
-    space: dict = {}
-    for key, spec in search.items():
-        (kind, values), = spec.items()
-        space = deep_merge(space, _nest(key, make[kind](values)))
-    return space
+    return nest({key: make[kind](values) for key, spec in search.items() for kind, values in spec.items()})
 
 
 def trial_cpus(cfg: TuneConfig) -> float:
@@ -339,12 +325,11 @@ def plot_frontier(rows: list[dict], front: list[dict], metric: str, cost: str, b
 def publish_best(cfg: TuneConfig, best: dict) -> str:
     """Copy the best trial's adapter + head + summary to OUTPUT/best and write ready migrate/rewrite configs."""
     src, dst = best["output"], storage.join(cfg.output, "best")
-    for sub in ("adapter",):
-        for uri in storage.list_files(storage.join(src, sub)):
-            storage.write_bytes(storage.join(dst, sub, uri.rsplit("/", 1)[-1]), storage.read_bytes(uri))
+    for uri in storage.list_files(storage.join(src, "adapter")):
+        storage.write_bytes(storage.join(dst, "adapter", uri.rsplit("/", 1)[-1]), storage.read_bytes(uri))
     for f in ("head.safetensors", "head.json", "summary.json"):
         storage.write_bytes(storage.join(dst, f), storage.read_bytes(storage.join(src, f)))
-    trial = trial_config(cfg.base.model_dump(), _nest_all(best["values"]), cfg.output, cfg.name, best["trial_id"])
+    trial = trial_config(cfg.base.model_dump(), nest(best["values"]), cfg.output, cfg.name, best["trial_id"])
     # The same run.name + storage_path: `puma-ray migrate` finds the finished Train run and does not retrain.
     migrate = trial.model_copy(update={"output": storage.join(dst, "migration")}).model_dump(mode="json")
     storage.write_bytes(storage.join(dst, "migrate.yaml"), (
@@ -358,13 +343,6 @@ def publish_best(cfg: TuneConfig, best: dict) -> str:
         f"# Apply the best trial's adapter to every source prompt: puma-ray rewrite --config {storage.join(dst, 'rewrite.yaml')}\n"
         + yaml.safe_dump(rewrite, sort_keys=False)).encode())
     return dst
-
-
-def _nest_all(flat: dict) -> dict:
-    out: dict = {}
-    for k, v in flat.items():
-        out = deep_merge(out, _nest(k, v))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,15 +452,14 @@ def summarize(cfg: TuneConfig, rows: list[dict], wall_s: float) -> dict:
         "pareto": [r["trial_id"] for r in front],
     }
     out = cfg.output
+    if best is not None:
+        results["best_dir"] = publish_best(cfg, best)
     storage.write_json(storage.join(out, "results.json"), results)
     storage.write_json(storage.join(out, "pareto.json"), {"metric": cfg.metric, "mode": cfg.mode, "cost": cfg.cost, "frontier": front})
     md = (f"# Quality vs cost ({cfg.metric}, {cfg.mode}; cost: {cfg.cost})\n\n## Pareto frontier\n\n" + markdown_table(front, cfg.metric, keys)
           + "\n## All trials\n\n" + markdown_table(rows, cfg.metric, keys))
     storage.write_bytes(storage.join(out, "pareto.md"), md.encode())
     plot_frontier(rows, front, cfg.metric, cfg.cost, best, storage.join(out, "frontier.png"))
-    if best is not None:
-        results["best_dir"] = publish_best(cfg, best)
-        storage.write_json(storage.join(out, "results.json"), results)
     print(markdown_table(rows, cfg.metric, keys), end="")
     if best is None:
         print(f"tune: no trial completed; nothing in {storage.join(out, 'best')}", file=sys.stderr)
