@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -48,8 +48,16 @@ class TreeMemory:
         import psutil
 
         self.interval, self.me = interval, psutil.Process()
-        self.peak = {"driver_rss_mb": 0.0, "worker_rss_max_mb": 0.0, "workers_rss_sum_mb": 0.0, "workers_pss_sum_mb": 0.0,
-                     "ray_system_rss_mb": 0.0, "tree_rss_sum_mb": 0.0, "tree_pss_sum_mb": 0.0, "workers_seen": 0}
+        self.peak = {
+            "driver_rss_mb": 0.0,
+            "worker_rss_max_mb": 0.0,
+            "workers_rss_sum_mb": 0.0,
+            "workers_pss_sum_mb": 0.0,
+            "ray_system_rss_mb": 0.0,
+            "tree_rss_sum_mb": 0.0,
+            "tree_pss_sum_mb": 0.0,
+            "workers_seen": 0,
+        }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._seen: set[int] = set()
@@ -82,8 +90,14 @@ class TreeMemory:
                 w_rss, w_pss, w_max = w_rss + rss, w_pss + pss, max(w_max, rss)
             else:
                 sys_rss += rss
-        for k, v in (("worker_rss_max_mb", w_max), ("workers_rss_sum_mb", w_rss), ("workers_pss_sum_mb", w_pss),
-                     ("ray_system_rss_mb", sys_rss), ("tree_rss_sum_mb", t_rss), ("tree_pss_sum_mb", t_pss)):
+        for k, v in (
+            ("worker_rss_max_mb", w_max),
+            ("workers_rss_sum_mb", w_rss),
+            ("workers_pss_sum_mb", w_pss),
+            ("ray_system_rss_mb", sys_rss),
+            ("tree_rss_sum_mb", t_rss),
+            ("tree_pss_sum_mb", t_pss),
+        ):
             self.peak[k] = max(self.peak[k], v)
         self.peak["workers_seen"] = len(self._seen)
 
@@ -111,8 +125,14 @@ def source_meta(d: int, l: int = 1, name: str | None = None):
     from puma_ray.schema import StoreMeta
 
     name = name or f"bench-source-d{d}"
-    return StoreMeta(model=name, model_fingerprint=hashlib.sha256(name.encode()).hexdigest()[:16], hidden_size=d,
-                     prompt_length=l, template="rating_v1", stage="prompts")
+    return StoreMeta(
+        model=name,
+        model_fingerprint=hashlib.sha256(name.encode()).hexdigest()[:16],
+        hidden_size=d,
+        prompt_length=l,
+        template="rating_v1",
+        stage="prompts",
+    )
 
 
 def target_meta(d: int, l: int = 1):
@@ -135,8 +155,16 @@ def make_store(uri: str, users: int, d: int, l: int = 1, seed: int = 0, chunk: i
         rng = np.random.default_rng([seed, i])
         prompts = rng.standard_normal((m, l * d), dtype=np.float32)
         prompts *= 0.1
-        write_prompt_store(storage.join(uri, f"part-{i:05d}.parquet"), meta, [f"u{u:07d}" for u in range(u0, u0 + m)], prompts)
-    return {"uri": uri, "users": users, "width": l * d, "files": -(-users // chunk), "wall_s": round(time.time() - t0, 1)}
+        write_prompt_store(
+            storage.join(uri, f"part-{i:05d}.parquet"), meta, [f"u{u:07d}" for u in range(u0, u0 + m)], prompts
+        )
+    return {
+        "uri": uri,
+        "users": users,
+        "width": l * d,
+        "files": -(-users // chunk),
+        "wall_s": round(time.time() - t0, 1),
+    }
 
 
 def make_adapter(uri: str, src_meta, tgt_meta, width: int, depth: int = 1, seed: int = 0) -> str:
@@ -165,7 +193,9 @@ def du_mb(path: str) -> float:
 def in_child(script: str, args: list[str], timeout: float | None = None) -> dict:
     """Run ``python script --child args...`` and return the JSON it prints on its last stdout line."""
     env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
-    run = subprocess.run([sys.executable, script, "--child", *args], stdout=subprocess.PIPE, text=True, env=env, timeout=timeout)
+    run = subprocess.run(
+        [sys.executable, script, "--child", *args], stdout=subprocess.PIPE, text=True, env=env, timeout=timeout
+    )
     lines = [x for x in run.stdout.splitlines() if x.startswith("{")]
     if run.returncode != 0 or not lines:
         raise SystemExit(f"{script} {args}: child failed (exit {run.returncode}); its stderr is above")
@@ -174,6 +204,7 @@ def in_child(script: str, args: list[str], timeout: float | None = None) -> dict
 
 def table(rows: list[dict], cols: list[str]) -> str:
     """A small Markdown table of ``rows`` (dicts) over ``cols``."""
+
     def fmt(v):
         if isinstance(v, float):
             return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}"

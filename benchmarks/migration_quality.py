@@ -17,6 +17,14 @@ import argparse
 import json
 import os
 
+import numpy as np
+
+from puma_ray import config as C
+from puma_ray import storage
+from puma_ray.pipeline import migrate
+from puma_ray.quickstart import DEFAULTS, quickstart
+from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,36 +33,44 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    import numpy as np
-
-    from puma_ray import config as C
-    from puma_ray import storage
-    from puma_ray.pipeline import migrate
-    from puma_ray.quickstart import DEFAULTS, quickstart
-    from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
-
     out = os.path.abspath(args.out)
     qs = quickstart(out, users=args.users, seed=args.seed)
 
     # control: same migration, prompts shuffled across users
     meta, ids, prompts = read_prompt_store(f"{out}/runs/source/prompts")
     perm = np.random.default_rng(args.seed + 1).permutation(len(ids))
-    write_prompt_store(f"{out}/runs/source_shuffled/prompts", StoreMeta(**{**meta.__dict__, "stage": "shuffled_control"}), ids, prompts[perm])
+    write_prompt_store(
+        f"{out}/runs/source_shuffled/prompts",
+        StoreMeta(**{**meta.__dict__, "stage": "shuffled_control"}),
+        ids,
+        prompts[perm],
+    )
     m = DEFAULTS["migrate"]
-    control = migrate(C.build(C.MigrateConfig, {
-        "model": {"path": f"{out}/models/{DEFAULTS['target']}"}, "sources": [f"{out}/runs/source_shuffled/prompts"],
-        "data": {"train": f"{out}/data/train", "valid": f"{out}/data/valid"}, "output": f"{out}/runs/puma_shuffled",
-        "select": {**m["select"], "seed": args.seed}, "adapter": m["adapter"], "train": {**m["train"], "seed": args.seed},
-        "run": {"name": "bench-puma-shuffled", "storage_path": f"{out}/ray_runs"},
-    }))["evaluation"]["methods"]["puma"]
+    control = migrate(
+        C.build(
+            C.MigrateConfig,
+            {
+                "model": {"path": f"{out}/models/{DEFAULTS['target']}"},
+                "sources": [f"{out}/runs/source_shuffled/prompts"],
+                "data": {"train": f"{out}/data/train", "valid": f"{out}/data/valid"},
+                "output": f"{out}/runs/puma_shuffled",
+                "select": {**m["select"], "seed": args.seed},
+                "adapter": m["adapter"],
+                "train": {**m["train"], "seed": args.seed},
+                "run": {"name": "bench-puma-shuffled", "storage_path": f"{out}/ray_runs"},
+            },
+        )
+    )["evaluation"]["methods"]["puma"]
 
     r = qs["methods"]
     full, puma = r["full_retrain"], r["puma"]
     sel = storage.read_json(f"{out}/runs/puma/selection/selection.json")
     result = {
         "rmse": {k: v["rmse"] for k, v in r.items()} | {"puma_shuffled_control": control["rmse"]},
-        "puma_rmse_by_users": {"in_adapter_subset": qs["puma_by_users"]["rmse_in_adapter_users"],
-                               "never_seen": qs["puma_by_users"]["rmse_out_adapter_users"]},
+        "puma_rmse_by_users": {
+            "in_adapter_subset": qs["puma_by_users"]["rmse_in_adapter_users"],
+            "never_seen": qs["puma_by_users"]["rmse_out_adapter_users"],
+        },
         "ratios": {
             "puma_rmse / full_retrain_rmse": puma["rmse"] / full["rmse"],
             "puma_unseen_rmse / full_retrain_rmse": qs["puma_by_users"]["rmse_out_adapter_users"] / full["rmse"],
@@ -71,7 +87,10 @@ def main() -> None:
     print("\n| method | RMSE | LM sample-passes | wall s |\n|---|---:|---:|---:|")
     for k, v in r.items():
         print(f"| {k} | {v['rmse']:.4f} | {int(v['lm_sample_passes']):,} | {v['wall_s']:.1f} |")
-    print(f"| puma_shuffled_control | {control['rmse']:.4f} | {int(control['lm_sample_passes']):,} | {control['wall_s']:.1f} |")
+    print(
+        f"| puma_shuffled_control | {control['rmse']:.4f} | {int(control['lm_sample_passes']):,} "
+        f"| {control['wall_s']:.1f} |"
+    )
     print("\n" + "\n".join(f"{k}: {v:.3f}" for k, v in result["ratios"].items()))
 
 

@@ -14,15 +14,16 @@ import argparse
 import json
 import tempfile
 
+import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
+
+from puma_ray.datasets.synthetic import vocabulary
+from puma_ray.llm import FrozenLM
+from puma_ray.models import build_tokenizer, tiny_config
 
 
 def measure(family: str, init_range: float, texts: list[str], root: str) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from puma_ray.llm import FrozenLM
-    from puma_ray.models import build_tokenizer, tiny_config
-
     tok = build_tokenizer()
     cfg = tiny_config(family, len(tok), 2, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, init_range=init_range)
     torch.manual_seed(0)
@@ -34,18 +35,22 @@ def measure(family: str, init_range: float, texts: list[str], root: str) -> dict
     prompts = torch.randn(len(texts), 1, lm.hidden_size) * scale
     with torch.no_grad():
         over_prompts = lm.forward(prompts, lm.collate([texts[0]] * len(texts))).answer_logits.std(0).mean().item()
-        over_items = lm.forward(prompts[:1].expand(len(texts), -1, -1), lm.collate(texts)).answer_logits.std(0).mean().item()
-    return {"family": family, "init_std": init_range, "logit_std_over_prompts": over_prompts,
-            "logit_std_over_items": over_items, "prompt_to_item_ratio": over_prompts / over_items}
+        over_items = (
+            lm.forward(prompts[:1].expand(len(texts), -1, -1), lm.collate(texts)).answer_logits.std(0).mean().item()
+        )
+    return {
+        "family": family,
+        "init_std": init_range,
+        "logit_std_over_prompts": over_prompts,
+        "logit_std_over_items": over_items,
+        "prompt_to_item_ratio": over_prompts / over_items,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="where the tiny models go (default: a temp dir)")
     args = ap.parse_args()
-    import numpy as np
-
-    from puma_ray.datasets.synthetic import vocabulary
 
     rng = np.random.default_rng(0)
     words = vocabulary()
@@ -57,8 +62,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     base = {r["family"]: r["logit_std_over_prompts"] for r in rows if r["init_std"] == 0.02}
     for r in rows:
-        print(f"| {r['family']} | {r['init_std']} | {r['logit_std_over_prompts']:.4f} | {r['logit_std_over_items']:.4f} | "
-              f"{r['prompt_to_item_ratio']:.2f} | {r['logit_std_over_prompts'] / base[r['family']]:.1f}x |")
+        print(
+            f"| {r['family']} | {r['init_std']} | {r['logit_std_over_prompts']:.4f} "
+            f"| {r['logit_std_over_items']:.4f} | "
+            f"{r['prompt_to_item_ratio']:.2f} | {r['logit_std_over_prompts'] / base[r['family']]:.1f}x |"
+        )
 
 
 if __name__ == "__main__":

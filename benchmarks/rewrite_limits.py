@@ -58,8 +58,10 @@ def io_limit(src: str, out: str, out_meta=None) -> tuple[float, str]:
     shutil.rmtree(out, ignore_errors=True)
     ds = storage.ray_read_parquet(src)
     if out_meta is not None:
+
         def widen(b):
             return prompt_table(out_meta, b.column("user_id"), np.zeros((b.num_rows, out_meta.width), np.float32))
+
         ds = ds.map_batches(widen, batch_format="pyarrow")
     t0 = time.perf_counter()
     ds.write_parquet(out)
@@ -100,8 +102,18 @@ def part_profile(src_file: str, adapter_uri: str, tmeta, batch: int, threads: in
     torch.set_num_threads(threads)
     adapter, info = load_adapter(adapter_uri)
     l, d_in = info["prompt_length"], info["arch"]["d_in"]
-    t = dict.fromkeys(["parquet_decode", "arrow_to_numpy", "finite_check", "adapter", "numpy_to_arrow",
-                       "parquet_encode_sha256", "parquet_encode_plain"], 0.0)
+    t = dict.fromkeys(
+        [
+            "parquet_decode",
+            "arrow_to_numpy",
+            "finite_check",
+            "adapter",
+            "numpy_to_arrow",
+            "parquet_encode_sha256",
+            "parquet_encode_plain",
+        ],
+        0.0,
+    )
     rows = 0
     it = pq.ParquetFile(src_file).iter_batches(batch_size=batch, columns=["user_id", "prompt"])
     schema = prompt_store_schema(tmeta)
@@ -113,8 +125,11 @@ def part_profile(src_file: str, adapter_uri: str, tmeta, batch: int, threads: in
                 break
             t["parquet_decode"] += dt
             tab = pa.Table.from_batches([b])
-            flat, dt = _timed(lambda: np.array(tab.column("prompt").combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                                               dtype=np.float32))
+            flat, dt = _timed(
+                lambda: np.array(
+                    tab.column("prompt").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32
+                )
+            )
             t["arrow_to_numpy"] += dt
             x = torch.from_numpy(flat).view(tab.num_rows, l, d_in)
             _, dt = _timed(lambda: bool((~torch.isfinite(x).flatten(1).all(1)).any()))
@@ -127,6 +142,7 @@ def part_profile(src_file: str, adapter_uri: str, tmeta, batch: int, threads: in
             def enc(digest):
                 with storage.parquet_writer(tmp, schema, digest) as w:
                     w.write_table(out)
+
             _, dt = _timed(lambda: enc(hashlib.sha256()))
             t["parquet_encode_sha256"] += dt
             _, dt = _timed(lambda: enc(None))
@@ -134,9 +150,13 @@ def part_profile(src_file: str, adapter_uri: str, tmeta, batch: int, threads: in
             rows += tab.num_rows
     os.remove(tmp)
     total = sum(v for k, v in t.items() if k != "parquet_encode_plain")
-    return {"rows": rows, "threads": threads, "seconds": {k: round(v, 3) for k, v in t.items()},
-            "share_of_actor_time": {k: round(v / total, 3) for k, v in t.items() if k != "parquet_encode_plain"},
-            "actor_users_per_s": round(rows / total)}
+    return {
+        "rows": rows,
+        "threads": threads,
+        "seconds": {k: round(v, 3) for k, v in t.items()},
+        "share_of_actor_time": {k: round(v / total, 3) for k, v in t.items() if k != "parquet_encode_plain"},
+        "actor_users_per_s": round(rows / total),
+    }
 
 
 def main() -> None:
@@ -147,7 +167,9 @@ def main() -> None:
     ap.add_argument("--d-out", type=int, default=384)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="RewriteConfig field")
-    ap.add_argument("--compute-rows", type=int, default=200_000, help="rows of the compute-limit run (the first of the same store)")
+    ap.add_argument(
+        "--compute-rows", type=int, default=200_000, help="rows of the compute-limit run (the first of the same store)"
+    )
     ap.add_argument("--profile-batches", type=int, default=8)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -156,9 +178,8 @@ def main() -> None:
 
     from puma_ray import config as C
     from puma_ray import rewrite as R
-    from puma_ray.runtime import actor_pool_size
     from puma_ray import storage
-    from puma_ray.runtime import init_ray
+    from puma_ray.runtime import actor_pool_size, init_ray
 
     rcfg = C.build(C.RewriteConfig, C.parse_overrides(args.set), source="--set")
     work = os.path.abspath(args.work)
@@ -186,7 +207,10 @@ def main() -> None:
     rewrite_threads = min(cores, max(1, int(rcfg.cpus_per_actor)) * actor_pool_size(rcfg, "rewrite"))
     compute = {}
     for threads in sorted({cores, rewrite_threads, max(1, int(rcfg.cpus_per_actor))}):
-        wall, _ = _phase(f"compute_{threads}_threads", lambda: compute_limit(adapter, prompts, 1, args.d_in, rcfg.batch_size, threads))
+        wall, _ = _phase(
+            f"compute_{threads}_threads",
+            lambda p=prompts, t=threads: compute_limit(adapter, p, 1, args.d_in, rcfg.batch_size, t),
+        )
         compute[threads] = m / wall
     del prompts
     # (iii) the rewrite, then its uniqueness check alone.
@@ -196,28 +220,50 @@ def main() -> None:
     dup_s = None
     if hasattr(R, "_duplicates"):
         _, dup_s = _phase("uniqueness_check", lambda: R._duplicates(f"{out}/prompts"))
-    profile = part_profile(storage.list_files(src, ".parquet")[0], adapter, tmeta, rcfg.batch_size,
-                           max(1, int(rcfg.cpus_per_actor)), args.profile_batches)
+    profile = part_profile(
+        storage.list_files(src, ".parquet")[0],
+        adapter,
+        tmeta,
+        rcfg.batch_size,
+        max(1, int(rcfg.cpus_per_actor)),
+        args.profile_batches,
+    )
 
     ups = {k: n / v for k, v in rows.items()}
     io_lim = ups["io_read_write"]
     comp_lim = compute[cores]
     limit = min(io_lim, comp_lim)
     doc = {
-        "benchmark": "rewrite_limits", "users": n, "d_in": args.d_in, "d_out": args.d_out, "adapter_width": args.width,
-        "cores": cores, "rewrite_config": rcfg.model_dump(), "rewrite_actors": actor_pool_size(rcfg, "rewrite"), "compute_rows": m,
+        "benchmark": "rewrite_limits",
+        "users": n,
+        "d_in": args.d_in,
+        "d_out": args.d_out,
+        "adapter_width": args.width,
+        "cores": cores,
+        "rewrite_config": rcfg.model_dump(),
+        "rewrite_actors": actor_pool_size(rcfg, "rewrite"),
+        "compute_rows": m,
         "wall_s": {k: round(v, 2) for k, v in rows.items()},
-        "users_per_s": {**{k: round(v) for k, v in ups.items()}, **{f"compute_{t}_threads": round(v) for t, v in compute.items()}},
+        "users_per_s": {
+            **{k: round(v) for k, v in ups.items()},
+            **{f"compute_{t}_threads": round(v) for t, v in compute.items()},
+        },
         "ratios": {
             "rewrite / io_limit": round(ups["rewrite"] / io_lim, 3),
             "rewrite / io_limit_out_width": round(ups["rewrite"] / ups["io_read_map_write_out_width"], 3),
             "rewrite / compute_limit_all_cores": round(ups["rewrite"] / comp_lim, 3),
-            f"rewrite / compute_limit_{rewrite_threads}_threads (the config's)": round(ups["rewrite"] / compute[rewrite_threads], 3),
+            f"rewrite / compute_limit_{rewrite_threads}_threads (the config's)": round(
+                ups["rewrite"] / compute[rewrite_threads], 3
+            ),
             "rewrite / min(limits)": round(ups["rewrite"] / limit, 3),
         },
         "limiting": "io" if io_lim < comp_lim else "compute",
         "cpu_s": {k: round(v, 1) for k, v in CPU.items()},
-        "users_per_cpu_s": {k: round((m if k.startswith("compute") else n) / v) for k, v in CPU.items() if v > 0 and k != "uniqueness_check"},
+        "users_per_cpu_s": {
+            k: round((m if k.startswith("compute") else n) / v)
+            for k, v in CPU.items()
+            if v > 0 and k != "uniqueness_check"
+        },
         "uniqueness_check_s": None if dup_s is None else round(dup_s, 2),
         "uniqueness_check_share_of_rewrite": None if dup_s is None else round(dup_s / rows["rewrite"], 3),
         "manifest_files": len(manifest["output"]["files"]),
@@ -228,12 +274,24 @@ def main() -> None:
     doc["ratios_per_cpu_s"] = {f"rewrite / {k}": round(upc["rewrite"] / v, 3) for k, v in upc.items() if k != "rewrite"}
     print(json.dumps(doc, indent=1))
     tab = [{"what": k, "wall_s": round(v, 1), "users_per_s": round(ups[k])} for k, v in rows.items()]
-    tab += [{"what": f"compute ({t} thread{'s' * (t > 1)})", "wall_s": round(m / v, 1), "users_per_s": round(v)} for t, v in compute.items()]
+    tab += [
+        {"what": f"compute ({t} thread{'s' * (t > 1)})", "wall_s": round(m / v, 1), "users_per_s": round(v)}
+        for t, v in compute.items()
+    ]
     print(table(tab, ["what", "wall_s", "users_per_s"]))
-    print(table([{"ratio": k, "value": v} for k, v in doc["ratios"].items()]
-                + [{"ratio": "uniqueness check s / rewrite s", "value": doc["uniqueness_check_share_of_rewrite"]}], ["ratio", "value"]))
-    print(table([{"ratio (users per CPU second)": k, "value": v} for k, v in doc["ratios_per_cpu_s"].items()],
-                ["ratio (users per CPU second)", "value"]))
+    print(
+        table(
+            [{"ratio": k, "value": v} for k, v in doc["ratios"].items()]
+            + [{"ratio": "uniqueness check s / rewrite s", "value": doc["uniqueness_check_share_of_rewrite"]}],
+            ["ratio", "value"],
+        )
+    )
+    print(
+        table(
+            [{"ratio (users per CPU second)": k, "value": v} for k, v in doc["ratios_per_cpu_s"].items()],
+            ["ratio (users per CPU second)", "value"],
+        )
+    )
     print(table([{"part": k, "share": v} for k, v in profile["share_of_actor_time"].items()], ["part", "share"]))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -27,8 +27,18 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _scale import (TreeMemory, child_args, du_mb, in_child, make_adapter, make_store, run_child, source_meta, table,  # noqa: E402
-                    target_meta)
+from _scale import (  # noqa: E402
+    TreeMemory,
+    child_args,
+    du_mb,
+    in_child,
+    make_adapter,
+    make_store,
+    run_child,
+    source_meta,
+    table,
+    target_meta,
+)
 
 
 def _rcfg(sets: list[str]):
@@ -42,8 +52,7 @@ def child(spec: dict) -> dict:
         return make_store(spec["uri"], spec["users"], spec["d_in"], spec["l"], seed=spec["seed"])
     from puma_ray.config import RayConfig
     from puma_ray.rewrite import rewrite_store
-    from puma_ray.runtime import actor_pool_size
-    from puma_ray.runtime import init_ray
+    from puma_ray.runtime import actor_pool_size, init_ray
     from puma_ray.schema import StoreMeta
 
     init_ray(RayConfig())
@@ -53,10 +62,18 @@ def child(spec: dict) -> dict:
         t0 = time.time()
         manifest = rewrite_store(spec["source"], spec["adapter"], meta, spec["out"], rcfg)
         wall = time.time() - t0
-    return {"users": spec["users"], "wall_s": round(wall, 1), "users_per_s": round(spec["users"] / wall),
-            "users_per_cpu_s": round(spec["users"] / mem.peak["tree_cpu_s"]),
-            "rows_out": manifest["output"]["rows"], "files_out": len(manifest["output"]["files"]),
-            "out_mb": du_mb(spec["out"]), "rewrite_config": rcfg.model_dump(), "rewrite_actors": actor_pool_size(rcfg, "rewrite"), **mem.peak}
+    return {
+        "users": spec["users"],
+        "wall_s": round(wall, 1),
+        "users_per_s": round(spec["users"] / wall),
+        "users_per_cpu_s": round(spec["users"] / mem.peak["tree_cpu_s"]),
+        "rows_out": manifest["output"]["rows"],
+        "files_out": len(manifest["output"]["files"]),
+        "out_mb": du_mb(spec["out"]),
+        "rewrite_config": rcfg.model_dump(),
+        "rewrite_actors": actor_pool_size(rcfg, "rewrite"),
+        **mem.peak,
+    }
 
 
 def main() -> None:
@@ -88,20 +105,44 @@ def main() -> None:
         gen = None
         if src is None:
             src = f"{work}/source-{n}"
-            gen = in_child(__file__, [json.dumps({"op": "gen", "uri": src, "users": n, "d_in": args.d_in, "l": args.prompt_length,
-                                                  "seed": 0})])
+            gen = in_child(
+                __file__,
+                [
+                    json.dumps(
+                        {"op": "gen", "uri": src, "users": n, "d_in": args.d_in, "l": args.prompt_length, "seed": 0}
+                    )
+                ],
+            )
             print(f"rewrite_scale: wrote a {n}-user source store in {gen['wall_s']} s", file=sys.stderr)
         smeta = read_store_meta(src) if str(n) in reuse else source_meta(args.d_in, args.prompt_length)
         tmeta = target_meta(args.d_out, smeta.prompt_length)
         adapter = make_adapter(f"{work}/adapter-{n}", smeta, tmeta, args.width)
         out = f"{work}/out-{n}"
         shutil.rmtree(out, ignore_errors=True)
-        r = in_child(__file__, [json.dumps({"op": "run", "users": n, "source": src, "adapter": adapter, "out": out,
-                                            "target": tmeta.__dict__, "sets": args.set})])
+        r = in_child(
+            __file__,
+            [
+                json.dumps(
+                    {
+                        "op": "run",
+                        "users": n,
+                        "source": src,
+                        "adapter": adapter,
+                        "out": out,
+                        "target": tmeta.__dict__,
+                        "sets": args.set,
+                    }
+                )
+            ],
+        )
         r["source_mb"] = du_mb(src)
         results.append(r)
-        print(f"rewrite_scale: {n} users in {r['wall_s']} s ({r['users_per_s']}/s), driver peak {r['driver_maxrss_mb']} MB, "
-              f"workers peak {r['workers_rss_sum_mb']} MB RSS; {json.dumps(r)}", file=sys.stderr)
+        print(
+            f"rewrite_scale: {n} users in {r['wall_s']} s ({r['users_per_s']}/s), "
+            f"driver peak {r['driver_maxrss_mb']} MB, "
+            f"workers peak {r['workers_rss_sum_mb']} MB RSS; {json.dumps(r)}",
+            file=sys.stderr,
+        )
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(f"{work}/adapter-{n}", ignore_errors=True)
@@ -114,12 +155,36 @@ def main() -> None:
         r["throughput_vs_smallest"] = round(r["users_per_s"] / base["users_per_s"], 3)
         r["cpu_ratio"] = round(r["tree_cpu_s"] / base["tree_cpu_s"], 2)
         r["users_per_cpu_s_vs_smallest"] = round(r["users_per_cpu_s"] / base["users_per_cpu_s"], 3)
-    doc = {"benchmark": "rewrite_scale", "d_in": args.d_in, "d_out": args.d_out, "adapter_width": args.width,
-           "prompt_length": args.prompt_length, "machine": _machine(), "results": results}
+    doc = {
+        "benchmark": "rewrite_scale",
+        "d_in": args.d_in,
+        "d_out": args.d_out,
+        "adapter_width": args.width,
+        "prompt_length": args.prompt_length,
+        "machine": _machine(),
+        "results": results,
+    }
     print(json.dumps(doc, indent=1))
-    print(table(results, ["users", "wall_s", "users_per_s", "throughput_vs_smallest", "tree_cpu_s", "users_per_cpu_s",
-                          "users_per_cpu_s_vs_smallest", "driver_maxrss_mb", "worker_rss_max_mb", "workers_rss_sum_mb",
-                          "workers_pss_sum_mb", "tree_pss_sum_mb", "workers_seen"]))
+    print(
+        table(
+            results,
+            [
+                "users",
+                "wall_s",
+                "users_per_s",
+                "throughput_vs_smallest",
+                "tree_cpu_s",
+                "users_per_cpu_s",
+                "users_per_cpu_s_vs_smallest",
+                "driver_maxrss_mb",
+                "worker_rss_max_mb",
+                "workers_rss_sum_mb",
+                "workers_pss_sum_mb",
+                "tree_pss_sum_mb",
+                "workers_seen",
+            ],
+        )
+    )
     if not args.keep and not os.listdir(work):
         os.rmdir(work)
 
@@ -127,9 +192,16 @@ def main() -> None:
 def _machine() -> dict:
     import psutil
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version()}
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+    }
 
 
 if __name__ == "__main__":

@@ -48,7 +48,11 @@ def child(spec: dict) -> dict:
             t0 = time.time()
             meta = synthesize(spec["out"], spec["users"], seed=spec["seed"], prompt_width=spec["d"], progress=False)
             wall = time.time() - t0
-        return {"wall_s": round(wall, 1), "rows": meta["train_rows"] + meta["valid_rows"], "driver_maxrss_mb": mem.peak["driver_maxrss_mb"]}
+        return {
+            "wall_s": round(wall, 1),
+            "rows": meta["train_rows"] + meta["valid_rows"],
+            "driver_maxrss_mb": mem.peak["driver_maxrss_mb"],
+        }
     init_ray(RayConfig())
     if op == "profile":
         from puma_ray.profile import profile_users
@@ -66,8 +70,13 @@ def child(spec: dict) -> dict:
             t0 = time.time()
             summary = select_users(cfg, spec["store"], spec["profile"], spec["out"])
             wall = time.time() - t0
-        return {"wall_s": round(wall, 1), "candidates": summary["candidates"], "selected": summary["selected"],
-                "config": cfg.model_dump(), **mem.peak}
+        return {
+            "wall_s": round(wall, 1),
+            "candidates": summary["candidates"],
+            "selected": summary["selected"],
+            "config": cfg.model_dump(),
+            **mem.peak,
+        }
     raise ValueError(op)
 
 
@@ -83,7 +92,9 @@ def inertia_ratio(store: str, n_full: int, users: int, sets: list[str]) -> list[
     parts, have = [], 0
     for f in storage.list_files(store, ".parquet"):  # the first n_full users, one part file at a time
         t = pq.read_table(f, columns=["prompt"])
-        parts.append(np.asarray(t.column("prompt").combine_chunks().flatten().to_numpy(), np.float32).reshape(t.num_rows, -1))
+        parts.append(
+            np.asarray(t.column("prompt").combine_chunks().flatten().to_numpy(), np.float32).reshape(t.num_rows, -1)
+        )
         have += t.num_rows
         if have >= n_full:
             break
@@ -92,18 +103,29 @@ def inertia_ratio(store: str, n_full: int, users: int, sets: list[str]) -> list[
 
     def fit(rows):
         t0 = time.time()
-        km = KMeans(n_clusters=min(cfg.clusters, len(rows)), n_init=cfg.kmeans_n_init, random_state=cfg.seed).fit(x[rows])
+        km = KMeans(n_clusters=min(cfg.clusters, len(rows)), n_init=cfg.kmeans_n_init, random_state=cfg.seed).fit(
+            x[rows]
+        )
         return km, time.time() - t0
 
     full, full_s = fit(np.arange(len(x)))
     full_inertia = -full.score(x)
     out = [{"fit_on": len(x), "fraction": 1.0, "inertia_vs_full_fit": 1.0, "fit_s": round(full_s, 1)}]
-    sizes = sorted({max(cfg.clusters, round(len(x) * min(1.0, cfg.kmeans_sample / users)))} | ({cfg.kmeans_sample} if cfg.kmeans_sample < len(x) else set()))
+    sizes = sorted(
+        {max(cfg.clusters, round(len(x) * min(1.0, cfg.kmeans_sample / users)))}
+        | ({cfg.kmeans_sample} if cfg.kmeans_sample < len(x) else set())
+    )
     rng = np.random.default_rng(cfg.seed)
     for s in sizes:
         km, s_fit = fit(np.sort(rng.choice(len(x), size=s, replace=False)))
-        out.append({"fit_on": s, "fraction": round(s / len(x), 3), "inertia_vs_full_fit": round(-km.score(x) / full_inertia, 4),
-                    "fit_s": round(s_fit, 1)})
+        out.append(
+            {
+                "fit_on": s,
+                "fraction": round(s / len(x), 3),
+                "inertia_vs_full_fit": round(-km.score(x) / full_inertia, 4),
+                "fit_s": round(s_fit, 1),
+            }
+        )
     return out
 
 
@@ -127,24 +149,59 @@ def main() -> None:
     data = args.data or f"{work}/data"
     steps = {}
     if not args.data:
-        steps["synth"] = in_child(__file__, [json.dumps({"op": "synth", "out": data, "users": args.users, "seed": 0, "d": args.d})])
+        steps["synth"] = in_child(
+            __file__, [json.dumps({"op": "synth", "out": data, "users": args.users, "seed": 0, "d": args.d})]
+        )
         print(f"select_scale: synth {steps['synth']}", file=sys.stderr)
     profile = f"{work}/profile"
     steps["profile"] = in_child(__file__, [json.dumps({"op": "profile", "train": f"{data}/train", "out": profile})])
     print(f"select_scale: profile {steps['profile']['wall_s']} s", file=sys.stderr)
-    steps["select"] = in_child(__file__, [json.dumps({"op": "select", "store": f"{data}/prompts", "profile": profile,
-                                                      "out": f"{work}/selection", "sets": args.set})])
+    steps["select"] = in_child(
+        __file__,
+        [
+            json.dumps(
+                {
+                    "op": "select",
+                    "store": f"{data}/prompts",
+                    "profile": profile,
+                    "out": f"{work}/selection",
+                    "sets": args.set,
+                }
+            )
+        ],
+    )
     print(f"select_scale: select {steps['select']['wall_s']} s", file=sys.stderr)
     with open(f"{work}/selection/selection.json") as f:
         selection = json.load(f)
     kmeans = inertia_ratio(f"{data}/prompts", args.full_fit_users, steps["select"]["candidates"], args.set)
-    doc = {"benchmark": "select_scale", "users": args.users, "d": args.d, "steps": steps,
-           "selection": {k: selection.get(k) for k in ("budget", "candidates", "cluster_sizes", "cluster_selected", "topped_up", "variance")},
-           "kmeans_sample_quality": kmeans}
+    doc = {
+        "benchmark": "select_scale",
+        "users": args.users,
+        "d": args.d,
+        "steps": steps,
+        "selection": {
+            k: selection.get(k)
+            for k in ("budget", "candidates", "cluster_sizes", "cluster_selected", "topped_up", "variance")
+        },
+        "kmeans_sample_quality": kmeans,
+    }
     print(json.dumps(doc, indent=1))
-    rows = [{"step": k, "wall_s": v["wall_s"], "driver_maxrss_mb": v.get("driver_maxrss_mb"), "workers_rss_sum_mb": v.get("workers_rss_sum_mb", ""),
-             "workers_pss_sum_mb": v.get("workers_pss_sum_mb", ""), "tree_pss_sum_mb": v.get("tree_pss_sum_mb", "")} for k, v in steps.items()]
-    print(table(rows, ["step", "wall_s", "driver_maxrss_mb", "workers_rss_sum_mb", "workers_pss_sum_mb", "tree_pss_sum_mb"]))
+    rows = [
+        {
+            "step": k,
+            "wall_s": v["wall_s"],
+            "driver_maxrss_mb": v.get("driver_maxrss_mb"),
+            "workers_rss_sum_mb": v.get("workers_rss_sum_mb", ""),
+            "workers_pss_sum_mb": v.get("workers_pss_sum_mb", ""),
+            "tree_pss_sum_mb": v.get("tree_pss_sum_mb", ""),
+        }
+        for k, v in steps.items()
+    ]
+    print(
+        table(
+            rows, ["step", "wall_s", "driver_maxrss_mb", "workers_rss_sum_mb", "workers_pss_sum_mb", "tree_pss_sum_mb"]
+        )
+    )
     print(table(kmeans, ["fit_on", "fraction", "inertia_vs_full_fit", "fit_s"]))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

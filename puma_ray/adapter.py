@@ -17,11 +17,10 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
-from puma_ray import storage
+from puma_ray import storage, weights
+from puma_ray.config import AdapterConfig
 from puma_ray.errors import PumaError
 
 
@@ -49,13 +48,23 @@ class MigrationAdapter(nn.Module):
         self.post = nn.Sequential(*[_Residual(d_out, width, dropout) for _ in range(depth)])
         self.out = nn.Sequential(nn.LayerNorm(d_out), _mlp(d_out, width, d_out, dropout))
 
+    @classmethod
+    def from_config(cls, d_in: int, d_out: int, cfg: AdapterConfig) -> MigrationAdapter:
+        return cls(d_in, d_out, cfg.width, cfg.depth, cfg.dropout)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_in:
             raise PumaError(f"adapter takes source prompts of width {self.d_in}, got {x.shape[-1]}")
         return self.out(self.post(self.proj(self.pre(x))))
 
     def arch(self) -> dict:
-        return {"d_in": self.d_in, "d_out": self.d_out, "width": self.width, "depth": self.depth, "dropout": self.dropout}
+        return {
+            "d_in": self.d_in,
+            "d_out": self.d_out,
+            "width": self.width,
+            "depth": self.depth,
+            "dropout": self.dropout,
+        }
 
 
 def adapter_fingerprint(blob: bytes) -> str:
@@ -67,29 +76,42 @@ def save_adapter(uri_dir: str, adapter: MigrationAdapter, sources: list[dict], t
 
     sources: [{"model", "model_fingerprint", "hidden_size"}...] in concatenation order; target: same keys.
     """
-    blob = st_save({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()})
+    blob = weights.to_bytes(adapter)
     fp = adapter_fingerprint(blob)
     storage.write_bytes(storage.join(uri_dir, "adapter.safetensors"), blob)
-    storage.write_json(storage.join(uri_dir, "adapter.json"), {
-        "arch": adapter.arch(), "sources": sources, "target": target, "prompt_length": prompt_length, "fingerprint": fp,
-    })
+    storage.write_json(
+        storage.join(uri_dir, "adapter.json"),
+        {
+            "arch": adapter.arch(),
+            "sources": sources,
+            "target": target,
+            "prompt_length": prompt_length,
+            "fingerprint": fp,
+        },
+    )
     return fp
 
 
-def load_adapter(uri_dir: str, source_fingerprints: list[str] | None = None, target_fingerprint: str | None = None
-                 ) -> tuple[MigrationAdapter, dict]:
+def load_adapter(
+    uri_dir: str, source_fingerprints: list[str] | None = None, target_fingerprint: str | None = None
+) -> tuple[MigrationAdapter, dict]:
     """-> (adapter in eval mode, its JSON). Refuses a pairing whose model fingerprints differ."""
     meta = storage.read_json(storage.join(uri_dir, "adapter.json"))
     have_src = [s["model_fingerprint"] for s in meta["sources"]]
     if source_fingerprints is not None and list(source_fingerprints) != have_src:
-        raise PumaError(f"{uri_dir}: adapter was trained on source model(s) {[s['model'] for s in meta['sources']]} "
-                        f"(fingerprints {have_src}), not {list(source_fingerprints)}")
+        raise PumaError(
+            f"{uri_dir}: adapter was trained on source model(s) {[s['model'] for s in meta['sources']]} "
+            f"(fingerprints {have_src}), not {list(source_fingerprints)}"
+        )
     if target_fingerprint is not None and meta["target"]["model_fingerprint"] != target_fingerprint:
-        raise PumaError(f"{uri_dir}: adapter was trained for target model {meta['target']['model']!r} "
-                        f"(fingerprint {meta['target']['model_fingerprint']}), not {target_fingerprint}")
+        raise PumaError(
+            f"{uri_dir}: adapter was trained for target model {meta['target']['model']!r} "
+            f"(fingerprint {meta['target']['model_fingerprint']}), not {target_fingerprint}"
+        )
     adapter = MigrationAdapter(**meta["arch"])
     blob = storage.read_bytes(storage.join(uri_dir, "adapter.safetensors"))
     if adapter_fingerprint(blob) != meta["fingerprint"]:
-        raise PumaError(f"{uri_dir}: adapter.safetensors does not match adapter.json (fingerprint mismatch: corrupt or mixed files)")
-    adapter.load_state_dict(st_load(blob))
-    return adapter.eval(), meta
+        raise PumaError(
+            f"{uri_dir}: adapter.safetensors does not match adapter.json (fingerprint mismatch: corrupt or mixed files)"
+        )
+    return weights.load_bytes(adapter, blob).eval(), meta

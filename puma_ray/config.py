@@ -11,10 +11,15 @@ from typing import Literal, Optional, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from puma_ray import storage
 from puma_ray.errors import PumaError
 
 Task = Literal["rating", "ctr"]
 Dtype = Literal["float32", "bfloat16", "float16"]
+# User-selection strategies: each name is one function in select.STRATEGIES (a test checks both agree).
+Strategy = Literal["random", "kmeans_variance"]
+# Public data formats `puma-ray data import` reads: one module each in puma_ray.datasets.
+ImportFormat = Literal["movielens", "recbole", "amazon2023", "yelp", "mind"]
 
 
 class Strict(BaseModel):
@@ -57,12 +62,19 @@ class ScalingConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 0
-    torch_threads: Optional[int] = Field(None, ge=1, description="intra-op threads per worker (default: cpus_per_worker)")
+    torch_threads: Optional[int] = Field(
+        None, ge=1, description="intra-op threads per worker (default: cpus_per_worker)"
+    )
 
 
 class RayConfig(Strict):
     address: Optional[str] = Field(None, description="None: start a local Ray; 'auto' or ray://... to join a cluster")
     num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local Ray (default: max(4, cores))")
+    verbose: bool = Field(
+        False,
+        description="print the worker processes' logs (Ray Train, Ray Data, DeepSpeed) here "
+        "instead of leaving them in the Ray session's log files (CLI: --verbose)",
+    )
 
 
 class StorageConfig(Strict):
@@ -72,8 +84,11 @@ class StorageConfig(Strict):
 class RunConfig(Strict):
     name: str = "puma"
     storage_path: str = Field("./runs", description="where Ray Train keeps checkpoints (path or s3://)")
-    max_failures: int = Field(0, ge=-1, description="Ray Train restarts after a worker failure, resuming from the latest "
-                              "checkpoint (-1: unlimited)")
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="Ray Train restarts after a worker failure, resuming from the latest checkpoint (-1: unlimited)",
+    )
 
 
 class DataConfig(Strict):
@@ -101,8 +116,12 @@ class PromptsConfig(Strict):
 class ActorPoolConfig(Strict):
     """A Ray Data actor pool (sized by ``runtime.actor_pool_size``)."""
 
-    actors: Optional[int] = Field(None, ge=1, description="pool size (default: as many actors as the cluster's CPUs (a local "
-                                  "Ray: its cores), or GPUs when num_gpus > 0, hold)")
+    actors: Optional[int] = Field(
+        None,
+        ge=1,
+        description="pool size (default: as many actors as the cluster's CPUs (a local "
+        "Ray: its cores), or GPUs when num_gpus > 0, hold)",
+    )
     num_gpus: float = Field(0, ge=0, description="GPUs per actor (0 on CPU clusters)")
     cpus_per_actor: float = Field(1, gt=0)
 
@@ -118,11 +137,16 @@ class EvaluateConfig(Strict):
     """``puma-ray evaluate``: score stage outputs and baselines on held-out interactions."""
 
     task: Task = "rating"
-    model: Optional[ModelConfig] = Field(None, description="model for every run (default: the model each store records)")
+    model: Optional[ModelConfig] = Field(
+        None, description="model for every run (default: the model each store records)"
+    )
     data: DataConfig = Field(description="train (for mean baselines) and valid (scored)")
     runs: dict[str, str] = Field(default_factory=dict, description="method name -> output URI of a prompts/migrate run")
-    subsets: dict[str, str] = Field(default_factory=dict, description="name -> Parquet URI with user_id: metrics also "
-                                    "reported for users inside (<metric>_in_<name>) and outside (<metric>_out_<name>)")
+    subsets: dict[str, str] = Field(
+        default_factory=dict,
+        description="name -> Parquet URI with user_id: metrics also "
+        "reported for users inside (<metric>_in_<name>) and outside (<metric>_out_<name>)",
+    )
     baselines: list[Literal["global_mean", "user_mean"]] = ["global_mean", "user_mean"]
     output: Optional[str] = Field(None, description="URI of the JSON report")
     scoring: ScoringConfig = ScoringConfig()
@@ -144,11 +168,13 @@ class SelectConfig(Strict):
     ``strategy`` names a function in ``puma_ray.select.STRATEGIES``; ``budget`` is a user count
     (>= 1) or a fraction of the users (0 < budget < 1)."""
 
-    strategy: str = "kmeans_variance"
+    strategy: Strategy = "kmeans_variance"
     budget: float = Field(2000, gt=0)
     clusters: int = Field(15, ge=1, description="K-means k on the source prompts")
     variance_groups: int = Field(5, ge=1, description="label-variance quantile groups inside each cluster")
-    gaussian_span: float = Field(2.0, gt=0, description="group weights exp(-x^2/2) + floor on x in linspace(-span, span)")
+    gaussian_span: float = Field(
+        2.0, gt=0, description="group weights exp(-x^2/2) + floor on x in linspace(-span, span)"
+    )
     gaussian_floor: float = Field(0.1, ge=0)
     min_per_cluster: int = Field(50, ge=0)
     kmeans_sample: int = Field(100_000, ge=1, description="K-means is fit on at most this many users; all are assigned")
@@ -182,8 +208,12 @@ class RewriteConfig(ActorPoolConfig):
     CPU node; on GPUs raise ``batch_size`` (e.g. 16384) and set ``num_gpus`` per actor."""
 
     batch_size: int = Field(4096, ge=1, description="prompts per adapter forward")
-    min_rows_per_file: int = Field(16_384, ge=1, description="consecutive input row groups are merged into one output "
-                                   "file until it holds at least this many users (within one input file)")
+    min_rows_per_file: int = Field(
+        16_384,
+        ge=1,
+        description="consecutive input row groups are merged into one output "
+        "file until it holds at least this many users (within one input file)",
+    )
     max_rows_per_file: int = Field(131_072, ge=1, description="an output file never holds more users than this")
     resume: bool = Field(True, description="re-running with the same output, input and adapter keeps finished files")
     verify: bool = Field(True, description="after writing, prove every user appears exactly once (a Ray Data groupby)")
@@ -208,7 +238,9 @@ class MigrateConfig(Strict):
     sources: list[str] = Field(min_length=1, description="source prompt store URIs (several = aggregate)")
     chain: list[ModelConfig] = Field(default_factory=list, description="intermediate models of a chained migration")
     data: DataConfig
-    output: str = Field(description="URI: profile/, selection/, adapter/, prompts/ (target store), manifest.json, head, report")
+    output: str = Field(
+        description="URI: profile/, selection/, adapter/, prompts/ (target store), manifest.json, head, report"
+    )
     template: Optional[str] = None
     prompt_length: Optional[int] = Field(None, ge=1, description="set from the source store; leave empty")
     select: SelectConfig = SelectConfig()
@@ -218,7 +250,9 @@ class MigrateConfig(Strict):
     validation: ValidationConfig = ValidationConfig()
     scaling: ScalingConfig = ScalingConfig()
     rewrite: RewriteConfig = RewriteConfig()
-    compare: dict[str, str] = Field(default_factory=dict, description="name -> run URI scored beside PUMA (full_retrain, ...)")
+    compare: dict[str, str] = Field(
+        default_factory=dict, description="name -> run URI scored beside PUMA (full_retrain, ...)"
+    )
     evaluate: bool = True
     scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()
@@ -264,25 +298,49 @@ class TuneConfig(Strict):
 
     base: MigrateConfig = Field(description="the migration every trial starts from (its output is set per trial)")
     search: dict[str, dict[SearchKind, list]] = Field(
-        min_length=1, description="dotted MigrateConfig key -> {choice|grid: [values]} or {uniform|loguniform|randint: [low, high]}")
+        min_length=1,
+        description="dotted MigrateConfig key -> {choice|grid: [values]} or {uniform|loguniform|randint: [low, high]}",
+    )
     scheduler: SchedulerConfig = SchedulerConfig()
-    metric: Optional[str] = Field(None, description="validation metric reported per epoch (default val_rmse for rating, val_auc for ctr)")
-    mode: Optional[Literal["min", "max"]] = Field(None, description="default: min for val_rmse/val_mae/val_loss, max for val_auc")
-    cost: Literal["lm_sample_passes", "wall_s", "selected_users"] = Field("lm_sample_passes", description="cost axis of the Pareto frontier")
+    metric: Optional[str] = Field(
+        None, description="validation metric reported per epoch (default val_rmse for rating, val_auc for ctr)"
+    )
+    mode: Optional[Literal["min", "max"]] = Field(
+        None, description="default: min for val_rmse/val_mae/val_loss, max for val_auc"
+    )
+    cost: Literal["lm_sample_passes", "wall_s", "selected_users"] = Field(
+        "lm_sample_passes", description="cost axis of the Pareto frontier"
+    )
     num_samples: int = Field(8, ge=1, description="trials drawn (with grid values: repeats of the grid)")
-    max_concurrent: Optional[int] = Field(None, ge=1, description="default: the cluster's CPUs // (num_workers * cpus_per_worker + driver_cpus)")
-    driver_cpus: float = Field(1.0, ge=0, description="CPUs a trial needs beyond its Train workers (its driver and its Ray Data "
-                               "tasks); counted when deriving max_concurrent")
+    max_concurrent: Optional[int] = Field(
+        None, ge=1, description="default: the cluster's CPUs // (num_workers * cpus_per_worker + driver_cpus)"
+    )
+    driver_cpus: float = Field(
+        1.0,
+        ge=0,
+        description="CPUs a trial needs beyond its Train workers (its driver and its Ray Data "
+        "tasks); counted when deriving max_concurrent",
+    )
     seed: Optional[int] = Field(None, description="seed of the random search (same seed, same trial values)")
-    output: str = Field(description="URI: trials/<id>/ (each trial's migration), results.json, pareto.json, pareto.md, frontier.png, best/")
-    storage_path: str = Field("./runs/tune", description="where Ray Tune keeps the experiment; a rerun with the same name resumes it")
+    output: str = Field(
+        description="URI: trials/<id>/ (each trial's migration), results.json, pareto.json, pareto.md, "
+        "frontier.png, best/"
+    )
+    storage_path: str = Field(
+        "./runs/tune", description="where Ray Tune keeps the experiment; a rerun with the same name resumes it"
+    )
     name: str = Field("puma-tune", description="experiment name: the search lives at storage_path/name")
 
     @model_validator(mode="before")
     @classmethod
     def _base_output(cls, data):
         """The base migration needs no output of its own: every trial gets one."""
-        if isinstance(data, dict) and isinstance(data.get("base"), dict) and "output" not in data["base"] and data.get("output"):
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("base"), dict)
+            and "output" not in data["base"]
+            and data.get("output")
+        ):
             data = {**data, "base": {**data["base"], "output": data["output"]}}
         return data
 
@@ -292,15 +350,26 @@ class TuneConfig(Strict):
         for key, spec in v.items():
             if len(spec) != 1:
                 raise ValueError(f"{key}: give exactly one of choice, grid, uniform, loguniform, randint")
-            (kind, values), = spec.items()
+            ((kind, values),) = spec.items()
             if kind in ("choice", "grid") and not values:
                 raise ValueError(f"{key}: {kind} needs at least one value")
             if kind in ("uniform", "loguniform", "randint"):
-                if len(values) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values) or not values[0] < values[1]:
+                if (
+                    len(values) != 2
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)
+                    or not values[0] < values[1]
+                ):
                     raise ValueError(f"{key}: {kind} needs [low, high] numbers with low < high")
                 if kind == "loguniform" and values[0] <= 0:
                     raise ValueError(f"{key}: loguniform needs low > 0")
         return v
+
+    def trial_config(self, values: dict, trial_id: str) -> MigrateConfig:
+        """The MigrateConfig of one trial: ``base`` + the trial's (nested) search ``values``, with its
+        own output (OUTPUT/trials/<trial_id>) and Train run name."""
+        over = {"output": storage.join(self.output, "trials", trial_id), "run": {"name": f"{self.name}-{trial_id}"}}
+        data = deep_merge(deep_merge(self.base.model_dump(), values), over)
+        return build(MigrateConfig, data, source=f"trial {trial_id}")
 
     @model_validator(mode="after")
     def _metric_mode(self):
@@ -313,6 +382,66 @@ class TuneConfig(Strict):
         if not self.base.data.valid:
             raise ValueError("base.data.valid is required: trials are compared on the validation metric")
         return self
+
+
+class ImportOptions(Strict):
+    """Options of ``puma-ray data import`` (every field is a command-line option); see
+    puma_ray.datasets.importers for what each step does."""
+
+    min_item_interactions: int = Field(10, ge=1, description="keep items with at least this many interactions")
+    min_user_interactions: int = Field(
+        20, ge=1, description="then keep users with at least this many interactions with kept items"
+    )
+    max_per_user: int = Field(85, ge=0, description="then keep each user's most recent N interactions (0: all)")
+    valid_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="the last fraction of each user's interactions (by time) go to valid"
+    )
+    rating_rule: Literal["ceil", "round", "scale", "strict"] = Field(
+        "ceil",
+        description="ratings that are not integers 1..5: ceil (0.5->1, 4.5->5), round (half up), "
+        "scale (linear [rating_min, 5] onto [1, 5], keeps fractions) or strict (drop them as bad_rating)",
+    )
+    rating_min: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="lowest rating of the source scale (default: 0.5 for MovieLens ratings.csv and RecBole, "
+        "else 1); ratings below it are bad_rating",
+    )
+    missing_text: Literal["drop", "item_id"] = Field(
+        "drop", description="rows whose item has no text: drop them (missing_item_text) or use the item id as text"
+    )
+    history_size: int = Field(
+        5,
+        ge=0,
+        description="mind: history_text = the titles of the last N clicks of the history column (oldest first; "
+        "ids without a title left out)",
+    )
+    text_field: str | None = Field(
+        None,
+        description="recbole: the .item field used as item_text (default: the first token_seq field named *title*)",
+    )
+    label_field: str | None = Field(
+        None, description="recbole: the .inter label field (default: rating, else label; a field named label is ctr)"
+    )
+    reviews_file: str | None = Field(
+        None, description="amazon2023: the reviews JSONL(.gz) file (a name inside --src, or a path/URI)"
+    )
+    meta_file: str | None = Field(
+        None, description="amazon2023: the item metadata JSONL(.gz) file (a name inside --src, or a path/URI)"
+    )
+    buckets: int = Field(
+        0,
+        ge=0,
+        le=65536,
+        description="user hash buckets = output parts; peak memory ~ one bucket (0: one per 64 MiB of source)",
+    )
+    chunk_lines: int = Field(
+        200_000, ge=1, description="source lines parsed per chunk (mind: rows; a behaviors line holds ~40 of them)"
+    )
+    tmp_dir: str | None = Field(
+        None, description="where pass-1 buckets go (default OUT/_tmp); removed when the import ends"
+    )
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -359,9 +488,7 @@ def build(cls: type[C], data: dict, source: str = "config") -> C:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
         raise PumaError(f"{source}: {problems}") from None
 
 
@@ -369,8 +496,6 @@ def load(cls: type[C], path: str | None, overrides: list[str] = ()) -> C:
     """Read YAML ``path`` (may be None), apply overrides, validate into ``cls``."""
     data: dict = {}
     if path:
-        from puma_ray import storage
-
         try:
             data = yaml.safe_load(storage.read_bytes(path)) or {}
         except yaml.YAMLError as exc:

@@ -5,10 +5,16 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import ray.data
 
 from puma_ray import schema, storage
 from puma_ray.errors import PumaError
+
+# Rows per hash-shuffle partition (groupby, join): tiny inputs get one partition, so one aggregator
+# actor to start instead of Ray's default pool.
+ROWS_PER_PARTITION = 2_000_000
 
 
 def _checked(batch: pa.Table, uri: str, task: str) -> pa.Table:
@@ -27,10 +33,15 @@ def load_interactions(uri: str, task: str):
     return ds.map_batches(functools.partial(_checked, uri=uri, task=task), batch_format="pyarrow"), rows
 
 
+def shuffle_partitions(rows: int, at_least: int = 1) -> int:
+    """Hash partitions of a groupby or join over ``rows`` rows: one per ROWS_PER_PARTITION, at least
+    ``at_least`` (e.g. the Train workers a joined dataset is split over), at most Ray's default."""
+    cap = ray.data.DataContext.get_current().default_hash_shuffle_parallelism
+    return int(min(max(cap, at_least), max(at_least, -(-rows // ROWS_PER_PARTITION))))
+
+
 def user_hash(ids) -> np.ndarray:
     """(n,) user ids -> (n,) uint64, stable across processes and runs (pandas' hash_array, fixed key)."""
-    import pandas as pd
-
     return pd.util.hash_array(np.asarray(ids, dtype=object))
 
 

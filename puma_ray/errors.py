@@ -1,5 +1,8 @@
 """The one exception type a user sees: a one-line message naming the input and the problem."""
 
+import functools
+import re
+
 
 class PumaError(Exception):
     """A user-facing error (bad input, bad config, unreachable storage).
@@ -11,8 +14,6 @@ class PumaError(Exception):
 def find_user_error(exc: BaseException) -> PumaError | None:
     """The PumaError behind ``exc``, if any: Ray wraps worker/task errors (RayTaskError,
     WorkerGroupError, ActorDiedError) around the original, sometimes only as text."""
-    import re
-
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -33,7 +34,6 @@ def find_user_error(exc: BaseException) -> PumaError | None:
 def user_errors(fn):
     """Decorator for stage entry functions: a PumaError raised anywhere below (driver, Ray task,
     actor, train worker) reaches the caller as a plain one-line PumaError."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -14,37 +14,57 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray.data
 import torch
+from sklearn.metrics import roc_auc_score
 
-from puma_ray import storage
+from puma_ray import console, storage
 from puma_ray.config import EvaluateConfig
-from puma_ray.data import load_interactions
+from puma_ray.data import load_interactions, shuffle_partitions
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import load_head
 from puma_ray.llm import FrozenLM, model_info
-from puma_ray.profile import shuffle_partitions
-from puma_ray.schema import read_store_meta
+from puma_ray.runtime import actor_device, actor_pool_size, init_ray
+from puma_ray.schema import decode_prompts, read_store_meta
 
 
 class PromptScorer:
     """map_batches callable over valid rows joined with their users' prompts:
     (user_id, label, item_text[, history_text], prompt (l*d)) -> (user_id, label, pred).
 
-    Only the LM and the head live in the actor; prompts arrive in the rows."""
+    Only the LM and the head live in the actor; prompts arrive in the rows. Rows scored are
+    counted on the driver's console (``relay``: a console.Relay handle, under ``label``)."""
 
-    def __init__(self, model: dict, task: str, run_uri: str, batch_size: int, num_gpus: float = 0):
-        from puma_ray.runtime import actor_device
-
+    def __init__(
+        self,
+        model: dict,
+        task: str,
+        run_uri: str,
+        batch_size: int,
+        num_gpus: float = 0,
+        relay=None,
+        label: str = "",
+        total: int | None = None,
+    ):
         meta = read_store_meta(storage.join(run_uri, "prompts"))
         self.device = actor_device(num_gpus)
-        self.lm = FrozenLM(model["path"], task, meta.template, meta.prompt_length, model["dtype"], model["attn_implementation"], self.device)
+        self.lm = FrozenLM(
+            model["path"],
+            task,
+            meta.template,
+            meta.prompt_length,
+            model["dtype"],
+            model["attn_implementation"],
+            self.device,
+        )
         self.head = load_head(run_uri, task, self.lm.fingerprint).to(self.device)
         self.l, self.d, self.batch_size = meta.prompt_length, meta.hidden_size, batch_size
+        self.counter = console.RemoteProgress(relay, label, total, "rows", every=0.0)
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        p = batch["prompt"]
-        prompts = torch.as_tensor(np.asarray(np.stack(p) if p.dtype == object else p, np.float32)).view(len(p), self.l, self.d).to(self.device)
+        p = decode_prompts(batch, self.l * self.d)
+        prompts = torch.from_numpy(p).view(len(p), self.l, self.d).to(self.device)
         pred = np.empty(len(p), dtype=np.float32)
         hist = batch.get("history_text")
         for s in range(0, len(p), self.batch_size):
@@ -52,10 +72,8 @@ class PromptScorer:
             inputs = self.lm.collate(batch["item_text"][rows], hist[rows] if hist is not None else None)
             out = self.lm.forward(prompts[rows], inputs, want_hidden=self.head.wants_hidden)
             pred[rows] = self.head.predict(out).float().cpu().numpy()
+        self.counter.add(len(p))
         return {"user_id": batch["user_id"], "label": batch["label"], "pred": pred}
-
-
-METRIC_NAMES = ("rmse", "mae", "auc", "uauc")
 
 
 def _sides(groups) -> list[str]:
@@ -101,13 +119,15 @@ class SortedAUC:
         pos = np.add.reduceat(lab.astype(np.int64), start)
         neg = np.add.reduceat((~lab).astype(np.int64), start)
         if self.carry is not None and vals[0] == self.carry[0]:
-            pos[0] += self.carry[1]; neg[0] += self.carry[2]
+            pos[0] += self.carry[1]
+            neg[0] += self.carry[2]
         elif self.carry is not None:
             vals, pos, neg = np.r_[self.carry[0], vals], np.r_[self.carry[1], pos], np.r_[self.carry[2], neg]
         below = self.negs_below + np.cumsum(neg) - neg
         self.pairs += float((pos[:-1] * (below[:-1] + 0.5 * neg[:-1])).sum())
         self.negs_below = float(below[-1])
-        self.pos_total += int(pos[:-1].sum()); self.neg_total += int(neg[:-1].sum())
+        self.pos_total += int(pos[:-1].sum())
+        self.neg_total += int(neg[:-1].sum())
         self.carry = (vals[-1], int(pos[-1]), int(neg[-1]))
 
     def rows(self) -> int:
@@ -117,7 +137,8 @@ class SortedAUC:
         pairs, p, n = self.pairs, self.pos_total, self.neg_total
         if self.carry is not None:
             pairs += self.carry[1] * (self.negs_below + 0.5 * self.carry[2])
-            p += self.carry[1]; n += self.carry[2]
+            p += self.carry[1]
+            n += self.carry[2]
         return pairs / (p * n) if p and n else float("nan")
 
 
@@ -132,12 +153,16 @@ def sorted_auc(batches) -> float:
 def _user_auc(group: pd.DataFrame, groups=()) -> pd.DataFrame:
     """One user's rows -> (auc_sum, users[, in_<g>]): their AUC and 1, or 0 and 0 when they have one
     class only; the user's subset flags are carried along."""
-    from sklearn.metrics import roc_auc_score
 
     y = group["label"].to_numpy() > 0.5
     both = 0 < y.sum() < len(y)
-    return pd.DataFrame({"auc_sum": [float(roc_auc_score(y, group["pred"].to_numpy())) if both else 0.0], "users": [int(both)],
-                         **{f"in_{g}": [bool(group[f"in_{g}"].iloc[0])] for g in groups}})
+    return pd.DataFrame(
+        {
+            "auc_sum": [float(roc_auc_score(y, group["pred"].to_numpy())) if both else 0.0],
+            "users": [int(both)],
+            **{f"in_{g}": [bool(group[f"in_{g}"].iloc[0])] for g in groups},
+        }
+    )
 
 
 def _uauc_sums(batch: pd.DataFrame, groups=()) -> pd.DataFrame:
@@ -156,18 +181,37 @@ def dataset_metrics(task: str, ds, groups: tuple[str, ...] = ()) -> dict:
     Nothing per row is collected; a selection without rows gets no metrics."""
     flags = [f"in_{g}" for g in groups]
     if task == "rating":
-        sums = ds.select_columns(["label", "pred", *flags]).map_batches(_error_sums, fn_kwargs={"groups": groups},
-                                                                        batch_format="pyarrow").to_pandas().sum()
+        sums = (
+            ds.select_columns(["label", "pred", *flags])
+            .map_batches(_error_sums, fn_kwargs={"groups": groups}, batch_format="pyarrow")
+            .to_pandas()
+            .sum()
+        )
         if sums.get("n", 0) == 0:
             raise PumaError("no valid row could be scored (no user of the valid set has a prompt)")
-        return {f"{k}{side}": v for side in _sides(groups) if sums[f"n{side}"] > 0
-                for k, v in (("rmse", math.sqrt(sums[f"se{side}"] / sums[f"n{side}"])), ("mae", float(sums[f"ae{side}"] / sums[f"n{side}"])))}
+        return {
+            f"{k}{side}": v
+            for side in _sides(groups)
+            if sums[f"n{side}"] > 0
+            for k, v in (
+                ("rmse", math.sqrt(sums[f"se{side}"] / sums[f"n{side}"])),
+                ("mae", float(sums[f"ae{side}"] / sums[f"n{side}"])),
+            )
+        }
     aucs: dict[str, SortedAUC] = {}
-    for b in ds.select_columns(["label", "pred", *flags]).sort("pred").iter_batches(batch_format="numpy", batch_size=65_536):
+    for b in (
+        ds.select_columns(["label", "pred", *flags]).sort("pred").iter_batches(batch_format="numpy", batch_size=65_536)
+    ):
         for side, m in _masks(b, groups).items():
-            aucs.setdefault(side, SortedAUC()).add(b["pred"] if m is None else b["pred"][m], b["label"] if m is None else b["label"][m])
-    per_user = ds.select_columns(["user_id", "label", "pred", *flags]).groupby("user_id", num_partitions=shuffle_partitions(ds.count())) \
+            aucs.setdefault(side, SortedAUC()).add(
+                b["pred"] if m is None else b["pred"][m], b["label"] if m is None else b["label"][m]
+            )
+    rows = aucs[""].rows() if "" in aucs else 0
+    per_user = (
+        ds.select_columns(["user_id", "label", "pred", *flags])
+        .groupby("user_id", num_partitions=shuffle_partitions(rows))
         .map_groups(_user_auc, fn_kwargs={"groups": groups}, batch_format="pandas")
+    )
     sums = per_user.map_batches(_uauc_sums, fn_kwargs={"groups": groups}, batch_format="pandas").to_pandas().sum()
     out = {"uauc_users": int(sums.get("users", 0))}
     for side, auc in aucs.items():
@@ -185,11 +229,15 @@ def _run_model(cfg: EvaluateConfig, run_uri: str) -> dict:
     Raises PumaError when the store was made for a model with another fingerprint."""
     store_uri = storage.join(run_uri, "prompts")
     meta = read_store_meta(store_uri)
-    model = cfg.model.model_dump() if cfg.model else {"path": meta.model, "dtype": "float32", "attn_implementation": "sdpa"}
+    model = (
+        cfg.model.model_dump() if cfg.model else {"path": meta.model, "dtype": "float32", "attn_implementation": "sdpa"}
+    )
     fingerprint, _ = model_info(model["path"])
     if meta.model_fingerprint != fingerprint:
-        raise PumaError(f"{store_uri}: prompt store was made for model {meta.model!r} (fingerprint {meta.model_fingerprint}); "
-                        f"model {model['path']!r} has fingerprint {fingerprint}")
+        raise PumaError(
+            f"{store_uri}: prompt store was made for model {meta.model!r} (fingerprint {meta.model_fingerprint}); "
+            f"model {model['path']!r} has fingerprint {fingerprint}"
+        )
     return model
 
 
@@ -204,7 +252,9 @@ def _with_subsets(ds, subsets: dict[str, pa.Array]):
 
     def flag(batch: pa.Table) -> pa.Table:
         for name, users in subsets.items():
-            batch = batch.append_column(f"in_{name}", pc.is_in(batch.column("user_id").cast(pa.string()), value_set=users))
+            batch = batch.append_column(
+                f"in_{name}", pc.is_in(batch.column("user_id").cast(pa.string()), value_set=users)
+            )
         return batch
 
     return ds.map_batches(flag, batch_format="pyarrow")
@@ -215,10 +265,22 @@ def _report_metrics(task: str, scored, subsets: dict[str, pa.Array]) -> dict:
     return dataset_metrics(task, _with_subsets(scored, subsets).materialize(), tuple(subsets))
 
 
-def _user_mean_scored(train_ds, valid_ds, g: float):
-    """user_mean baseline rows: each valid row predicted by its user's mean train label (global for unseen users)."""
-    means = train_ds.groupby("user_id", num_partitions=4).mean("label").rename_columns({"mean(label)": "user_mean"})
-    joined = valid_ds.select_columns(["user_id", "label"]).join(means, join_type="left_outer", num_partitions=4, on=("user_id",))
+def _global_mean(train_ds, train_rows: int, valid_ds, valid_rows: int, g: float):
+    """global_mean baseline rows: every valid row predicted by the mean train label ``g``."""
+
+    def fill(batch: pa.Table) -> pa.Table:
+        return batch.append_column("pred", pa.array(np.full(batch.num_rows, g)))
+
+    return valid_ds.select_columns(["user_id", "label"]).map_batches(fill, batch_format="pyarrow")
+
+
+def _user_mean(train_ds, train_rows: int, valid_ds, valid_rows: int, g: float):
+    """user_mean baseline rows: each valid row predicted by its user's mean train label (``g`` for unseen users)."""
+    means = train_ds.groupby("user_id", num_partitions=shuffle_partitions(train_rows)).mean("label")
+    means = means.rename_columns({"mean(label)": "user_mean"})
+    joined = valid_ds.select_columns(["user_id", "label"]).join(
+        means, join_type="left_outer", num_partitions=shuffle_partitions(valid_rows), on=("user_id",)
+    )
 
     def fill(batch: pa.Table) -> pa.Table:
         pred = pc.fill_null(batch.column("user_mean").cast(pa.float64()), g)
@@ -227,51 +289,89 @@ def _user_mean_scored(train_ds, valid_ds, g: float):
     return joined.map_batches(fill, batch_format="pyarrow")
 
 
+BASELINES = {"global_mean": _global_mean, "user_mean": _user_mean}  # name -> scored valid rows (no LM)
+
+
+def _score_run(cfg: EvaluateConfig, name: str, run_uri: str, model: dict, valid_ds, valid_rows: int, relay):
+    """Valid rows of the users with a prompt in ``run_uri`` joined with their prompts and scored
+    by an actor pool (LM + head per actor; rows counted on the console through ``relay``, a
+    console.Relay handle) -> materialized (user_id, label, pred) rows."""
+    sc = cfg.scoring
+    pool = actor_pool_size(sc, "scoring")
+    prompts = storage.ray_read_parquet(storage.join(run_uri, "prompts"), columns=["user_id", "prompt"])
+    partitions = shuffle_partitions(valid_rows, at_least=pool)  # one block per actor at least
+    joined = valid_ds.join(prompts, join_type="inner", num_partitions=partitions, on=("user_id",))
+    scorer_args = {
+        "model": model,
+        "task": cfg.task,
+        "run_uri": run_uri,
+        "batch_size": sc.batch_size,
+        "num_gpus": sc.num_gpus,
+        "relay": relay,
+        "label": f"evaluate: scoring {name}",
+        "total": valid_rows,
+    }
+    return joined.map_batches(
+        PromptScorer,
+        fn_constructor_kwargs=scorer_args,
+        batch_size=4 * sc.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool),
+        num_gpus=sc.num_gpus,
+        num_cpus=sc.cpus_per_actor,
+    ).materialize()
+
+
 @user_errors
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Entry: score every run in ``cfg.runs`` and the baselines on ``cfg.data.valid``; print a table.
 
     Valid rows are joined (Ray Data hash join) with each run's prompt store and scored by an actor
     pool holding only the LM and head; rows of users without a prompt are counted, not scored."""
-    import ray.data
-
-    from puma_ray.runtime import actor_pool_size, init_ray
-
     init_ray(cfg.ray, cfg.storage)
     if not cfg.data.valid:
         raise PumaError("evaluate needs data.valid (the held-out interactions)")
     valid_ds, valid_rows = load_interactions(cfg.data.valid, cfg.task)
-    models = {name: _run_model(cfg, run_uri) for name, run_uri in cfg.runs.items()}  # refuses mismatches before any actor starts
-    subsets = {name: storage.read_table(uri, columns=["user_id"]).column("user_id").combine_chunks().cast(pa.string())
-               for name, uri in cfg.subsets.items()}
+    models = {name: _run_model(cfg, uri) for name, uri in cfg.runs.items()}  # mismatches refused before any work
+    subsets = {
+        name: storage.read_table(uri, columns=["user_id"]).column("user_id").combine_chunks().cast(pa.string())
+        for name, uri in cfg.subsets.items()
+    }
     valid_users = _distinct_users(valid_ds, valid_rows)
-    sc, pool = cfg.scoring, actor_pool_size(cfg.scoring, "scoring")
+    names = [*cfg.runs, *cfg.baselines]
+    console.say(
+        f"evaluate: {len(names)} method(s) ({', '.join(names)}) on {valid_rows:,} valid rows of {valid_users:,} users"
+    )
     results = {}
-    for name, run_uri in cfg.runs.items():
-        summary_uri = storage.join(run_uri, "summary.json")
-        summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
-        prompts = storage.ray_read_parquet(storage.join(run_uri, "prompts"), columns=["user_id", "prompt"])
-        scored = valid_ds.join(prompts, join_type="inner", num_partitions=4, on=("user_id",)).map_batches(
-            PromptScorer, fn_constructor_kwargs={"model": models[name], "task": cfg.task, "run_uri": run_uri,
-                                                 "batch_size": sc.batch_size, "num_gpus": sc.num_gpus},
-            batch_size=4 * sc.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool),
-            num_gpus=sc.num_gpus, num_cpus=sc.cpus_per_actor,
-        ).materialize()
-        rows = scored.count()
-        if rows == 0:
-            raise PumaError(f"{run_uri}: no valid row could be scored (no user of {cfg.data.valid} has a prompt)")
-        results[name] = {**_report_metrics(cfg.task, scored, subsets), "scored_rows": rows, "unknown_rows": valid_rows - rows,
-                         "unknown_users": valid_users - _distinct_users(scored, rows),
-                         "lm_sample_passes": summary.get("lm_sample_passes", 0), "wall_s": summary.get("wall_s", 0.0)}
+    with console.Relay() as relay:
+        for name, run_uri in cfg.runs.items():
+            summary_uri = storage.join(run_uri, "summary.json")
+            summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
+            scored = _score_run(cfg, name, run_uri, models[name], valid_ds, valid_rows, relay.handle)
+            rows = scored.count()
+            if rows == 0:
+                raise PumaError(f"{run_uri}: no valid row could be scored (no user of {cfg.data.valid} has a prompt)")
+            results[name] = {
+                **_report_metrics(cfg.task, scored, subsets),
+                "scored_rows": rows,
+                "unknown_rows": valid_rows - rows,
+                "unknown_users": valid_users - _distinct_users(scored, rows),
+                "lm_sample_passes": summary.get("lm_sample_passes", 0),
+                "wall_s": summary.get("wall_s", 0.0),
+            }
     if cfg.baselines:
-        train_ds, _ = load_interactions(cfg.data.train, cfg.task)
+        train_ds, train_rows = load_interactions(cfg.data.train, cfg.task)
         g = float(train_ds.mean("label"))
-        base = {"global_mean": lambda: valid_ds.select_columns(["user_id", "label"]).map_batches(
-                    lambda b: b.append_column("pred", pa.array(np.full(b.num_rows, g))), batch_format="pyarrow"),
-                "user_mean": lambda: _user_mean_scored(train_ds, valid_ds, g)}
         for name in cfg.baselines:
-            results[name] = {**_report_metrics(cfg.task, base[name](), subsets), "scored_rows": valid_rows, "unknown_rows": 0,
-                             "unknown_users": 0, "lm_sample_passes": 0, "wall_s": 0.0}
+            scored = BASELINES[name](train_ds, train_rows, valid_ds, valid_rows, g)
+            results[name] = {
+                **_report_metrics(cfg.task, scored, subsets),
+                "scored_rows": valid_rows,
+                "unknown_rows": 0,
+                "unknown_users": 0,
+                "lm_sample_passes": 0,
+                "wall_s": 0.0,
+            }
     report = {"task": cfg.task, "valid": cfg.data.valid, "methods": results}
     print(format_table(report))
     if cfg.output:
@@ -284,12 +384,15 @@ def format_table(report: dict) -> str:
     task = report["task"]
     cols = ["rmse", "mae"] if task == "rating" else ["auc", "uauc"]
     methods = report["methods"]
-    subs = sorted({k[len(cols[0]) + 4:] for m in methods.values() for k in m if k.startswith(f"{cols[0]}_in_")})
+    subs = sorted({k[len(cols[0]) + 4 :] for m in methods.values() for k in m if k.startswith(f"{cols[0]}_in_")})
     extra = [f"{cols[0]}_{side}_{sub}" for sub in subs for side in ("in", "out")]
     head = [c.upper() for c in cols] + [f"{cols[0].upper()} {side} {sub}" for sub in subs for side in ("in", "out")]
-    lines = [f"| method | {' | '.join(head)} | LM sample-passes | wall s | unknown rows |",
-             "|---|" + "---:|" * (len(head) + 3)]
+    lines = [
+        f"| method | {' | '.join(head)} | LM sample-passes | wall s | unknown rows |",
+        "|---|" + "---:|" * (len(head) + 3),
+    ]
     for name, m in methods.items():
         vals = " | ".join(f"{m[c]:.4f}" if c in m else "" for c in cols + extra)
-        lines.append(f"| {name} | {vals} | {int(m.get('lm_sample_passes', 0)):,} | {m.get('wall_s', 0):.1f} | {m.get('unknown_rows', 0)} |")
+        cost = f"{int(m.get('lm_sample_passes', 0)):,} | {m.get('wall_s', 0):.1f} | {m.get('unknown_rows', 0)}"
+        lines.append(f"| {name} | {vals} | {cost} |")
     return "\n".join(lines)

@@ -8,21 +8,40 @@ ctr:    BCE on a * (logit(Yes) - logit(No)) + b; prediction = its sigmoid (a=1, 
 
 from __future__ import annotations
 
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
-from puma_ray import storage
+from puma_ray import storage, weights
 from puma_ray.errors import PumaError
 from puma_ray.llm import LMOutput
 
 
+class Head(Protocol):
+    """What every task head offers (heads are nn.Modules: they train inside the engine)."""
+
+    wants_hidden: bool  # forward needs the LM's last hidden state at the answer position
+
+    def loss(self, out: LMOutput, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (scalar loss, (B,) predictions); label (B,)."""
+        ...
+
+    def predict(self, out: LMOutput) -> torch.Tensor:
+        """-> (B,) predictions (rating, or click probability)."""
+        ...
+
+
 class RatingHead(nn.Module):
-    def __init__(self, hidden_size: int, features: str = "digits", hidden: list[int] = (32, 12),
-                 mse_weight: float = 0.8, ce_weight: float = 0.2):
+    def __init__(
+        self,
+        hidden_size: int,
+        features: str = "digits",
+        hidden: list[int] = (32, 12),
+        mse_weight: float = 0.8,
+        ce_weight: float = 0.2,
+    ):
         super().__init__()
         self.features, self.mse_weight, self.ce_weight = features, mse_weight, ce_weight
         dims = [5 + (hidden_size if features == "digits_hidden" else 0), *hidden]
@@ -68,7 +87,7 @@ class CtrHead(nn.Module):
         return F.binary_cross_entropy_with_logits(z, label), torch.sigmoid(z)
 
 
-def build_head(task: str, hidden_size: int, head_cfg) -> nn.Module:
+def build_head(task: str, hidden_size: int, head_cfg) -> Head:
     """head_cfg: config.HeadConfig (or its dict)."""
     h = head_cfg if isinstance(head_cfg, dict) else head_cfg.model_dump()
     if task == "rating":
@@ -78,21 +97,27 @@ def build_head(task: str, hidden_size: int, head_cfg) -> nn.Module:
     return CtrHead(hidden_size)
 
 
-def save_head(uri_dir: str, head: nn.Module, task: str, head_cfg: dict, model_fingerprint: str, hidden_size: int) -> None:
+def save_head(uri_dir: str, head: Head, task: str, head_cfg: dict, model_fingerprint: str, hidden_size: int) -> None:
     """uri_dir/head.safetensors + uri_dir/head.json."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    storage.write_bytes(storage.join(uri_dir, "head.safetensors"), st_save(tensors))
-    storage.write_json(storage.join(uri_dir, "head.json"), {
-        "task": task, "head": head_cfg, "model_fingerprint": model_fingerprint, "hidden_size": hidden_size,
-    })
+    storage.write_bytes(storage.join(uri_dir, "head.safetensors"), weights.to_bytes(head))
+    storage.write_json(
+        storage.join(uri_dir, "head.json"),
+        {
+            "task": task,
+            "head": head_cfg,
+            "model_fingerprint": model_fingerprint,
+            "hidden_size": hidden_size,
+        },
+    )
 
 
-def load_head(uri_dir: str, task: str, model_fingerprint: str | None = None) -> nn.Module:
+def load_head(uri_dir: str, task: str, model_fingerprint: str | None = None) -> Head:
     meta = storage.read_json(storage.join(uri_dir, "head.json"))
     if meta["task"] != task:
         raise PumaError(f"{uri_dir}: head is for task {meta['task']!r}, not {task!r}")
     if model_fingerprint is not None and meta["model_fingerprint"] != model_fingerprint:
-        raise PumaError(f"{uri_dir}: head was trained on model fingerprint {meta['model_fingerprint']}, not {model_fingerprint}")
+        raise PumaError(
+            f"{uri_dir}: head was trained on model fingerprint {meta['model_fingerprint']}, not {model_fingerprint}"
+        )
     head = build_head(task, meta["hidden_size"], meta["head"])
-    head.load_state_dict(st_load(storage.read_bytes(storage.join(uri_dir, "head.safetensors"))))
-    return head.eval()
+    return weights.load_bytes(head, storage.read_bytes(storage.join(uri_dir, "head.safetensors"))).eval()

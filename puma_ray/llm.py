@@ -14,8 +14,11 @@ import re
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from puma_ray.errors import PumaError
+from puma_ray.schema import StoreMeta
 
 TEMPLATES = {
     "rating_v1": (
@@ -34,22 +37,55 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 def model_fingerprint(config) -> str:
-    """A short hash of a transformers config (architecture, widths, vocab), path-independent."""
+    """A short hash of a transformers config (architecture, widths, vocab), path-independent.
+
+    Left out: where the config was read from and how the weights are stored or run (dtype, attention,
+    cache), plus the two keys in which a GGUF-loaded config differs from the same model saved by
+    ``models.import_model``: ``quantization_config`` (GGUF storage) and ``architectures`` (the class
+    that saved the weights; None in a GGUF). So an import keeps its source's fingerprint.
+    """
     d = config.to_dict()
-    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset", "use_cache"):
+    for k in (
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "_attn_implementation_autoset",
+        "use_cache",
+        "quantization_config",
+        "architectures",
+    ):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def model_info(path: str) -> tuple[str, int]:
-    """(fingerprint, hidden size d) of the model at ``path`` from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
+def model_info(path: str, gguf_file: str | None = None) -> tuple[str, int]:
+    """(fingerprint, hidden size d) of the model at ``path`` from its config alone (no weights loaded).
 
+    ``path`` may be a ``.gguf`` file, or a directory / hub id holding the GGUF named ``gguf_file``: the
+    config then comes from the GGUF's metadata (seconds for a large vocabulary: it parses every field).
+    """
+    if gguf_file is None and path.endswith(".gguf"):
+        gguf_file = path  # AutoConfig reads a local file named as both the path and the GGUF
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf_file)
     except (OSError, ValueError) as exc:
         raise PumaError(f"{path}: cannot load model config ({str(exc).splitlines()[0]})") from None
     return model_fingerprint(config), int(config.hidden_size)
+
+
+def store_meta(model_path: str, task: str, template: str | None, prompt_length: int, stage: str) -> StoreMeta:
+    """The metadata of a prompt store made for the model at ``model_path`` (its fingerprint and
+    width from the config alone) with ``template`` (default: the task's) and l = ``prompt_length``."""
+    fingerprint, d = model_info(model_path)
+    return StoreMeta(
+        model=model_path,
+        model_fingerprint=fingerprint,
+        hidden_size=d,
+        prompt_length=prompt_length,
+        template=template or DEFAULT_TEMPLATE[task],
+        stage=stage,
+    )
 
 
 def answer_token_id(tokenizer, word: str) -> int:
@@ -84,14 +120,19 @@ class FrozenLM:
         max_item_tokens / max_history_tokens: truncation of the per-row texts.
     """
 
-    def __init__(self, path: str, task: str, template: str | None = None, prompt_length: int = 1,
-                 dtype: str = "float32", attn_implementation: str = "sdpa", device: str | torch.device = "cpu",
-                 max_item_tokens: int = 32, max_history_tokens: int = 96):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
+    def __init__(
+        self,
+        path: str,
+        task: str,
+        template: str | None = None,
+        prompt_length: int = 1,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        device: str | torch.device = "cpu",
+        max_item_tokens: int = 32,
+        max_history_tokens: int = 96,
+    ):
         hf_logging.disable_progress_bar()
-
         self.task, self.path, self.prompt_length = task, path, prompt_length
         self.template = template or DEFAULT_TEMPLATE[task]
         if self.template not in TEMPLATES:
@@ -112,6 +153,13 @@ class FrozenLM:
         self.max_item_tokens, self.max_history_tokens = max_item_tokens, max_history_tokens
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._segments = self._tokenize_template(TEMPLATES[self.template])
+
+    @classmethod
+    def from_config(cls, cfg, device: str | torch.device = "cpu") -> FrozenLM:
+        """The LM a stage config names: ``cfg.model`` (path, dtype, attention), ``cfg.task``,
+        ``cfg.template`` and ``cfg.prompt_length``."""
+        m = cfg.model
+        return cls(m.path, cfg.task, cfg.template, cfg.prompt_length, m.dtype, m.attn_implementation, device)
 
     def _tokenize_template(self, text: str) -> list:
         """Template -> list of token-id lists (static text) and slot names, tokenized once."""
@@ -136,7 +184,10 @@ class FrozenLM:
         items = self.tokenizer(list(item_text), add_special_tokens=False)["input_ids"]
         hists = None
         if "<ItemTitleList>" in self._segments:
-            hists = [" ; ".join(h) if h is not None and len(h) else "none" for h in (history_text if history_text is not None else [None] * len(items))]
+            hists = [
+                " ; ".join(h) if h is not None and len(h) else "none"
+                for h in (history_text if history_text is not None else [None] * len(items))
+            ]
             hists = self.tokenizer(hists, add_special_tokens=False)["input_ids"]
         rows, user_pos = [], []
         for i, item in enumerate(items):
@@ -148,7 +199,7 @@ class FrozenLM:
                 elif seg == "<ItemTitle>":
                     ids += item[: self.max_item_tokens]
                 elif seg == "<ItemTitleList>":
-                    ids += hists[i][-self.max_history_tokens:]
+                    ids += hists[i][-self.max_history_tokens :]
                 else:
                     ids += seg
             rows.append(ids)
@@ -172,15 +223,21 @@ class FrozenLM:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         B, l, d = prompts.shape
         if d != self.hidden_size or l != self.prompt_length:
-            raise PumaError(f"prompts have shape (l={l}, d={d}); model {self.path!r} takes (l={self.prompt_length}, d={self.hidden_size})")
+            raise PumaError(
+                f"prompts have shape (l={l}, d={d}); "
+                f"model {self.path!r} takes (l={self.prompt_length}, d={self.hidden_size})"
+            )
         emb = self.model.get_input_embeddings()(inputs["input_ids"])  # (B, T, d)
         rows = torch.arange(B, device=self.device).repeat_interleave(l)
         emb = emb.index_put((rows, inputs["user_pos"].reshape(-1)), prompts.reshape(B * l, d).to(emb.dtype))
         out = self.model(
-            inputs_embeds=emb, attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"],
-            logits_to_keep=1, output_hidden_states=want_hidden, use_cache=False,
+            inputs_embeds=emb,
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            logits_to_keep=1,
+            output_hidden_states=want_hidden,
+            use_cache=False,
         )
         logits = out.logits[:, -1, :].float()  # (B, V)
         hidden = out.hidden_states[-1][:, -1, :].float() if want_hidden else None
         return LMOutput(answer_logits=logits.index_select(-1, self.answer_ids), hidden=hidden)
-

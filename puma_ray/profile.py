@@ -12,19 +12,21 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from ray.data import SaveMode
+from ray.data.aggregate import Count, Mean, Std
 
 from puma_ray import storage
+from puma_ray.data import load_interactions, shuffle_partitions
 from puma_ray.errors import PumaError, user_errors
 
-# Interactions per hash-shuffle partition of the groupby (bounds aggregator count on small inputs).
-ROWS_PER_PARTITION = 2_000_000
-
-PROFILE_SCHEMA = pa.schema([
-    pa.field("user_id", pa.string(), nullable=False),
-    pa.field("n", pa.int64(), nullable=False),
-    pa.field("label_mean", pa.float64(), nullable=False),
-    pa.field("label_var", pa.float64(), nullable=False),
-])
+PROFILE_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("n", pa.int64(), nullable=False),
+        pa.field("label_mean", pa.float64(), nullable=False),
+        pa.field("label_var", pa.float64(), nullable=False),
+    ]
+)
 
 
 def _to_profile(batch: pa.Table) -> pa.Table:
@@ -50,14 +52,6 @@ def _check_target(out_uri: str) -> None:
         raise PumaError(f"{out_uri}: not empty and not a user profile; choose another output path")
 
 
-def shuffle_partitions(rows: int) -> int:
-    """Hash partitions for ``rows`` interactions: one per ROWS_PER_PARTITION, at most Ray's default."""
-    import ray.data
-
-    cap = ray.data.DataContext.get_current().default_hash_shuffle_parallelism
-    return int(min(cap, max(1, -(-rows // ROWS_PER_PARTITION))))
-
-
 @user_errors
 def profile_users(interactions_uri: str, task: str, out_uri: str) -> dict:
     """Entry: write per-user count / label mean / label variance of ``interactions_uri`` to ``out_uri``.
@@ -65,17 +59,16 @@ def profile_users(interactions_uri: str, task: str, out_uri: str) -> dict:
     Returns {"users": number of users, "rows": number of interactions, "uri": out_uri}.
     A previous profile at ``out_uri`` is replaced.
     """
-    from ray.data import SaveMode
-    from ray.data.aggregate import Count, Mean, Std
-
-    from puma_ray.data import load_interactions
-
     _check_target(out_uri)
     ds, rows = load_interactions(interactions_uri, task)
-    stats = ds.select_columns(["user_id", "label"]).groupby("user_id", num_partitions=shuffle_partitions(rows)).aggregate(
-        Count(alias_name="n"),
-        Mean("label", alias_name="label_mean"),
-        Std("label", ddof=0, alias_name="label_std"),
+    stats = (
+        ds.select_columns(["user_id", "label"])
+        .groupby("user_id", num_partitions=shuffle_partitions(rows))
+        .aggregate(
+            Count(alias_name="n"),
+            Mean("label", alias_name="label_mean"),
+            Std("label", ddof=0, alias_name="label_std"),
+        )
     )
     stats = stats.map_batches(_to_profile, batch_format="pyarrow").materialize()
     users = stats.count()

@@ -10,11 +10,16 @@ Writes DIR/results.json: {"task", "methods": {name: {rmse, mae | auc, uauc, lm_s
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from puma_ray import config as C
 from puma_ray import storage
+from puma_ray.console import say
+from puma_ray.datasets.synthetic import synthesize
+from puma_ray.models import build_tiny
+from puma_ray.pipeline import migrate
+from puma_ray.runtime import init_ray
+from puma_ray.stage1 import train_prompts
 
 DEFAULTS = {
     "users": 2000,
@@ -26,18 +31,23 @@ DEFAULTS = {
     # best around epoch 3 (prompts overfit after that).
     "train": {"epochs": 3, "batch_size": 128, "lr": 3e-3, "prompt_lr": 3e-2, "schedule": "cosine"},
     # PUMA: 20% of the users, a 256-wide adapter (the paper's 4096 is for d = 2048..3072).
-    "migrate": {"select": {"budget": 0.2}, "adapter": {"width": 256, "depth": 1},
-                "train": {"epochs": 2, "batch_size": 128, "lr": 3e-3, "schedule": "cosine"}},
+    "migrate": {
+        "select": {"budget": 0.2},
+        "adapter": {"width": 256, "depth": 1},
+        "train": {"epochs": 2, "batch_size": 128, "lr": 3e-3, "schedule": "cosine"},
+    },
 }
 
 
-def quickstart(out: str, task: str = "rating", users: int | None = None, seed: int | None = None,
-               epochs: int | None = None, num_workers: int = 2) -> dict:
-    from puma_ray.datasets.synthetic import synthesize
-    from puma_ray.models import build_tiny
-    from puma_ray.pipeline import migrate
-    from puma_ray.train import train_prompts
-
+def quickstart(
+    out: str,
+    task: str = "rating",
+    users: int | None = None,
+    seed: int | None = None,
+    epochs: int | None = None,
+    num_workers: int = 2,
+    verbose: bool = False,
+) -> dict:
     users = users or DEFAULTS["users"]
     seed = DEFAULTS["seed"] if seed is None else seed
     out = os.path.abspath(out)
@@ -51,33 +61,64 @@ def quickstart(out: str, task: str = "rating", users: int | None = None, seed: i
     source, target = {"path": models[DEFAULTS["source"]]}, {"path": models[DEFAULTS["target"]]}
     train = dict(DEFAULTS["train"], seed=seed, **({"epochs": epochs} if epochs else {}))
     splits = {"train": storage.join(data, "train"), "valid": storage.join(data, "valid")}
-    common = {"task": task, "data": splits, "scaling": {"num_workers": num_workers}}
+    ray_cfg = C.RayConfig(verbose=verbose)
+    init_ray(ray_cfg)
+    common = {"task": task, "data": splits, "scaling": {"num_workers": num_workers}, "ray": ray_cfg.model_dump()}
     ray_runs = os.path.join(out, "ray_runs")
     runs = {}
     # random_init trains the head only (prompts stay at their init); its validation RMSE is flat after one epoch
-    for name, model, extra in (("source", source, {}), ("full_retrain", target, {}),
-                               ("random_init", target, {"train_prompts": False, "epochs": 1})):
-        print(f"quickstart: stage 1 '{name}' on {model['path']}", file=sys.stderr)
-        cfg = C.build(C.PromptsConfig, {**common, "model": model, "train": {**train, **extra},
-                                         "output": storage.join(out, "runs", name),
-                                         "run": {"name": f"quickstart-{name}", "storage_path": ray_runs}})
+    for name, model, extra in (
+        ("source", source, {}),
+        ("full_retrain", target, {}),
+        ("random_init", target, {"train_prompts": False, "epochs": 1}),
+    ):
+        say(f"quickstart: stage 1 '{name}' on {os.path.basename(model['path'])}")
+        cfg = C.build(
+            C.PromptsConfig,
+            {
+                **common,
+                "model": model,
+                "train": {**train, **extra},
+                "output": storage.join(out, "runs", name),
+                "run": {"name": f"quickstart-{name}", "storage_path": ray_runs},
+            },
+        )
         train_prompts(cfg)
         runs[name] = cfg.output
-    print("quickstart: PUMA migration source -> target", file=sys.stderr)
+    say("quickstart: PUMA migration source -> target")
     m = DEFAULTS["migrate"]
-    mcfg = C.build(C.MigrateConfig, {
-        **common, "model": target, "sources": [storage.join(runs["source"], "prompts")], "output": storage.join(out, "runs", "puma"),
-        "select": {**m["select"], "seed": seed}, "adapter": m["adapter"], "train": {**m["train"], "seed": seed},
-        "compare": runs, "run": {"name": "quickstart-puma", "storage_path": ray_runs},
-    })
+    mcfg = C.build(
+        C.MigrateConfig,
+        {
+            **common,
+            "model": target,
+            "sources": [storage.join(runs["source"], "prompts")],
+            "output": storage.join(out, "runs", "puma"),
+            "select": {**m["select"], "seed": seed},
+            "adapter": m["adapter"],
+            "train": {**m["train"], "seed": seed},
+            "compare": runs,
+            "run": {"name": "quickstart-puma", "storage_path": ray_runs},
+        },
+    )
     report = migrate(mcfg)["evaluation"]
     keep = ["rmse", "mae"] if task == "rating" else ["auc", "uauc"]
     order = ["puma", "full_retrain", "source", "random_init", "global_mean", "user_mean"]
-    results = {"task": task, "users": users, "seed": seed, "total_wall_s": time.time() - t0,
-               "methods": {k: {**{x: report["methods"][k][x] for x in keep},
-                               "lm_sample_passes": report["methods"][k]["lm_sample_passes"], "wall_s": report["methods"][k]["wall_s"]}
-                           for k in order},
-               "puma_by_users": {k: v for k, v in report["methods"]["puma"].items() if "_adapter_users" in k}}
+    results = {
+        "task": task,
+        "users": users,
+        "seed": seed,
+        "total_wall_s": time.time() - t0,
+        "methods": {
+            k: {
+                **{x: report["methods"][k][x] for x in keep},
+                "lm_sample_passes": report["methods"][k]["lm_sample_passes"],
+                "wall_s": report["methods"][k]["wall_s"],
+            }
+            for k in order
+        },
+        "puma_by_users": {k: v for k, v in report["methods"]["puma"].items() if "_adapter_users" in k},
+    }
     storage.write_json(storage.join(out, "results.json"), results)
-    print(f"quickstart ({task}, {users} users) finished in {results['total_wall_s']:.0f} s -> {out}/results.json")
+    say(f"quickstart ({task}, {users} users) finished in {results['total_wall_s']:.0f} s -> {out}/results.json")
     return results

@@ -16,27 +16,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray.data
 import torch
 
 from puma_ray import storage
 from puma_ray.adapter import load_adapter
 from puma_ray.config import RewriteConfig, RewriteJobConfig
+from puma_ray.console import Progress, say
+from puma_ray.data import shuffle_partitions
 from puma_ray.errors import PumaError, user_errors
-from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table
+from puma_ray.llm import model_info, store_meta
+from puma_ray.runtime import actor_device, actor_pool_size, init_ray
+from puma_ray.schema import StoreMeta, decode_prompts, prompt_store_schema, prompt_table
+from puma_ray.sources import join_sources
 
 
 class Rewriter:
     """map_batches callable: (user_id, prompt (l*d_src)) rows -> (user_id, prompt (l*d_tgt)) rows."""
 
     def __init__(self, adapter_uri: str, meta: dict, threads: int = 1, num_gpus: float = 0):
-        from puma_ray.runtime import actor_device
-
         torch.set_num_threads(threads)
         self.device = actor_device(num_gpus)
         adapter, info = load_adapter(adapter_uri)
@@ -46,14 +48,8 @@ class Rewriter:
 
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        flat = np.array(batch.column("prompt").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-        if flat.size != batch.num_rows * self.l * self.d_in:
-            raise PumaError(f"source prompts have width {flat.size // max(batch.num_rows, 1)}, the adapter takes l*d = {self.l * self.d_in}")
-        x = torch.from_numpy(flat).view(batch.num_rows, self.l, self.d_in)
-        bad = ~torch.isfinite(x).flatten(1).all(1)
-        if bad.any():
-            users = np.asarray(batch.column("user_id").to_pylist())[bad.numpy()][:3].tolist()
-            raise PumaError(f"{int(bad.sum())} source prompt(s) contain NaN or Inf, e.g. users {users}")
+        x = torch.from_numpy(decode_prompts(batch, self.l * self.d_in, what="source prompt"))
+        x = x.view(batch.num_rows, self.l, self.d_in)
         y = self.adapter(x.to(self.device)).reshape(batch.num_rows, -1).cpu().numpy()  # (B, l, d_src) -> (B, l*d_tgt)
         return prompt_table(self.meta, batch.column("user_id"), y)
 
@@ -91,7 +87,9 @@ class UnitRewriter:
     def _write_unit(self, unit: int, file: str, row_groups: list[int], rows: int, **_) -> dict:
         src = storage.parquet_file(file)
         files, k, written, unit_ids = [], 0, 0, []
-        batches = src.iter_batches(batch_size=self.rcfg.batch_size, row_groups=row_groups, columns=["user_id", "prompt"])
+        batches = src.iter_batches(
+            batch_size=self.rcfg.batch_size, row_groups=row_groups, columns=["user_id", "prompt"]
+        )
         pending = None  # rows read but not yet written (a batch straddling a file boundary)
         while written < rows:
             uri = storage.join(self.store_uri, f"part-{unit:06d}-{k:03d}.parquet")
@@ -117,23 +115,36 @@ class UnitRewriter:
             raise PumaError(f"{file}: row groups {row_groups} held {written} rows, the footer says {rows}")
         ids = pa.chunked_array(unit_ids, pa.string())  # one unit's ids only (<= its row groups' rows)
         mm = pc.min_max(ids).as_py()
-        marker = {"unit": unit, "rows": written, "files": files, "id_min": mm["min"], "id_max": mm["max"],
-                  "unique": pc.count_distinct(ids).as_py() == written}
+        marker = {
+            "unit": unit,
+            "rows": written,
+            "files": files,
+            "id_min": mm["min"],
+            "id_max": mm["max"],
+            "unique": pc.count_distinct(ids).as_py() == written,
+        }
         storage.write_json(storage.join(self.state_uri, f"unit-{unit:06d}.json"), marker)
         return marker
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = [self._write_unit(**u) for u in batch.to_pylist()]
-        return pa.table({"unit": [m["unit"] for m in out], "rows": [m["rows"] for m in out],
-                         "marker": [json.dumps(m) for m in out]})
+        return pa.table(
+            {"unit": [m["unit"] for m in out], "rows": [m["rows"] for m in out], "marker": [json.dumps(m) for m in out]}
+        )
 
 
 def _start_or_resume(plan: dict, store_uri: str, state_uri: str, resume: bool) -> dict[int, dict]:
     """Markers of the units already done (empty when starting over); leftovers of others deleted."""
     plan_uri = storage.join(state_uri, "plan.json")
     if resume and storage.exists(plan_uri) and storage.read_json(plan_uri) == plan:
-        done = {m["unit"]: m for m in (storage.read_json(u) for u in storage.list_files(state_uri, ".json")
-                                       if u.rsplit("/", 1)[-1].startswith("unit-"))}
+        done = {
+            m["unit"]: m
+            for m in (
+                storage.read_json(u)
+                for u in storage.list_files(state_uri, ".json")
+                if u.rsplit("/", 1)[-1].startswith("unit-")
+            )
+        }
         keep = {f["uri"] for m in done.values() for f in m["files"]}
         for uri in storage.list_files(store_uri, ".parquet"):
             if uri not in keep:
@@ -152,20 +163,19 @@ def _disjoint_unique(markers: list[dict]) -> bool:
     return all(m.get("unique", False) for m in markers) and all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))
 
 
-def _duplicates(store_uri: str) -> int:
+def _duplicates(store_uri: str, rows: int) -> int:
     """Users appearing more than once in the store, counted by a Ray Data groupby (nothing collected)."""
-    counts = storage.ray_read_parquet(store_uri, columns=["user_id"]).groupby("user_id").count()
+    ids = storage.ray_read_parquet(store_uri, columns=["user_id"])
+    counts = ids.groupby("user_id", num_partitions=shuffle_partitions(rows)).count()
     return counts.map_batches(lambda t: t.filter(pc.greater(t.column("count()"), 1)), batch_format="pyarrow").count()
 
 
 def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: str, rcfg: RewriteConfig) -> dict:
     """Rewrite every prompt of ``source_uri`` into ``out_uri/prompts``; write ``out_uri/manifest.json`` last."""
-    import ray.data
-
-    from puma_ray.runtime import actor_pool_size
-
     t0 = time.time()
-    manifest_uri, store_uri, state_uri = (storage.join(out_uri, p) for p in ("manifest.json", "prompts", "rewrite_state"))
+    manifest_uri, store_uri, state_uri = (
+        storage.join(out_uri, p) for p in ("manifest.json", "prompts", "rewrite_state")
+    )
     if storage.exists(manifest_uri):
         storage.delete_file(manifest_uri)  # from here on the old store is visibly incomplete
     adapter_info = storage.read_json(storage.join(adapter_uri, "adapter.json"))
@@ -174,54 +184,57 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
     plan = {"source": source_uri, "adapter": adapter_info["fingerprint"], "target": meta.__dict__, "units": units}
     done = _start_or_resume(plan, store_uri, state_uri, rcfg.resume)
     todo = [u for u in units if u["unit"] not in done]
-    print(f"rewrite: {n_in} prompts in {len(units)} file(s) {source_uri} -> {store_uri}"
-          + (f"; resuming, {len(done)} file(s) already done" if done else ""), file=sys.stderr)
+    say(
+        f"rewrite: {n_in:,} prompts in {len(units)} file(s) {source_uri} -> {store_uri}"
+        + (f"; resuming, {len(done)} file(s) already done" if done else "")
+    )
     if todo:
+        args = {"adapter_uri": adapter_uri, "meta": meta.__dict__, "store_uri": store_uri, "state_uri": state_uri}
         results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            UnitRewriter, fn_constructor_kwargs={"adapter_uri": adapter_uri, "meta": meta.__dict__, "store_uri": store_uri,
-                                                 "state_uri": state_uri, "rcfg": rcfg.model_dump()},
-            batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=min(actor_pool_size(rcfg, "rewrite"), len(todo))),
-            num_gpus=rcfg.num_gpus, num_cpus=rcfg.cpus_per_actor,
+            UnitRewriter,
+            fn_constructor_kwargs={**args, "rcfg": rcfg.model_dump()},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_gpus=rcfg.num_gpus,
+            num_cpus=rcfg.cpus_per_actor,
+            compute=ray.data.ActorPoolStrategy(size=min(actor_pool_size(rcfg, "rewrite"), len(todo))),
         )
-        users, last = sum(m["rows"] for m in done.values()), 0.0
+        progress = Progress("rewrite", sum(u["rows"] for u in todo), "users")
         for row in results.iter_rows():
             m = json.loads(row["marker"])
             done[m["unit"]] = m
-            users += m["rows"]
-            if time.time() - last > 5 or len(done) == len(units):
-                last = time.time()
-                print(f"rewrite: {len(done)}/{len(units)} files, {users}/{n_in} users, "
-                      f"{users / (last - t0):.0f} users/s", file=sys.stderr, flush=True)
+            progress.add(m["rows"])
+        progress.close()
     files = [f for u in sorted(done) for f in done[u]["files"]]
     n_out = sum(f["rows"] for f in files)
     proven = _disjoint_unique(list(done.values()))
-    dup = _duplicates(store_uri) if rcfg.verify and not proven else 0
+    dup = _duplicates(store_uri, n_out) if rcfg.verify and not proven else 0
     if len(done) != len(units) or n_out != n_in or dup:
         raise PumaError(f"{store_uri}: rewrite wrote {n_out} rows ({dup} users more than once) for {n_in} input users")
     manifest = {
-        "input": {"uri": source_uri, "rows": n_in}, "output": {"uri": store_uri, "rows": n_out, "files": files},
-        "adapter": {"uri": adapter_uri, "fingerprint": adapter_info["fingerprint"]}, "target": meta.__dict__,
-        "verified_unique": proven or rcfg.verify, "unique_by": "disjoint unit id ranges" if proven else ("groupby" if rcfg.verify else None),
+        "input": {"uri": source_uri, "rows": n_in},
+        "output": {"uri": store_uri, "rows": n_out, "files": files},
+        "adapter": {"uri": adapter_uri, "fingerprint": adapter_info["fingerprint"]},
+        "target": meta.__dict__,
+        "verified_unique": proven or rcfg.verify,
+        "unique_by": "disjoint unit id ranges" if proven else ("groupby" if rcfg.verify else None),
         "wall_s": time.time() - t0,
     }
     storage.write_json(manifest_uri, manifest)
-    print(f"rewrite: {n_out} users exactly once in {len(files)} file(s), {manifest['wall_s']:.1f} s", file=sys.stderr)
+    say(f"rewrite: {n_out:,} users exactly once in {len(files)} file(s), {manifest['wall_s']:.1f} s")
     return manifest
 
 
 @user_errors
 def rewrite(cfg: RewriteJobConfig) -> dict:
     """`puma-ray rewrite` entry: check the pairing, then rewrite (joining several sources first)."""
-    from puma_ray.llm import DEFAULT_TEMPLATE, model_info
-    from puma_ray.runtime import init_ray
-    from puma_ray.sources import join_sources
-
     init_ray(cfg.ray, cfg.storage)
-    fingerprint, d = model_info(cfg.model.path)
+    fingerprint, _ = model_info(cfg.model.path)
     joined = join_sources(cfg.sources, storage.join(cfg.output, "source_joined"))
     _, info = load_adapter(cfg.adapter, [m.model_fingerprint for m in joined.metas], fingerprint)
     if info["arch"]["d_in"] != joined.meta.hidden_size:
-        raise PumaError(f"{cfg.adapter}: adapter takes width {info['arch']['d_in']}, source store(s) have {joined.meta.hidden_size}")
-    meta = StoreMeta(model=cfg.model.path, model_fingerprint=fingerprint, hidden_size=d, prompt_length=joined.meta.prompt_length,
-                     template=cfg.template or DEFAULT_TEMPLATE[cfg.task], stage="rewrite")
+        raise PumaError(
+            f"{cfg.adapter}: adapter takes width {info['arch']['d_in']}, source store(s) have {joined.meta.hidden_size}"
+        )
+    meta = store_meta(cfg.model.path, cfg.task, cfg.template, joined.meta.prompt_length, "rewrite")
     return rewrite_store(joined.uri, cfg.adapter, meta, cfg.output, cfg.rewrite)

@@ -58,7 +58,9 @@ def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
     if pa.types.is_integer(expected):
         return pa.types.is_integer(actual)
     if pa.types.is_list(expected):
-        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _compatible(actual.value_type, expected.value_type)
+        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _compatible(
+            actual.value_type, expected.value_type
+        )
     return False
 
 
@@ -132,16 +134,23 @@ class StoreMeta:
         md = {k.decode(): v for k, v in (metadata or {}).items() if k.startswith(b"puma.")}
         missing = [f for f in cls.__dataclass_fields__ if f"puma.{f}" not in md]
         if missing:
-            raise PumaError(f"{uri}: not a puma-ray prompt store (schema metadata lacks {['puma.' + m for m in missing]})")
+            raise PumaError(
+                f"{uri}: not a puma-ray prompt store (schema metadata lacks {['puma.' + m for m in missing]})"
+            )
         meta = cls(**{f: json.loads(md[f"puma.{f}"]) for f in cls.__dataclass_fields__})
         if meta.format_version != FORMAT_VERSION:
-            raise PumaError(f"{uri}: prompt store format version {meta.format_version}, this puma-ray reads {FORMAT_VERSION}")
+            raise PumaError(
+                f"{uri}: prompt store format version {meta.format_version}, this puma-ray reads {FORMAT_VERSION}"
+            )
         return meta
 
 
 def prompt_store_schema(meta: StoreMeta) -> pa.Schema:
     return pa.schema(
-        [pa.field("user_id", pa.string(), nullable=False), pa.field("prompt", pa.list_(pa.float32(), meta.width), nullable=False)],
+        [
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("prompt", pa.list_(pa.float32(), meta.width), nullable=False),
+        ],
         metadata=meta.to_metadata(),
     )
 
@@ -159,7 +168,10 @@ def check_prompt_values(uri: str, meta: StoreMeta, table: pa.Table) -> np.ndarra
     """Shape, finiteness and id-uniqueness of a prompt table. Returns prompts as (N, l*d) float32."""
     typ = table.schema.field("prompt").type
     if not pa.types.is_fixed_size_list(typ) or typ.list_size != meta.width:
-        raise PumaError(f"{uri}: prompt column is {typ}, expected fixed_size_list<float32>[{meta.width}] (l={meta.prompt_length} x d={meta.hidden_size})")
+        raise PumaError(
+            f"{uri}: prompt column is {typ}, expected fixed_size_list<float32>[{meta.width}] "
+            f"(l={meta.prompt_length} x d={meta.hidden_size})"
+        )
     if table.num_rows == 0:
         raise PumaError(f"{uri}: empty prompt store (0 users)")
     if table.column("user_id").null_count:
@@ -170,12 +182,32 @@ def check_prompt_values(uri: str, meta: StoreMeta, table: pa.Table) -> np.ndarra
         vc = pc.value_counts(ids)
         dup = [v["values"] for v in vc.to_pylist() if v["counts"] > 1][:3]
         raise PumaError(f"{uri}: {table.num_rows - n_unique} duplicate user_id row(s), e.g. {dup}")
-    prompts = table.column("prompt").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    prompts = prompts.reshape(table.num_rows, meta.width)
-    bad_rows = ~np.isfinite(prompts).all(axis=1)
-    if bad_rows.any():
-        ex = ids.to_numpy(zero_copy_only=False)[bad_rows][:3].tolist()
-        raise PumaError(f"{uri}: {int(bad_rows.sum())} prompt(s) contain NaN or Inf, e.g. users {ex}")
+    return decode_prompts(table, meta.width, where=uri)
+
+
+def decode_prompts(batch, width: int, where: str = "", what: str = "prompt", column: str = "prompt") -> np.ndarray:
+    """A batch's prompt column -> (N, width) float32, refusing a wrong width and NaN/Inf (naming users).
+
+    The one place prompts are decoded. ``batch``: an Arrow table / record batch (a
+    fixed_size_list<float32> column) or a Ray Data numpy batch (an (N, width) array, or an object
+    array of (width,) arrays); with a ``user_id`` column. ``where`` and ``what`` name them in errors."""
+    cells = batch[column]
+    if isinstance(cells, (pa.ChunkedArray, pa.Array)):
+        cells = cells.combine_chunks() if isinstance(cells, pa.ChunkedArray) else cells
+        n, flat = len(cells), cells.flatten().to_numpy(zero_copy_only=False)
+    else:
+        n, flat = len(cells), np.stack(cells) if cells.dtype == object and len(cells) else cells
+    prompts = np.asarray(flat, dtype=np.float32)
+    if not prompts.flags.writeable:  # a zero-copy view of Arrow memory; torch wants its own
+        prompts = prompts.copy()
+    prefix = f"{where}: " if where else ""
+    if prompts.size != n * width:
+        raise PumaError(f"{prefix}{what}s have width {prompts.size // max(n, 1)}, expected l*d = {width}")
+    prompts = prompts.reshape(n, width)
+    bad = ~np.isfinite(prompts).all(axis=1)
+    if bad.any():
+        ids = np.asarray(batch["user_id"].to_pylist() if hasattr(batch["user_id"], "to_pylist") else batch["user_id"])
+        raise PumaError(f"{prefix}{int(bad.sum())} {what}(s) contain NaN or Inf, e.g. users {ids[bad][:3].tolist()}")
     return prompts
 
 
@@ -198,8 +230,8 @@ def read_prompt_store(uri: str, expect_fingerprint: str | None = None) -> tuple[
     meta = read_store_meta(uri)
     if expect_fingerprint is not None and meta.model_fingerprint != expect_fingerprint:
         raise PumaError(
-            f"{uri}: prompt store was made for model {meta.model!r} (fingerprint {meta.model_fingerprint}, d={meta.hidden_size}); "
-            f"the model given has fingerprint {expect_fingerprint}"
+            f"{uri}: prompt store was made for model {meta.model!r} (fingerprint {meta.model_fingerprint}, "
+            f"d={meta.hidden_size}); the model given has fingerprint {expect_fingerprint}"
         )
     table = storage.read_table(uri)
     prompts = check_prompt_values(uri, meta, table)

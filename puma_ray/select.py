@@ -18,18 +18,20 @@ int32; -1 = no cluster) and ``selection.json``.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, get_args
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from ray.data import SaveMode
+from sklearn.cluster import KMeans
 
 from puma_ray import storage
-from puma_ray.config import SelectConfig
+from puma_ray.config import SelectConfig, Strategy
+from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
-
+from puma_ray.schema import check_prompt_values, read_store_meta
 
 
 @dataclass
@@ -45,21 +47,27 @@ class Candidates:
     @classmethod
     def from_prompts(cls, prompts: np.ndarray, var: np.ndarray) -> "Candidates":
         """In-memory candidates: prompts (N, w), var (N,) (small inputs and tests)."""
-        return cls(var, lambda cfg, rng: fit_kmeans(prompts[kmeans_sample(len(prompts), cfg, rng)], cfg).predict(prompts))
+        return cls(
+            var, lambda cfg, rng: fit_kmeans(prompts[kmeans_sample(len(prompts), cfg, rng)], cfg).predict(prompts)
+        )
 
 
-Strategy = Callable[[Candidates, int, SelectConfig, np.random.Generator], tuple[np.ndarray, dict]]
-STRATEGIES: dict[str, Strategy] = {}
+StrategyFn = Callable[[Candidates, int, SelectConfig, np.random.Generator], tuple[np.ndarray, dict]]
+STRATEGIES: dict[str, StrategyFn] = {}
 
 NO_CLUSTER = -1
 
-SELECTED_SCHEMA = pa.schema([pa.field("user_id", pa.string(), nullable=False), pa.field("cluster", pa.int32(), nullable=False)])
+SELECTED_SCHEMA = pa.schema(
+    [pa.field("user_id", pa.string(), nullable=False), pa.field("cluster", pa.int32(), nullable=False)]
+)
 
 
-def strategy(name: str) -> Callable[[Strategy], Strategy]:
-    """Register a strategy function under ``name``."""
+def strategy(name: str) -> Callable[[StrategyFn], StrategyFn]:
+    """Register a strategy function under ``name`` (one of config.Strategy)."""
+    if name not in get_args(Strategy):
+        raise ValueError(f"strategy {name!r} is not in config.Strategy {get_args(Strategy)}")
 
-    def register(fn: Strategy) -> Strategy:
+    def register(fn: StrategyFn) -> StrategyFn:
         STRATEGIES[name] = fn
         return fn
 
@@ -128,8 +136,6 @@ def kmeans_sample(n: int, cfg: SelectConfig, rng: np.random.Generator) -> np.nda
 
 def fit_kmeans(sample: np.ndarray, cfg: SelectConfig):
     """scikit-learn KMeans (k = cfg.clusters, at most the sample size) fit on sample (S, w)."""
-    from sklearn.cluster import KMeans
-
     k = min(cfg.clusters, len(sample))
     return KMeans(n_clusters=k, n_init=cfg.kmeans_n_init, random_state=cfg.seed).fit(sample)
 
@@ -201,7 +207,9 @@ def resolve_budget(budget: float, n_users: int, uri: str) -> int:
     (rounded, at least 1). Raises PumaError when the count exceeds ``n_users`` (``uri`` names the input)."""
     if budget >= 1:
         if float(budget) != int(budget):
-            raise PumaError(f"select: budget {budget} is neither a whole user count (>= 1) nor a fraction (0 < budget < 1)")
+            raise PumaError(
+                f"select: budget {budget} is neither a whole user count (>= 1) nor a fraction (0 < budget < 1)"
+            )
         count = int(budget)
     elif budget > 0:
         count = max(1, int(round(budget * n_users)))
@@ -221,29 +229,27 @@ def _variance_summary(var: np.ndarray) -> dict:
 
 def _assign(batch: pa.Table, km, meta, uri: str) -> pa.Table:
     """map_batches: (user_id, prompt) rows -> (user_id, cluster int32), prompts validated on the way."""
-    from puma_ray.schema import check_prompt_values
-
     if batch.num_rows == 0:
         return pa.table({"user_id": pa.array([], pa.string()), "cluster": pa.array([], pa.int32())})
     x = check_prompt_values(uri, meta, batch)
     return pa.table({"user_id": batch.column("user_id"), "cluster": pa.array(km.predict(x).astype(np.int32))})
 
 
-def stream_clusters(store_uri: str, ids: pa.Array, cfg: SelectConfig, rng: np.random.Generator, out_uri: str) -> np.ndarray:
+def stream_clusters(
+    store_uri: str, ids: pa.Array, cfg: SelectConfig, rng: np.random.Generator, out_uri: str
+) -> np.ndarray:
     """K-means over a prompt store without holding it: fit on the prompts of a random sample of
     ``ids`` (sorted candidate ids, (N,)), assign every store user with Ray Data map_batches into
     ``out_uri`` (user_id, cluster). Returns (N,) int64 clusters aligned with ``ids``."""
-    from ray.data import SaveMode
-
-    from puma_ray.schema import check_prompt_values, read_store_meta
-
     meta = read_store_meta(store_uri)
     sample_ids = ids.take(pa.array(kmeans_sample(len(ids), cfg, rng)))
     sample = storage.read_table(store_uri, filters=pc.field("user_id").isin(sample_ids)).sort_by("user_id")
     km = fit_kmeans(check_prompt_values(store_uri, meta, sample), cfg)
     fs, path = storage.resolve(out_uri)
     storage.ray_read_parquet(store_uri).map_batches(
-        _assign, fn_kwargs={"km": km, "meta": meta, "uri": store_uri}, batch_format="pyarrow",
+        _assign,
+        fn_kwargs={"km": km, "meta": meta, "uri": store_uri},
+        batch_format="pyarrow",
     ).write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE)
     assigned = storage.read_table(out_uri).cast(pa.schema([("user_id", pa.string()), ("cluster", pa.int32())]))
     assigned = pa.table({"user_id": ids}).join(assigned, "user_id", join_type="inner").sort_by("user_id")
@@ -259,24 +265,27 @@ def select_users(cfg: SelectConfig, source_store_uri: str, profile_uri: str, out
     ``out_uri/clusters/`` (every store user's cluster). Store users without interactions and
     profile users without a prompt are counted in the summary and noted on stderr.
     """
-    fn = STRATEGIES.get(cfg.strategy)
-    if fn is None:
-        raise PumaError(f"select: unknown strategy {cfg.strategy!r}; choose one of {sorted(STRATEGIES)}")
-
+    fn = STRATEGIES[cfg.strategy]  # the config accepts only registered names
     store_ids = storage.read_table(source_store_uri, columns=["user_id"]).column("user_id").combine_chunks()
     if pc.count_distinct(store_ids).as_py() != len(store_ids):
-        raise PumaError(f"{source_store_uri}: {len(store_ids) - pc.count_distinct(store_ids).as_py()} duplicate user_id row(s)")
+        raise PumaError(
+            f"{source_store_uri}: {len(store_ids) - pc.count_distinct(store_ids).as_py()} duplicate user_id row(s)"
+        )
     profile = storage.read_table(profile_uri)
     missing = [c for c in ("user_id", "label_var") if c not in profile.column_names]
     if missing:
         raise PumaError(f"{profile_uri}: not a user profile (lacks columns {missing})")
-    profile = profile.select(["user_id", "label_var"]).cast(pa.schema([("user_id", pa.string()), ("label_var", pa.float64())]))
+    profile = profile.select(["user_id", "label_var"]).cast(
+        pa.schema([("user_id", pa.string()), ("label_var", pa.float64())])
+    )
     # Candidates in user_id order, so the result does not depend on the store's row order.
     cand = pa.table({"user_id": store_ids}).join(profile, "user_id", join_type="inner").sort_by("user_id")
     no_interactions, no_prompt = len(store_ids) - cand.num_rows, profile.num_rows - cand.num_rows
     if no_interactions or no_prompt:
-        print(f"select: skipping {no_interactions} store user(s) with no interactions and "
-              f"{no_prompt} profile user(s) with no prompt", file=sys.stderr)
+        say(
+            f"select: skipping {no_interactions} store user(s) with no interactions and "
+            f"{no_prompt} profile user(s) with no prompt"
+        )
     if cand.num_rows == 0:
         raise PumaError(f"{source_store_uri}: no user of the prompt store has interactions in {profile_uri}")
     ids = cand.column("user_id").combine_chunks()
@@ -288,7 +297,10 @@ def select_users(cfg: SelectConfig, source_store_uri: str, profile_uri: str, out
     picked, extra = fn(candidates, budget, cfg, np.random.default_rng(cfg.seed))
     picked = np.asarray(picked, np.int64)
     if len(picked) != budget or len(np.unique(picked)) != budget:
-        raise RuntimeError(f"strategy {cfg.strategy!r} returned {len(np.unique(picked))} unique of {len(picked)} users, expected {budget}")
+        raise RuntimeError(
+            f"strategy {cfg.strategy!r} returned {len(np.unique(picked))} unique of {len(picked)} users, "
+            f"expected {budget}"
+        )
     cluster = np.asarray(extra.pop("cluster", np.full(budget, NO_CLUSTER)), np.int32)
 
     order = np.argsort(picked, kind="stable")  # positions in sorted ids -> selection sorted by user_id
@@ -311,6 +323,7 @@ def select_users(cfg: SelectConfig, source_store_uri: str, profile_uri: str, out
     return summary
 
 
-def read_selected(out_uri: str) -> list[str]:
-    """The selected user ids (sorted) of a :func:`select_users` output directory."""
-    return storage.read_table(storage.join(out_uri, "selected.parquet"), columns=["user_id"]).column("user_id").to_pylist()
+def read_selected(out_uri: str) -> pa.Array:
+    """The selected user ids (string, sorted) of a :func:`select_users` output directory."""
+    path = storage.join(out_uri, "selected.parquet")
+    return storage.read_table(path, columns=["user_id"]).column("user_id").combine_chunks()

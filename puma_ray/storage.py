@@ -18,6 +18,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -30,8 +31,15 @@ S3_CONNECT_TIMEOUT_S = float(os.environ.get("PUMA_S3_CONNECT_TIMEOUT", 2))
 S3_REQUEST_TIMEOUT_S = float(os.environ.get("PUMA_S3_REQUEST_TIMEOUT", 3))
 S3_MAX_ATTEMPTS = int(os.environ.get("PUMA_S3_MAX_ATTEMPTS", 3))
 _SECRET_ENVS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")  # redacted from messages, should one echo them
-_DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "EXPIRED_TOKEN", "INVALID_CLIENT_TOKEN_ID",
-           "UNRECOGNIZED_CLIENT", "HTTP status 403")
+_DENIED = (
+    "ACCESS_DENIED",
+    "INVALID_ACCESS_KEY_ID",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "EXPIRED_TOKEN",
+    "INVALID_CLIENT_TOKEN_ID",
+    "UNRECOGNIZED_CLIENT",
+    "HTTP status 403",
+)
 
 
 def set_s3_endpoint(endpoint: str | None) -> None:
@@ -46,9 +54,12 @@ def _s3_endpoint() -> str | None:
 
 def _s3_filesystem() -> pafs.S3FileSystem:
     endpoint = _s3_endpoint()
-    kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
-                    "connect_timeout": S3_CONNECT_TIMEOUT_S, "request_timeout": S3_REQUEST_TIMEOUT_S,
-                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
+    kwargs: dict = {
+        "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+        "connect_timeout": S3_CONNECT_TIMEOUT_S,
+        "request_timeout": S3_REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+    }
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -100,13 +111,17 @@ def _describe(uri: str, exc: BaseException) -> PumaError:
     if bucket:
         msg = f"bucket {bucket.group(1)!r} does not exist"
     elif aws and any(code in aws.group(1) for code in _DENIED):
-        msg = f"access denied ({aws.group(1)} on {aws.group(2)}): check the AWS credentials and the bucket's permissions"
+        msg = (
+            f"access denied ({aws.group(1)} on {aws.group(2)}): check the AWS credentials and the bucket's permissions"
+        )
     elif aws and "NETWORK_CONNECTION" in aws.group(1):
         detail = aws.group(3).split("Details: ")[-1]
-        msg = f"cannot reach the S3 endpoint {_s3_endpoint() or '(AWS default)'} after {S3_MAX_ATTEMPTS} attempt(s): {detail}"
+        where = _s3_endpoint() or "(AWS default)"
+        msg = f"cannot reach the S3 endpoint {where} after {S3_MAX_ATTEMPTS} attempt(s): {detail}"
     elif "magic bytes not found" in msg or "deserialize thrift" in msg:
         name = re.search(r"source '([^']+)'", msg)
-        msg = f"truncated or corrupt Parquet file{' ' + name.group(1) if name else ''} ({msg.rsplit(': ', 1)[-1].rstrip('.')})"
+        file = f" {name.group(1)}" if name else ""
+        msg = f"truncated or corrupt Parquet file{file} ({msg.rsplit(': ', 1)[-1].rstrip('.')})"
     for name in _SECRET_ENVS:
         if os.environ.get(name):
             msg = msg.replace(os.environ[name], "***")
@@ -163,7 +178,9 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     fs, path = resolve(uri)
     with _errors(uri):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    rel = sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    rel = sorted(
+        i.path[len(path) :].lstrip("/") for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+    )
     return [join(uri, r) for r in rel]
 
 
@@ -256,16 +273,19 @@ def read_table(uri: str, columns: list[str] | None = None, filters=None) -> pa.T
 
 def read_schema(uri: str) -> pa.Schema:
     """The Arrow schema (with metadata) of a Parquet file or directory, from footers only."""
-    import pyarrow.dataset as pads
-
     fs, path = resolve(uri)
     with _errors(uri):
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise _not_found(uri)
-        files = [path] if info.type == pafs.FileType.File else sorted(
-            i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+        files = (
+            [path]
+            if info.type == pafs.FileType.File
+            else sorted(
+                i.path
+                for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+            )
         )
         if not files:
             raise PumaError(f"{uri}: empty input (no .parquet files)")
@@ -274,7 +294,7 @@ def read_schema(uri: str) -> pa.Schema:
 
 def ray_read_parquet(uri: str, **kwargs):
     """A Ray Dataset over the Parquet file(s) at ``uri`` (streamed, never collected)."""
-    import ray.data
+    import ray.data  # noqa: PLC0415 -- heavy (seconds), and the commands without Ray (data synth/import) use this module
 
     fs, path = resolve(uri)
     with _errors(uri):  # files are listed and footers read here, on the driver
@@ -282,3 +302,12 @@ def ray_read_parquet(uri: str, **kwargs):
             raise FileNotFoundError(path)
         return ray.data.read_parquet(path, filesystem=fs, **kwargs)
 
+
+@contextmanager
+def open_input_stream(uri: str, compression: str | None = "detect") -> Iterator[io.BufferedReader]:
+    """A buffered binary stream over one file, decompressed by its extension (.gz, .bz2, .zst, ...)
+    unless ``compression`` says otherwise; failures while opening or reading it become one-line
+    PumaErrors naming ``uri``."""
+    fs, path = resolve(uri)
+    with _errors(uri), fs.open_input_stream(path, compression=compression) as raw:
+        yield io.BufferedReader(raw, 1 << 20)

@@ -5,25 +5,28 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 
+import boto3
 import pytest
+import ray
+from moto.server import ThreadedMotoServer
 
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from puma_ray.config import RayConfig
+from puma_ray.datasets.synthetic import synthesize
+from puma_ray.models import build_tiny
+from puma_ray.runtime import init_ray
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before any tokenizer runs (Ray forks workers)
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    from puma_ray.models import build_tiny
-
     return build_tiny(str(tmp_path_factory.mktemp("models")))
 
 
 @pytest.fixture(scope="session")
 def rating_data(tmp_path_factory) -> str:
-    from puma_ray.datasets.synthetic import synthesize
-
     out = str(tmp_path_factory.mktemp("rating"))
     synthesize(out, users=60, task="rating", seed=3, items=200, progress=False)
     return out
@@ -31,8 +34,6 @@ def rating_data(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ctr_data(tmp_path_factory) -> str:
-    from puma_ray.datasets.synthetic import synthesize
-
     out = str(tmp_path_factory.mktemp("ctr"))
     synthesize(out, users=40, task="ctr", seed=4, items=200, progress=False)
     return out
@@ -42,11 +43,6 @@ def ctr_data(tmp_path_factory) -> str:
 def ray_session(s3_server):
     """One local Ray for the whole suite (starting Ray costs seconds). It starts after the S3
     server, so its workers inherit the endpoint and (dummy) credentials from the environment."""
-    import ray
-
-    from puma_ray.config import RayConfig
-    from puma_ray.runtime import init_ray
-
     init_ray(RayConfig(num_cpus=4))
     yield
     ray.shutdown()
@@ -61,15 +57,20 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real HTTP S3 endpoint (moto server mode) on loopback, with dummy credentials in the env."""
-    from moto.server import ThreadedMotoServer
-
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing-secret-do-not-print",
-                      AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1")
+    old = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing-secret-do-not-print",
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     yield endpoint
     server.stop()
     for k, v in old.items():
@@ -81,10 +82,6 @@ def s3_server():
 
 @pytest.fixture
 def s3_bucket(s3_server) -> str:
-    import uuid
-
-    import boto3
-
     name = f"test-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"

@@ -1,8 +1,12 @@
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from puma_ray.adapter import MigrationAdapter, load_adapter, save_adapter
 from puma_ray.errors import PumaError
+from puma_ray.rewrite import Rewriter
+from puma_ray.schema import StoreMeta
 
 SRC = [{"model": "a", "model_fingerprint": "fa", "hidden_size": 8}]
 TGT = {"model": "b", "model_fingerprint": "fb", "hidden_size": 12}
@@ -58,20 +62,21 @@ def test_save_load_and_refusals(tmp_path):
 
 def test_rewriter_maps_a_batch_and_refuses_bad_prompts(tmp_path):
     """The rewrite's map_batches class on its own: shapes, metadata, NaN and width refusals."""
-    import numpy as np
-    import pyarrow as pa
-
-    from puma_ray.rewrite import Rewriter
-    from puma_ray.schema import StoreMeta
 
     a = MigrationAdapter(8, 12, width=16)
     save_adapter(str(tmp_path), a, SRC, TGT, prompt_length=2)
-    meta = StoreMeta(model="b", model_fingerprint="fb", hidden_size=12, prompt_length=2, template="rating_v1", stage="rewrite")
+    meta = StoreMeta(
+        model="b", model_fingerprint="fb", hidden_size=12, prompt_length=2, template="rating_v1", stage="rewrite"
+    )
     rw = Rewriter(str(tmp_path), meta.__dict__)
 
     def batch(p):
-        return pa.table({"user_id": [f"u{i}" for i in range(len(p))],
-                         "prompt": pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1).astype(np.float32)), p.shape[1])})
+        return pa.table(
+            {
+                "user_id": [f"u{i}" for i in range(len(p))],
+                "prompt": pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1).astype(np.float32)), p.shape[1]),
+            }
+        )
 
     x = np.random.default_rng(0).normal(size=(3, 16))
     out = rw(batch(x))
@@ -83,5 +88,5 @@ def test_rewriter_maps_a_batch_and_refuses_bad_prompts(tmp_path):
     x[1, 3] = np.nan
     with pytest.raises(PumaError, match=r"1 source prompt\(s\) contain NaN or Inf, e.g. users \['u1'\]"):
         rw(batch(x))
-    with pytest.raises(PumaError, match="source prompts have width 10, the adapter takes l\\*d = 16"):
+    with pytest.raises(PumaError, match="source prompts have width 10, expected l\\*d = 16"):
         rw(batch(np.zeros((2, 10))))

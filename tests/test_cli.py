@@ -1,6 +1,7 @@
 """The command line: help, one-line errors (no tracebacks) for user mistakes, data/models commands."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -51,8 +52,8 @@ def test_console_script_installed():
 
 @pytest.mark.parametrize("job", ["prompts", "migrate", "rewrite", "evaluate"])
 def test_job_entrypoints_are_the_cli(job):
-    import os
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "jobs", f"{job}.py"), "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, os.path.join(root, "jobs", f"{job}.py"), "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "--config" in r.stdout

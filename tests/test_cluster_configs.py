@@ -9,17 +9,26 @@ import ast
 import re
 import shlex
 import subprocess
+from importlib.metadata import requires
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 from puma_ray import config as C
+from puma_ray.runtime import deepspeed_config
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
 JOBS = ("prompts", "migrate", "rewrite", "evaluate")
-CONFIG_OF_JOB = {"prompts": C.PromptsConfig, "migrate": C.MigrateConfig, "rewrite": C.RewriteJobConfig, "evaluate": C.EvaluateConfig}
+CONFIG_OF_JOB = {
+    "prompts": C.PromptsConfig,
+    "migrate": C.MigrateConfig,
+    "rewrite": C.RewriteJobConfig,
+    "evaluate": C.EvaluateConfig,
+}
 
 
 def load_yaml(rel: str):
@@ -44,26 +53,34 @@ def check_entrypoint(entrypoint: str) -> C.BaseModel:
 
 
 def test_gpu_preset_loads_and_asks_for_gpus():
-    from puma_ray.runtime import deepspeed_config
-
     cfg = C.load(C.MigrateConfig, str(REPO / "configs" / "migrate_gpu.yaml"))
     assert cfg.model.dtype == "bfloat16" and cfg.scaling.use_gpu and cfg.scaling.zero_stage in (2, 3)
-    assert cfg.scaling.num_workers >= 2 and cfg.rewrite.num_gpus > 0 and cfg.scoring.num_gpus > 0 and cfg.run.max_failures >= 1
+    assert (
+        cfg.scaling.num_workers >= 2
+        and cfg.rewrite.num_gpus > 0
+        and cfg.scoring.num_gpus > 0
+        and cfg.run.max_failures >= 1
+    )
     assert cfg.train.batch_size >= 64 and cfg.rewrite.batch_size >= 8192
     uris = [*cfg.sources, cfg.data.train, cfg.data.valid, cfg.output, cfg.run.storage_path]
     assert all(u.startswith("s3://") for u in uris), uris  # shared storage: nothing node-local on a cluster
     # device choice lives in puma_ray.runtime: this preset turns bf16 and its ZeRO stage on there
     ds = deepspeed_config(cfg.scaling, cfg.train, cfg.model.dtype)
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["zero_optimization"]["stage"] == cfg.scaling.zero_stage
+    assert (
+        ds["bf16"]["enabled"]
+        and not ds["fp16"]["enabled"]
+        and ds["zero_optimization"]["stage"] == cfg.scaling.zero_stage
+    )
     # the placeholders are meant to be overridden on the command line
-    over = C.load(C.MigrateConfig, str(REPO / "configs" / "migrate_gpu.yaml"),
-                  ["sources=[s3://b/src]", "data.train=s3://b/train", "scaling.num_workers=8"])
+    over = C.load(
+        C.MigrateConfig,
+        str(REPO / "configs" / "migrate_gpu.yaml"),
+        ["sources=[s3://b/src]", "data.train=s3://b/train", "scaling.num_workers=8"],
+    )
     assert over.sources == ["s3://b/src"] and over.data.train == "s3://b/train" and over.scaling.num_workers == 8
 
 
 def test_aws_launcher_config_passes_rays_schema():
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     raw = load_yaml("cluster/aws-gpu.yaml")
     validate_config(prepare_config(raw))  # Ray's ray-schema.json, after Ray's own defaults are merged in
     assert raw["provider"]["type"] == "aws"
@@ -73,7 +90,7 @@ def test_aws_launcher_config_passes_rays_schema():
     assert gpu and all(t["max_workers"] >= 1 for t in gpu), "a GPU worker node type that can scale up"
     assert raw["docker"]["image"] == f"rayproject/ray:{dockerfile_ray_version()}-py311-gpu"
     # the project is synced to every node and installed there
-    (remote, local), = raw["file_mounts"].items()
+    ((remote, local),) = raw["file_mounts"].items()
     assert local == "." and any("pip install" in c and remote in c for c in raw["setup_commands"])
     assert "AWS_SECRET_ACCESS_KEY" not in (REPO / "cluster" / "aws-gpu.yaml").read_text()
 
@@ -91,8 +108,14 @@ def check_cluster_spec(spec: dict) -> None:
     images = {c["image"] for _, c in pods}
     assert len(images) == 1 and next(iter(images)).endswith("-gpu"), images
     assert "dashboard-host" in spec["headGroupSpec"]["rayStartParams"]
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if all(str(c["resources"]["limits"].get("nvidia.com/gpu", "0")) not in ("0", "") for c in g["template"]["spec"]["containers"])]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if all(
+            str(c["resources"]["limits"].get("nvidia.com/gpu", "0")) not in ("0", "")
+            for c in g["template"]["spec"]["containers"]
+        )
+    ]
     assert gpu_groups, "a worker group whose containers ask for nvidia.com/gpu"
     for g in gpu_groups:
         assert g["maxReplicas"] >= g["replicas"] >= g["minReplicas"] >= 0
@@ -126,10 +149,6 @@ def test_kuberay_rayjob_runs_a_job_entrypoint():
 
 
 def test_dockerfile_ray_version_fits_pyproject():
-    from importlib.metadata import requires
-
-    from packaging.requirements import Requirement
-
     ray = next(r for r in map(Requirement, requires("puma-ray")) if r.name == "ray" and not r.marker)
     assert dockerfile_ray_version() in ray.specifier, (dockerfile_ray_version(), str(ray))
 

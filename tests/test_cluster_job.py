@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+import requests
 import yaml
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from puma_ray import storage
 from puma_ray.llm import model_info
@@ -38,7 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 LOCAL_SH = REPO / "cluster" / "local.sh"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cluster/local.sh finds its processes in /proc")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="cluster/local.sh finds its processes in /proc"
+)
 
 
 def marked_pids(cluster_dir: str) -> list[int]:
@@ -64,15 +68,19 @@ class LocalCluster:
 
     def run(self, cmd: str, timeout: float = 300) -> subprocess.CompletedProcess:
         with open(os.path.join(self.dir, f"local-{cmd}.log"), "w") as log:  # a file, not a pipe: the daemons inherit it
-            return subprocess.run(["bash", str(LOCAL_SH), cmd], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout, check=False)
+            return subprocess.run(
+                ["bash", str(LOCAL_SH), cmd],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
 
     def log(self, cmd: str) -> str:
         return Path(self.dir, f"local-{cmd}.log").read_text()
 
     def api(self, path: str) -> list[dict]:
-        import requests
-
         r = requests.get(self.dashboard + path, headers=self.headers, timeout=30)
         r.raise_for_status()
         return r.json()["data"]["result"]["result"]
@@ -85,8 +93,15 @@ def local_cluster():
     bindir = os.path.dirname(sys.executable)
     # no RAY_* of this process (its own local Ray) and, on purpose, no AWS_*: jobs get those via runtime_env
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(PATH=f"{bindir}:{env.get('PATH', '')}", RAY=os.path.join(bindir, "ray"), PUMA_CLUSTER_DIR=cdir,
-               PUMA_CLUSTER_WORKERS="1", PUMA_HEAD_CPUS="2", PUMA_WORKER_CPUS="2", PUMA_OBJECT_STORE_BYTES="200000000")
+    env.update(
+        PATH=f"{bindir}:{env.get('PATH', '')}",
+        RAY=os.path.join(bindir, "ray"),
+        PUMA_CLUSTER_DIR=cdir,
+        PUMA_CLUSTER_WORKERS="1",
+        PUMA_HEAD_CPUS="2",
+        PUMA_WORKER_CPUS="2",
+        PUMA_OBJECT_STORE_BYTES="200000000",
+    )
     cluster = LocalCluster(cdir, "", {}, env)
     try:
         r = cluster.run("start")
@@ -118,11 +133,13 @@ def upload_dir(local: str, uri: str) -> str:
 def write_store(uri: str, model_path: str, users: list[str], rows_per_group: int) -> str:
     """A random source store made for ``model_path``, one row group per ``rows_per_group`` users."""
     fp, d = model_info(model_path)
-    meta = StoreMeta(model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=1, template="rating_v1", stage="prompts")
+    meta = StoreMeta(
+        model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=1, template="rating_v1", stage="prompts"
+    )
     rng = np.random.default_rng(0)
     with storage.parquet_writer(storage.join(uri, "part-00000.parquet"), prompt_store_schema(meta)) as w:
         for i in range(0, len(users), rows_per_group):
-            ids = users[i:i + rows_per_group]
+            ids = users[i : i + rows_per_group]
             w.write_table(prompt_table(meta, ids, rng.uniform(-0.1, 0.1, (len(ids), d))))
     return uri
 
@@ -132,14 +149,15 @@ def submit(client, job: str, config_uri: str, *overrides: str) -> str:
     settings passed through the job's runtime_env (from this process's environment, never a file)."""
     return client.submit_job(
         entrypoint=" ".join(["python", f"jobs/{job}.py", "--config", config_uri, *overrides]),
-        runtime_env={"working_dir": str(REPO), "excludes": [".git", ".venv", ".ci-venv", "runs", "quickstart_out"],
-                     "env_vars": {k: os.environ[k] for k in SECRET_KEYS}},
+        runtime_env={
+            "working_dir": str(REPO),
+            "excludes": [".git", ".venv", ".ci-venv", "runs", "quickstart_out"],
+            "env_vars": {k: os.environ[k] for k in SECRET_KEYS},
+        },
     )
 
 
 def wait(client, job_id: str, until: set, timeout: float, poll: float = 0.5) -> str:
-    from ray.job_submission import JobStatus
-
     t0 = time.time()
     while True:
         status = client.get_job_status(job_id)
@@ -153,8 +171,6 @@ def wait(client, job_id: str, until: set, timeout: float, poll: float = 0.5) -> 
 
 
 def test_jobs_on_a_local_multi_node_cluster(local_cluster, s3_bucket, tiny_models, rating_data):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
     t0 = time.time()
     nodes = local_cluster.api("/api/v0/nodes")
     assert [n["state"] for n in nodes] == ["ALIVE", "ALIVE"]
@@ -167,10 +183,15 @@ def test_jobs_on_a_local_multi_node_cluster(local_cluster, s3_bucket, tiny_model
     users = sorted(set(storage.read_table(f"{b}/data/train", columns=["user_id"]).column("user_id").to_pylist()))
     write_store(f"{b}/source/prompts", tiny_models["llama"], users, rows_per_group=len(users))
     cfg = {
-        "task": "rating", "model": {"path": tiny_models["qwen2"]}, "sources": [f"{b}/source/prompts"],
-        "data": {"train": f"{b}/data/train", "valid": f"{b}/data/valid"}, "output": f"{b}/out/migrate",
-        "select": {"budget": 20, "clusters": 3, "min_per_cluster": 2}, "adapter": {"width": 32},
-        "train": {"epochs": 3, "batch_size": 64, "lr": 3e-3}, "evaluate": False,
+        "task": "rating",
+        "model": {"path": tiny_models["qwen2"]},
+        "sources": [f"{b}/source/prompts"],
+        "data": {"train": f"{b}/data/train", "valid": f"{b}/data/valid"},
+        "output": f"{b}/out/migrate",
+        "select": {"budget": 20, "clusters": 3, "min_per_cluster": 2},
+        "adapter": {"width": 32},
+        "train": {"epochs": 3, "batch_size": 64, "lr": 3e-3},
+        "evaluate": False,
         "run": {"name": "cluster-migrate", "storage_path": f"{b}/ray"},
     }
     storage.write_bytes(f"{b}/configs/migrate.yaml", yaml.safe_dump(cfg).encode())
@@ -187,21 +208,36 @@ def test_jobs_on_a_local_multi_node_cluster(local_cluster, s3_bucket, tiny_model
     assert sorted(ids) == users and prompts.shape == (len(users), 96)
     summary = storage.read_json(f"{out}/summary.json")
     assert summary["final_metrics"]["epoch"] == 0  # the override train.epochs=1 won over the file's 3
-    assert storage.list_files(f"{b}/ray/cluster-migrate", "trainable.safetensors"), "no Ray Train checkpoint in the bucket"
+    assert storage.list_files(f"{b}/ray/cluster-migrate", "trainable.safetensors"), (
+        "no Ray Train checkpoint in the bucket"
+    )
     job_id = client.get_job_info(job).job_id
-    actors = [a for a in local_cluster.api(f"/api/v0/actors?detail=true&limit=10000&filter_keys=job_id"
-                                           f"&filter_predicates=%3D&filter_values={job_id}")]
+    actors = [
+        a
+        for a in local_cluster.api(
+            f"/api/v0/actors?detail=true&limit=10000&filter_keys=job_id&filter_predicates=%3D&filter_values={job_id}"
+        )
+    ]
     assert any(a["class_name"] == "RayTrainWorker" for a in actors), [a["class_name"] for a in actors]
-    tasks = local_cluster.api(f"/api/v0/tasks?limit=10000&filter_keys=job_id&filter_predicates=%3D&filter_values={job_id}")
+    tasks = local_cluster.api(
+        f"/api/v0/tasks?limit=10000&filter_keys=job_id&filter_predicates=%3D&filter_values={job_id}"
+    )
     used = {x["node_id"] for x in actors + tasks if x.get("node_id")}
     assert len(used) == 2, f"the job ran on {len(used)} node(s)"
     t_migrate = time.time() - t0
 
     # 2. a rewrite job stopped half-way, then submitted again: resumes, every user exactly once
     big = [f"user{i:06d}" for i in range(12_000)]
-    write_store(f"{b}/big/prompts", tiny_models["llama"], big, rows_per_group=120)  # 100 units (output files) of 120 users
-    rw = {"model": {"path": tiny_models["qwen2"]}, "sources": [f"{b}/big/prompts"], "adapter": f"{out}/adapter",
-          "output": f"{b}/out/rewrite", "rewrite": {"batch_size": 60, "min_rows_per_file": 120, "max_rows_per_file": 120}}
+    write_store(
+        f"{b}/big/prompts", tiny_models["llama"], big, rows_per_group=120
+    )  # 100 units (output files) of 120 users
+    rw = {
+        "model": {"path": tiny_models["qwen2"]},
+        "sources": [f"{b}/big/prompts"],
+        "adapter": f"{out}/adapter",
+        "output": f"{b}/out/rewrite",
+        "rewrite": {"batch_size": 60, "min_rows_per_file": 120, "max_rows_per_file": 120},
+    }
     storage.write_bytes(f"{b}/configs/rewrite.yaml", yaml.safe_dump(rw).encode())
     state = f"{b}/out/rewrite/rewrite_state"
     job = submit(client, "rewrite", f"{b}/configs/rewrite.yaml")
@@ -231,5 +267,7 @@ def test_jobs_on_a_local_multi_node_cluster(local_cluster, s3_bucket, tiny_model
     r = local_cluster.run("stop", timeout=120)
     assert r.returncode == 0, local_cluster.log("stop")
     assert marked_pids(local_cluster.dir) == []
-    print(f"cluster job test: migrate {t_migrate:.0f} s, rewrite stopped after {finished}/100 units then resumed, "
-          f"all {time.time() - t0:.0f} s")
+    print(
+        f"cluster job test: migrate {t_migrate:.0f} s, rewrite stopped after {finished}/100 units then resumed, "
+        f"all {time.time() - t0:.0f} s"
+    )

@@ -9,8 +9,15 @@ BASE = {"model": {"path": "m"}, "data": {"train": "t"}, "output": "o"}
 def test_defaults_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model: {path: m}\ndata: {train: t}\noutput: o\ntrain: {epochs: 2}\n")
-    cfg = C.load(C.PromptsConfig, str(f), ["train.epochs=5", "scaling.zero_stage=2", "model.dtype=bfloat16", "head.hidden=[8,4]"])
-    assert cfg.train.epochs == 5 and cfg.scaling.zero_stage == 2 and cfg.model.dtype == "bfloat16" and cfg.head.hidden == [8, 4]
+    cfg = C.load(
+        C.PromptsConfig, str(f), ["train.epochs=5", "scaling.zero_stage=2", "model.dtype=bfloat16", "head.hidden=[8,4]"]
+    )
+    assert (
+        cfg.train.epochs == 5
+        and cfg.scaling.zero_stage == 2
+        and cfg.model.dtype == "bfloat16"
+        and cfg.head.hidden == [8, 4]
+    )
     assert cfg.train.lr == 5e-4 and cfg.prompt_length == 1
 
 

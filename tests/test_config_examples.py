@@ -7,7 +7,13 @@ import pytest
 from puma_ray import config as C
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
-CLASSES = {"prompts": C.PromptsConfig, "evaluate": C.EvaluateConfig, "migrate": C.MigrateConfig, "rewrite": C.RewriteJobConfig, "tune": C.TuneConfig}
+CLASSES = {
+    "prompts": C.PromptsConfig,
+    "evaluate": C.EvaluateConfig,
+    "migrate": C.MigrateConfig,
+    "rewrite": C.RewriteJobConfig,
+    "tune": C.TuneConfig,
+}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

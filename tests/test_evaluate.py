@@ -5,28 +5,33 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.data
+from sklearn.metrics import roc_auc_score
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.evaluate import dataset_metrics, evaluate, format_table
+from puma_ray.errors import PumaError
+from puma_ray.evaluate import dataset_metrics, evaluate, format_table, sorted_auc
+from puma_ray.heads import build_head, save_head
+from puma_ray.llm import FrozenLM
+from puma_ray.schema import StoreMeta, write_prompt_store
+from puma_ray.stage1 import train_prompts
 
 
 def test_rating_metrics_by_hand(ray_session):
-    import ray.data
-
     f = pd.DataFrame({"user_id": ["a", "a", "b"], "label": [1.0, 3.0, 5.0], "pred": [2.0, 3.0, 3.0]})
     m = dataset_metrics("rating", ray.data.from_pandas(f))
     assert m["rmse"] == pytest.approx(math.sqrt((1 + 0 + 4) / 3)) and m["mae"] == pytest.approx(1.0)
 
 
 def test_ctr_metrics_uauc_skips_one_class_users(ray_session):
-    import ray.data
-    from sklearn.metrics import roc_auc_score
-
-    f = pd.DataFrame({
-        "user_id": ["a", "a", "a", "b", "b", "c"],
-        "label": [1, 0, 0, 1, 0, 1], "pred": [0.9, 0.1, 0.95, 0.2, 0.8, 0.5],
-    })
+    f = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "a", "b", "b", "c"],
+            "label": [1, 0, 0, 1, 0, 1],
+            "pred": [0.9, 0.1, 0.95, 0.2, 0.8, 0.5],
+        }
+    )
     m = dataset_metrics("ctr", ray.data.from_pandas(f))
     # user a: pairs (0.9>0.1 yes, 0.9>0.95 no) = 0.5; user b: 0.0; user c has one class
     assert m["uauc"] == pytest.approx(0.25) and m["uauc_users"] == 2
@@ -37,13 +42,18 @@ def test_ctr_metrics_uauc_skips_one_class_users(ray_session):
 def test_subset_metrics_in_one_pass_equal_filtered(task, ray_session):
     """<metric>_in_g / _out_g, computed in the same passes as the whole set, equal the metrics of
     the filtered rows (g is a per-user flag, as evaluate's adapter_users subset)."""
-    import ray.data
 
     rng = np.random.default_rng(1)
     users = rng.integers(0, 30, 600)
     label = rng.integers(1, 6, 600).astype(float) if task == "rating" else (rng.random(600) < 0.4).astype(float)
-    f = pd.DataFrame({"user_id": [f"u{u}" for u in users], "label": label,
-                      "pred": rng.integers(0, 10, 600) / 10 + (label if task == "rating" else 0.2 * label), "in_g": users < 10})
+    f = pd.DataFrame(
+        {
+            "user_id": [f"u{u}" for u in users],
+            "label": label,
+            "pred": rng.integers(0, 10, 600) / 10 + (label if task == "rating" else 0.2 * label),
+            "in_g": users < 10,
+        }
+    )
     both = dataset_metrics(task, ray.data.from_pandas(f).repartition(7), ("g",))
     for side, part in (("in", f[f.in_g]), ("out", f[~f.in_g])):
         alone = dataset_metrics(task, ray.data.from_pandas(part.drop(columns="in_g")))
@@ -55,10 +65,6 @@ def test_subset_metrics_in_one_pass_equal_filtered(task, ray_session):
 
 @pytest.mark.parametrize("batch", [1, 3, 7, 1000])
 def test_sorted_auc_is_exact_with_ties_across_batches(batch):
-    from sklearn.metrics import roc_auc_score
-
-    from puma_ray.evaluate import sorted_auc
-
     rng = np.random.default_rng(0)
     pred = np.sort(rng.integers(0, 20, 500) / 20)  # many ties
     label = (rng.random(500) < 0.3 + 0.5 * pred).astype(float)
@@ -68,20 +74,32 @@ def test_sorted_auc_is_exact_with_ties_across_batches(batch):
 
 def test_evaluate_runs_and_reports_unknown_users(tmp_path, tiny_models, rating_data, ray_session, capsys):
     """A stage-1 output scored against baselines; valid rows of users without a prompt are counted."""
-    from puma_ray.train import train_prompts
 
     out = str(tmp_path / "run")
-    train_prompts(C.build(C.PromptsConfig, {
-        "model": {"path": tiny_models["llama"]}, "data": {"train": f"{rating_data}/train"}, "output": out,
-        "train": {"epochs": 1, "batch_size": 128}, "run": {"name": "ev", "storage_path": str(tmp_path / "runs")},
-    }))
+    train_prompts(
+        C.build(
+            C.PromptsConfig,
+            {
+                "model": {"path": tiny_models["llama"]},
+                "data": {"train": f"{rating_data}/train"},
+                "output": out,
+                "train": {"epochs": 1, "batch_size": 128},
+                "run": {"name": "ev", "storage_path": str(tmp_path / "runs")},
+            },
+        )
+    )
     valid = pq.read_table(f"{rating_data}/valid")
     extra = valid.slice(0, 3).set_column(0, "user_id", pa.array(["stranger"] * 3)).cast(valid.schema)
     storage.write_table(str(tmp_path / "valid/part-0.parquet"), pa.concat_tables([valid, extra]))
-    cfg = C.build(C.EvaluateConfig, {
-        "model": {"path": tiny_models["llama"]}, "data": {"train": f"{rating_data}/train", "valid": str(tmp_path / "valid")},
-        "runs": {"source": out}, "output": str(tmp_path / "report.json"),
-    })
+    cfg = C.build(
+        C.EvaluateConfig,
+        {
+            "model": {"path": tiny_models["llama"]},
+            "data": {"train": f"{rating_data}/train", "valid": str(tmp_path / "valid")},
+            "runs": {"source": out},
+            "output": str(tmp_path / "report.json"),
+        },
+    )
     report = evaluate(cfg)
     src = report["methods"]["source"]
     assert src["unknown_rows"] == 3 and src["unknown_users"] == 1 and src["scored_rows"] == valid.num_rows
@@ -93,22 +111,33 @@ def test_evaluate_runs_and_reports_unknown_users(tmp_path, tiny_models, rating_d
 
 
 def test_evaluate_refuses_store_of_other_model(tmp_path, tiny_models, rating_data, ray_session):
-    from puma_ray.errors import PumaError
-    from puma_ray.heads import build_head, save_head
-    from puma_ray.llm import FrozenLM
-    from puma_ray.schema import StoreMeta, write_prompt_store
-
     lm = FrozenLM(tiny_models["qwen2"], "rating")
-    meta = StoreMeta(model="qwen2", model_fingerprint=lm.fingerprint, hidden_size=96, prompt_length=1, template="rating_v1", stage="prompts")
+    meta = StoreMeta(
+        model="qwen2",
+        model_fingerprint=lm.fingerprint,
+        hidden_size=96,
+        prompt_length=1,
+        template="rating_v1",
+        stage="prompts",
+    )
     run = str(tmp_path / "run")
     write_prompt_store(f"{run}/prompts", meta, ["u0000000"], np.zeros((1, 96), np.float32))
     save_head(run, build_head("rating", 96, C.HeadConfig()), "rating", C.HeadConfig().model_dump(), lm.fingerprint, 96)
-    cfg = C.build(C.EvaluateConfig, {"model": {"path": tiny_models["llama"]}, "baselines": [],
-                                     "data": {"train": f"{rating_data}/train", "valid": f"{rating_data}/valid"}, "runs": {"x": run}})
+    cfg = C.build(
+        C.EvaluateConfig,
+        {
+            "model": {"path": tiny_models["llama"]},
+            "baselines": [],
+            "data": {"train": f"{rating_data}/train", "valid": f"{rating_data}/valid"},
+            "runs": {"x": run},
+        },
+    )
     with pytest.raises(PumaError, match="made for model .qwen2."):
         evaluate(cfg)
 
 
 def test_format_table():
-    t = format_table({"task": "ctr", "methods": {"a": {"auc": 0.61, "uauc": 0.55, "lm_sample_passes": 10, "wall_s": 1.0}}})
+    t = format_table(
+        {"task": "ctr", "methods": {"a": {"auc": 0.61, "uauc": 0.55, "lm_sample_passes": 10, "wall_s": 1.0}}}
+    )
     assert "| a | 0.6100 | 0.5500 | 10 | 1.0 | 0 |" in t

@@ -12,9 +12,14 @@ import threading
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
+import ray
+import ray.train
+from ray.util.state import list_actors
 
 from puma_ray import config as C
 from puma_ray.llm import model_info
+from puma_ray.pipeline import migrate_step
 from puma_ray.schema import StoreMeta, write_prompt_store
 
 EPOCHS = 2
@@ -22,14 +27,17 @@ EPOCHS = 2
 
 def source_store(uri: str, model_path: str, users: list[str]) -> str:
     fp, d = model_info(model_path)
-    meta = StoreMeta(model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=1, template="rating_v1", stage="prompts")
-    write_prompt_store(uri, meta, users, np.random.default_rng(0).uniform(-0.1, 0.1, (len(users), d)).astype(np.float32))
+    meta = StoreMeta(
+        model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=1, template="rating_v1", stage="prompts"
+    )
+    write_prompt_store(
+        uri, meta, users, np.random.default_rng(0).uniform(-0.1, 0.1, (len(users), d)).astype(np.float32)
+    )
     return uri
 
 
 def epoch_logger(path: str):
     """A Ray Train callback (runs on the controller) appending each registered report to ``path``."""
-    import ray.train
 
     class EpochLog(ray.train.UserCallback):  # defined here so it is pickled by value for the controller
         def after_report(self, run_context, metrics, checkpoint):
@@ -46,8 +54,6 @@ def read_log(path: str) -> list[dict]:
 
 
 def train_worker_actors(address: str, state: str | None = None) -> list:
-    from ray.util.state import list_actors
-
     filters = [("class_name", "=", "RayTrainWorker")] + ([("state", "=", state)] if state else [])
     return list_actors(address=address, filters=filters, detail=True, limit=10_000, raise_on_missing_output=False)
 
@@ -74,23 +80,28 @@ def kill_one_worker_after_first_report(log: str, address: str, ignore: set, done
 
 
 def test_worker_killed_mid_training_resumes_from_checkpoint(tmp_path, tiny_models, rating_data, ray_session):
-    import pyarrow.parquet as pq
-    import ray
-
-    from puma_ray.pipeline import migrate_step
-
-    address = "http://" + ray._private.worker.global_worker.node.webui_url  # this session's dashboard, not another Ray on the box
+    address = (
+        "http://" + ray._private.worker.global_worker.node.webui_url
+    )  # this session's dashboard, not another Ray on the box
     users = sorted(set(pq.read_table(f"{rating_data}/train", columns=["user_id"]).column("user_id").to_pylist()))
     src = source_store(str(tmp_path / "src"), tiny_models["llama"], users)
 
     def cfg(name: str, **run) -> C.MigrateConfig:
-        return C.build(C.MigrateConfig, {
-            "model": {"path": tiny_models["qwen2"]}, "sources": [src], "output": str(tmp_path / name),
-            "data": {"train": f"{rating_data}/train", "valid": f"{rating_data}/valid"},
-            "select": {"strategy": "random", "budget": 20}, "adapter": {"width": 32},
-            "train": {"epochs": EPOCHS, "batch_size": 32, "lr": 3e-3}, "scaling": {"num_workers": 2},
-            "run": {"name": name, "storage_path": str(tmp_path / "ray"), **run}, "evaluate": False,
-        })
+        return C.build(
+            C.MigrateConfig,
+            {
+                "model": {"path": tiny_models["qwen2"]},
+                "sources": [src],
+                "output": str(tmp_path / name),
+                "data": {"train": f"{rating_data}/train", "valid": f"{rating_data}/valid"},
+                "select": {"strategy": "random", "budget": 20},
+                "adapter": {"width": 32},
+                "train": {"epochs": EPOCHS, "batch_size": 32, "lr": 3e-3},
+                "scaling": {"num_workers": 2},
+                "run": {"name": name, "storage_path": str(tmp_path / "ray"), **run},
+                "evaluate": False,
+            },
+        )
 
     t0 = time.time()
     clean = migrate_step(cfg("clean"), rewrite=False)
@@ -98,7 +109,9 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(tmp_path, tiny_model
 
     before = {a.actor_id for a in train_worker_actors(address)}
     log, out, done = str(tmp_path / "epochs.jsonl"), {}, threading.Event()
-    killer = threading.Thread(target=kill_one_worker_after_first_report, args=(log, address, before, done, out), daemon=True)
+    killer = threading.Thread(
+        target=kill_one_worker_after_first_report, args=(log, address, before, done, out), daemon=True
+    )
     killer.start()
     try:
         resumed = migrate_step(cfg("killed", max_failures=1), rewrite=False, callbacks=(epoch_logger(log),))
@@ -120,5 +133,7 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(tmp_path, tiny_model
     assert resumed["lm_sample_passes"] == clean["lm_sample_passes"]
     a, b = resumed["final_metrics"]["val_rmse"], clean["final_metrics"]["val_rmse"]
     assert abs(a - b) <= 0.10 * b, (a, b)
-    print(f"fault tolerance: killed pid {out['killed']} after {out['reports_before']} epoch(s); val_rmse {a:.4f} "
-          f"(uninterrupted {b:.4f}); clean run {t_clean:.0f} s, killed run {time.time() - t0 - t_clean:.0f} s")
+    print(
+        f"fault tolerance: killed pid {out['killed']} after {out['reports_before']} epoch(s); val_rmse {a:.4f} "
+        f"(uninterrupted {b:.4f}); clean run {t_clean:.0f} s, killed run {time.time() - t0 - t_clean:.0f} s"
+    )

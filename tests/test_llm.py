@@ -1,5 +1,7 @@
 """One test per model family: loads through from_pretrained; forward + backward reach the prompt only."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -77,8 +79,6 @@ def test_wrong_prompt_width_and_bad_model(tiny_models, tmp_path):
 
 
 def test_fingerprints_differ_by_family_not_by_path(tiny_models, tmp_path):
-    import shutil
-
     fps = {f: FrozenLM(p, "rating").fingerprint for f, p in tiny_models.items()}
     assert len(set(fps.values())) == len(fps)
     shutil.copytree(tiny_models["llama"], tmp_path / "copy")

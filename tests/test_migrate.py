@@ -1,24 +1,32 @@
 """PUMA end to end on tiny models: migrate (CTR; rating runs on S3 in test_s3_migrate.py), the
-rewrite command, chain, aggregate, and the bad inputs of a migration. Source stores are written directly (random prompts tagged with
-the source model's fingerprint): the machinery is under test here, not prompt quality."""
+rewrite command, chain, aggregate, and the bad inputs of a migration. Source stores are written
+directly (random prompts tagged with the source model's fingerprint): the machinery is under test
+here, not prompt quality."""
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_rewrite import make_adapter
 
 from puma_ray import config as C
 from puma_ray import storage
+from puma_ray.data import hashed_fraction
 from puma_ray.errors import PumaError
 from puma_ray.llm import model_info
+from puma_ray.pipeline import migrate
+from puma_ray.rewrite import rewrite
 from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
+from puma_ray.stage2 import training_data
 
 FAST = {"adapter": {"width": 32}, "train": {"epochs": 1, "batch_size": 64, "lr": 3e-3}, "rewrite": {"batch_size": 16}}
 
 
 def make_store(uri, model_path, users, seed=0, l=1, task="rating"):
     fp, d = model_info(model_path)
-    meta = StoreMeta(model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=l,
-                     template=f"{task}_v1", stage="prompts")
+    meta = StoreMeta(
+        model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=l, template=f"{task}_v1", stage="prompts"
+    )
     p = np.random.default_rng(seed).uniform(-0.1, 0.1, (len(users), l * d)).astype(np.float32)
     write_prompt_store(uri, meta, users, p)
     return uri
@@ -29,25 +37,37 @@ def users_of(data_dir):
 
 
 def mcfg(tmp_path, data_dir, target, sources, name, task="rating", **over):
-    base = {"task": task, "model": {"path": target}, "sources": sources, "output": str(tmp_path / name),
-            "data": {"train": f"{data_dir}/train", "valid": f"{data_dir}/valid"},
-            "select": {"budget": 20, "clusters": 3, "min_per_cluster": 2},
-            "run": {"name": name, "storage_path": str(tmp_path / "ray")}, **FAST}
+    base = {
+        "task": task,
+        "model": {"path": target},
+        "sources": sources,
+        "output": str(tmp_path / name),
+        "data": {"train": f"{data_dir}/train", "valid": f"{data_dir}/valid"},
+        "select": {"budget": 20, "clusters": 3, "min_per_cluster": 2},
+        "run": {"name": name, "storage_path": str(tmp_path / "ray")},
+        **FAST,
+    }
     return C.build(C.MigrateConfig, C.deep_merge(base, over))
 
 
 def test_migrate_ctr(tmp_path, tiny_models, ctr_data, ray_session):
-    from puma_ray.pipeline import migrate
-
     src = make_store(str(tmp_path / "src"), tiny_models["gemma3"], users_of(ctr_data), task="ctr")
-    report = migrate(mcfg(tmp_path, ctr_data, tiny_models["phi3"], [src], "mc", task="ctr", select={"budget": 0.5, "strategy": "random"}))
+    report = migrate(
+        mcfg(
+            tmp_path,
+            ctr_data,
+            tiny_models["phi3"],
+            [src],
+            "mc",
+            task="ctr",
+            select={"budget": 0.5, "strategy": "random"},
+        )
+    )
     puma = report["evaluation"]["methods"]["puma"]
     assert 0 <= puma["auc"] <= 1 and "uauc" in puma
 
 
 def test_chain_and_aggregate(tmp_path, tiny_models, rating_data, ray_session):
-    from puma_ray.pipeline import migrate
-
     users = users_of(rating_data)
     a = make_store(str(tmp_path / "a"), tiny_models["llama"], users)
     b = make_store(str(tmp_path / "b"), tiny_models["gemma3"], users[3:], seed=1)  # 3 users lack a B prompt
@@ -58,10 +78,23 @@ def test_chain_and_aggregate(tmp_path, tiny_models, rating_data, ray_session):
     adapter = storage.read_json(str(tmp_path / "agg" / "adapter" / "adapter.json"))
     assert adapter["arch"]["d_in"] == 64 + 80 and [s["hidden_size"] for s in adapter["sources"]] == [64, 80]
 
-    chain = migrate(mcfg(tmp_path, rating_data, tiny_models["phi3"], [a], "chain", chain=[{"path": tiny_models["qwen2"]}], evaluate=False))
+    chain = migrate(
+        mcfg(
+            tmp_path,
+            rating_data,
+            tiny_models["phi3"],
+            [a],
+            "chain",
+            chain=[{"path": tiny_models["qwen2"]}],
+            evaluate=False,
+        )
+    )
     step0 = storage.read_json(str(tmp_path / "chain" / "chain-0" / "adapter" / "adapter.json"))
     final = storage.read_json(str(tmp_path / "chain" / "adapter" / "adapter.json"))
-    assert (step0["arch"]["d_in"], step0["arch"]["d_out"]) == (64, 96) and (final["arch"]["d_in"], final["arch"]["d_out"]) == (96, 112)
+    assert (step0["arch"]["d_in"], step0["arch"]["d_out"]) == (64, 96) and (
+        final["arch"]["d_in"],
+        final["arch"]["d_out"],
+    ) == (96, 112)
     assert final["sources"][0]["model"] == tiny_models["qwen2"]  # step 2 only saw step 1's output store
     assert [s["model"] for s in chain["summary"]["chain"]] == [tiny_models["qwen2"], tiny_models["phi3"]]
     _, ids, p = read_prompt_store(str(tmp_path / "chain" / "prompts"))
@@ -69,15 +102,17 @@ def test_chain_and_aggregate(tmp_path, tiny_models, rating_data, ray_session):
 
 
 def test_rewrite_command_and_bad_pairings(tmp_path, tiny_models, rating_data, ray_session):
-    from puma_ray.rewrite import rewrite
-    from test_rewrite import make_adapter
-
     users = users_of(rating_data)
     src = make_store(str(tmp_path / "src"), tiny_models["llama"], users)
     adapter = make_adapter(str(tmp_path / "adapter"), tiny_models["llama"], tiny_models["qwen2"])  # as migrate saves it
 
     def job(**over):
-        base = {"model": {"path": tiny_models["qwen2"]}, "sources": [src], "adapter": adapter, "output": str(tmp_path / "rw")}
+        base = {
+            "model": {"path": tiny_models["qwen2"]},
+            "sources": [src],
+            "adapter": adapter,
+            "output": str(tmp_path / "rw"),
+        }
         return C.build(C.RewriteJobConfig, C.deep_merge(base, over))
 
     manifest = rewrite(job())
@@ -91,8 +126,6 @@ def test_rewrite_command_and_bad_pairings(tmp_path, tiny_models, rating_data, ra
 
 
 def test_migrate_bad_inputs(tmp_path, tiny_models, rating_data, ray_session):
-    from puma_ray.pipeline import migrate
-
     users = users_of(rating_data)
     src = make_store(str(tmp_path / "src"), tiny_models["llama"], users + ["ghost1", "ghost2"])
     with pytest.raises(PumaError, match=f"budget 500 exceeds the {len(users)} users with interactions"):
@@ -107,20 +140,22 @@ def test_validation_users_do_not_depend_on_the_selection(tmp_path, tiny_models, 
     """fixed_sample: the per-epoch metric's users are a hashed sample of all users, computed
     without the selection (so the same whatever is selected: Tune compares trials on them);
     selected: they are the training users."""
-    import pyarrow as pa
-
-    from puma_ray.data import hashed_fraction
-    from puma_ray.pipeline import _training_data
 
     users = users_of(rating_data)
     src = make_store(str(tmp_path / "src"), tiny_models["llama"], users)
     cfg = mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "v", validation={"sample_users": 20})
-    data, rows = _training_data(cfg, src, pa.array(users[:15]), len(users))
+    data, rows = training_data(cfg, src, pa.array(users[:15]), len(users))
     valid = data["valid"].to_pandas()
-    assert set(data["train"].to_pandas()["user_id"]) == set(users[:15]) and rows > 0 and valid["prompt"].map(len).eq(64).all()
+    assert (
+        set(data["train"].to_pandas()["user_id"]) == set(users[:15])
+        and rows > 0
+        and valid["prompt"].map(len).eq(64).all()
+    )
     sample = set(np.array(users)[hashed_fraction(users, 20 / len(users))])
     assert set(valid["user_id"]) == sample and 10 <= len(sample) <= 30  # about sample_users of the 60
-    assert hashed_fraction(users[::-1], 20 / len(users))[::-1].tolist() == hashed_fraction(users, 20 / len(users)).tolist()
+    assert (
+        hashed_fraction(users[::-1], 20 / len(users))[::-1].tolist() == hashed_fraction(users, 20 / len(users)).tolist()
+    )
     in_sample = mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "v", validation={"users": "selected"})
-    data, _ = _training_data(in_sample, src, pa.array(users[30:45]), len(users))
+    data, _ = training_data(in_sample, src, pa.array(users[30:45]), len(users))
     assert set(data["valid"].to_pandas()["user_id"]) == set(users[30:45])

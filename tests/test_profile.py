@@ -12,18 +12,26 @@ def test_profile_matches_pandas_groupby(tmp_path, rating_data, ray_session):
     res = profile_users(f"{rating_data}/train", "rating", out)
 
     train = storage.read_table(f"{rating_data}/train").to_pandas()
-    want = train.groupby("user_id")["label"].agg(n="count", label_mean="mean", label_var=lambda s: s.astype(np.float64).var(ddof=0))
+    want = train.groupby("user_id")["label"].agg(
+        n="count", label_mean="mean", label_var=lambda s: s.astype(np.float64).var(ddof=0)
+    )
     assert res == {"users": len(want), "rows": len(train), "uri": out}
 
     schema = storage.read_table(out).schema
     assert [(f.name, f.type) for f in schema] == [
-        ("user_id", pa.string()), ("n", pa.int64()), ("label_mean", pa.float64()), ("label_var", pa.float64())]
+        ("user_id", pa.string()),
+        ("n", pa.int64()),
+        ("label_mean", pa.float64()),
+        ("label_var", pa.float64()),
+    ]
 
     got = read_profile(out).set_index("user_id")
     assert list(got.index) == sorted(want.index)
     np.testing.assert_array_equal(got["n"].to_numpy(), want.loc[got.index, "n"].to_numpy())
     np.testing.assert_allclose(got["label_mean"].to_numpy(), want.loc[got.index, "label_mean"].to_numpy(), rtol=1e-9)
-    np.testing.assert_allclose(got["label_var"].to_numpy(), want.loc[got.index, "label_var"].to_numpy(), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(
+        got["label_var"].to_numpy(), want.loc[got.index, "label_var"].to_numpy(), rtol=1e-7, atol=1e-9
+    )
     assert (got["label_var"] > 0).any()
 
     # Running again replaces the previous profile instead of adding to it.

@@ -1,6 +1,7 @@
 """The bulk rewrite at scale: output file sizing, resume after a kill (exactly once, finished files
 untouched), a changed input starting over, and progress output."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -10,12 +11,16 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import yaml
 
 from puma_ray import storage
 from puma_ray.adapter import MigrationAdapter, save_adapter
-from puma_ray.config import RewriteConfig, RewriteJobConfig, build
+from puma_ray.config import RewriteConfig, RewriteJobConfig, ScoringConfig, build
+from puma_ray.errors import PumaError
 from puma_ray.llm import model_info
+from puma_ray.rewrite import plan_units, rewrite
+from puma_ray.runtime import CORES, actor_pool_size
 from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table
 
 
@@ -23,7 +28,9 @@ def chunked_store(uri, model_path, n_users, rows_per_group, seed=0, ids=None):
     """A source store with many row groups (one per ``rows_per_group`` users), like a big store;
     ``ids`` (default user000000.. in order) in store row order."""
     fp, d = model_info(model_path)
-    meta = StoreMeta(model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=1, template="rating_v1", stage="prompts")
+    meta = StoreMeta(
+        model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=1, template="rating_v1", stage="prompts"
+    )
     rng = np.random.default_rng(seed)
     with storage.parquet_writer(storage.join(uri, "part-00000.parquet"), prompt_store_schema(meta)) as w:
         for i in range(0, n_users, rows_per_group):
@@ -35,17 +42,27 @@ def chunked_store(uri, model_path, n_users, rows_per_group, seed=0, ids=None):
 def make_adapter(uri, src_model, tgt_model):
     (sfp, sd), (tfp, td) = model_info(src_model), model_info(tgt_model)
     torch_adapter = MigrationAdapter(sd, td, width=32)
-    save_adapter(uri, torch_adapter, [{"model": src_model, "model_fingerprint": sfp, "hidden_size": sd}],
-                 {"model": tgt_model, "model_fingerprint": tfp, "hidden_size": td}, prompt_length=1)
+    save_adapter(
+        uri,
+        torch_adapter,
+        [{"model": src_model, "model_fingerprint": sfp, "hidden_size": sd}],
+        {"model": tgt_model, "model_fingerprint": tfp, "hidden_size": td},
+        prompt_length=1,
+    )
     return uri
 
 
 def job(tmp_path, tiny_models, src, out, **rewrite):
-    return build(RewriteJobConfig, {
-        "model": {"path": tiny_models["qwen2"]}, "sources": [src], "output": out,
-        "adapter": make_adapter(str(tmp_path / "adapter"), tiny_models["llama"], tiny_models["qwen2"]),
-        "rewrite": {"batch_size": 64, **rewrite},
-    })
+    return build(
+        RewriteJobConfig,
+        {
+            "model": {"path": tiny_models["qwen2"]},
+            "sources": [src],
+            "output": out,
+            "adapter": make_adapter(str(tmp_path / "adapter"), tiny_models["llama"], tiny_models["qwen2"]),
+            "rewrite": {"batch_size": 64, **rewrite},
+        },
+    )
 
 
 def ids_of(store):
@@ -53,8 +70,6 @@ def ids_of(store):
 
 
 def test_units_respect_file_sizes(tmp_path, tiny_models):
-    from puma_ray.rewrite import plan_units
-
     src = chunked_store(str(tmp_path / "src"), tiny_models["llama"], 1000, rows_per_group=30)
     units = plan_units(src, RewriteConfig(min_rows_per_file=100, max_rows_per_file=200))
     assert sum(u["rows"] for u in units) == 1000
@@ -67,19 +82,12 @@ def test_units_respect_file_sizes(tmp_path, tiny_models):
 
 
 def test_actor_pool_defaults_to_the_cluster(ray_session):
-    """Rewrite (and evaluation scoring) pools. No rewrite.actors: one actor per cpus_per_actor CPUs (per num_gpus GPUs) of the cluster (a
-    local Ray: of its cores);
-    GPU actors asked of a cluster without GPUs are refused, not left pending forever."""
-    import ray
-
-    from puma_ray.errors import PumaError
-    from puma_ray.config import ScoringConfig
-    from puma_ray.runtime import actor_pool_size
-
-    from puma_ray.runtime import CORES
-
+    """Rewrite (and evaluation scoring) pools. No rewrite.actors: one actor per cpus_per_actor CPUs
+    (per num_gpus GPUs) of the cluster (a local Ray: of its cores); GPU actors asked of a cluster
+    without GPUs are refused, not left pending forever."""
     cpus = int(min(ray.cluster_resources()["CPU"], os.cpu_count()))  # a local Ray's logical CPUs overcommit the cores
     assert ray.cluster_resources()[CORES] == os.cpu_count()
+
     def pool_size(cfg):
         return actor_pool_size(cfg, "rewrite")
 
@@ -90,8 +98,6 @@ def test_actor_pool_defaults_to_the_cluster(ray_session):
 
 
 def test_rewrite_splits_files_and_reports_progress(tmp_path, tiny_models, ray_session, capsys):
-    from puma_ray.rewrite import rewrite
-
     src = chunked_store(str(tmp_path / "src"), tiny_models["llama"], 500, rows_per_group=500)
     out = str(tmp_path / "out")
     manifest = rewrite(job(tmp_path, tiny_models, src, out, min_rows_per_file=10, max_rows_per_file=120, actors=2))
@@ -99,16 +105,13 @@ def test_rewrite_splits_files_and_reports_progress(tmp_path, tiny_models, ray_se
     assert sorted(ids_of(f"{out}/prompts")) == sorted(ids_of(src)) and manifest["verified_unique"]
     assert manifest["unique_by"] == "disjoint unit id ranges"  # proven from the markers, no shuffle
     for f in manifest["output"]["files"]:  # the streamed checksum is the file's
-        import hashlib
-
         assert hashlib.sha256(storage.read_bytes(f["uri"])).hexdigest() == f["sha256"]
-    assert "rewrite: 1/1 files, 500/500 users" in capsys.readouterr().err
+    assert "rewrite: 500 users exactly once in 5 file(s)" in capsys.readouterr().err
 
 
 def test_killed_rewrite_resumes_exactly_once(tmp_path, tiny_models, ray_session):
     """Kill `puma-ray rewrite` (its whole process group) midway, re-run with the same output:
     every user exactly once, and files finished before the kill are neither rewritten nor moved."""
-    from puma_ray.rewrite import rewrite
 
     n = 6000
     src = chunked_store(str(tmp_path / "src"), tiny_models["llama"], n, rows_per_group=20)
@@ -116,8 +119,12 @@ def test_killed_rewrite_resumes_exactly_once(tmp_path, tiny_models, ray_session)
     cfg = job(tmp_path, tiny_models, src, out, min_rows_per_file=20, max_rows_per_file=20)
     (tmp_path / "rewrite.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
     state = f"{out}/rewrite_state"
-    proc = subprocess.Popen([sys.executable, "-m", "puma_ray.cli", "rewrite", "--config", str(tmp_path / "rewrite.yaml"),
-                             "ray.num_cpus=2"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "puma_ray.cli", "rewrite", "--config", str(tmp_path / "rewrite.yaml"), "ray.num_cpus=2"],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -130,7 +137,9 @@ def test_killed_rewrite_resumes_exactly_once(tmp_path, tiny_models, ray_session)
     markers = [u for u in storage.list_files(state, ".json") if "unit-" in u]
     assert 10 <= len(markers) < n // 20, f"the rewrite was not caught midway ({len(markers)} units done)\n{err[-2000:]}"
     assert not storage.exists(f"{out}/manifest.json")
-    finished = {f["uri"]: (os.stat(f["uri"]).st_mtime_ns, f["sha256"]) for m in markers for f in storage.read_json(m)["files"]}
+    finished = {
+        f["uri"]: (os.stat(f["uri"]).st_mtime_ns, f["sha256"]) for m in markers for f in storage.read_json(m)["files"]
+    }
 
     manifest = rewrite(cfg)
     ids = ids_of(f"{out}/prompts")
@@ -142,8 +151,6 @@ def test_killed_rewrite_resumes_exactly_once(tmp_path, tiny_models, ray_session)
 
 
 def test_changed_input_starts_over(tmp_path, tiny_models, ray_session):
-    from puma_ray.rewrite import rewrite
-
     src = chunked_store(str(tmp_path / "src"), tiny_models["llama"], 200, rows_per_group=50)
     out = str(tmp_path / "out")
     first = rewrite(job(tmp_path, tiny_models, src, out, min_rows_per_file=50, max_rows_per_file=50))
@@ -157,12 +164,12 @@ def test_changed_input_starts_over(tmp_path, tiny_models, ray_session):
 def test_exactly_once_check_without_ordered_ids(tmp_path, tiny_models, ray_session):
     """Ids not partitioned by range: the check falls back to a groupby, and a user present in two
     units is refused (no manifest)."""
-    from puma_ray.errors import PumaError
-    from puma_ray.rewrite import rewrite
 
     ids = [f"user{j:06d}" for j in np.random.default_rng(0).permutation(300)]
     src = chunked_store(str(tmp_path / "shuffled"), tiny_models["llama"], 300, rows_per_group=100, ids=ids)
-    manifest = rewrite(job(tmp_path, tiny_models, src, str(tmp_path / "out"), min_rows_per_file=100, max_rows_per_file=100))
+    manifest = rewrite(
+        job(tmp_path, tiny_models, src, str(tmp_path / "out"), min_rows_per_file=100, max_rows_per_file=100)
+    )
     assert manifest["unique_by"] == "groupby" and manifest["output"]["rows"] == 300
     dup = chunked_store(str(tmp_path / "dup"), tiny_models["llama"], 200, rows_per_group=100, ids=ids[:100] + ids[:100])
     with pytest.raises(PumaError, match="100 users more than once"):

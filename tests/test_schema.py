@@ -5,7 +5,9 @@ import pytest
 from puma_ray import schema, storage
 from puma_ray.errors import PumaError
 
-META = schema.StoreMeta(model="m", model_fingerprint="abc", hidden_size=4, prompt_length=2, template="rating_v1", stage="prompts")
+META = schema.StoreMeta(
+    model="m", model_fingerprint="abc", hidden_size=4, prompt_length=2, template="rating_v1", stage="prompts"
+)
 
 
 def test_store_roundtrip(tmp_path):
@@ -25,7 +27,9 @@ def test_store_refuses_other_model(tmp_path):
 
 def _raw_store(tmp_path, ids, prompts, width):
     arr = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(prompts, np.float32).reshape(-1)), width)
-    t = pa.Table.from_arrays([pa.array(ids, pa.string()), arr], names=["user_id", "prompt"]).replace_schema_metadata(META.to_metadata())
+    t = pa.Table.from_arrays([pa.array(ids, pa.string()), arr], names=["user_id", "prompt"]).replace_schema_metadata(
+        META.to_metadata()
+    )
     storage.write_table(str(tmp_path / "s/part-0.parquet"), t)
     return str(tmp_path / "s")
 
@@ -37,7 +41,9 @@ def test_store_wrong_width(tmp_path):
 
 
 def test_store_nan_inf(tmp_path):
-    p = np.zeros((3, 8)); p[1, 2] = np.nan; p[2, 0] = np.inf
+    p = np.zeros((3, 8))
+    p[1, 2] = np.nan
+    p[2, 0] = np.inf
     uri = _raw_store(tmp_path, ["a", "b", "c"], p, 8)
     with pytest.raises(PumaError, match=r"2 prompt\(s\) contain NaN or Inf, e.g. users \['b', 'c'\]"):
         schema.read_prompt_store(uri)
@@ -62,7 +68,12 @@ def test_not_a_store(tmp_path):
 
 
 def _interactions(**over):
-    cols = {"user_id": ["u1", "u2"], "item_id": ["i1", "i2"], "label": pa.array([1.0, 5.0], pa.float32()), "item_text": ["a b", "c"]}
+    cols = {
+        "user_id": ["u1", "u2"],
+        "item_id": ["i1", "i2"],
+        "label": pa.array([1.0, 5.0], pa.float32()),
+        "item_text": ["a b", "c"],
+    }
     cols.update(over)
     return pa.table(cols)
 

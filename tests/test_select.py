@@ -1,16 +1,27 @@
 import json
+from typing import get_args
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from puma_ray import storage
-from puma_ray.config import SelectConfig
+from puma_ray.config import MigrateConfig, SelectConfig, Strategy, build
 from puma_ray.errors import PumaError
 from puma_ray.profile import PROFILE_SCHEMA
 from puma_ray.schema import StoreMeta, write_prompt_store
-from puma_ray.select import (STRATEGIES, Candidates, apportion, group_weights, read_selected, resolve_budget,
-                             select_users)
+from puma_ray.select import (
+    STRATEGIES,
+    Candidates,
+    apportion,
+    fit_kmeans,
+    group_weights,
+    kmeans_sample,
+    read_selected,
+    resolve_budget,
+    select_users,
+    strategy,
+)
 
 SIZES = [400, 200, 100, 60]
 
@@ -97,7 +108,7 @@ def test_variance_strata_follow_gaussian_weights():
     w = np.array(extra["group_weights"])
     np.testing.assert_allclose(w, group_weights(SelectConfig()))
     x_ = np.linspace(-2, 2, 5)
-    np.testing.assert_allclose(w, (np.exp(-x_**2 / 2) + 0.1) / (np.exp(-x_**2 / 2) + 0.1).sum())
+    np.testing.assert_allclose(w, (np.exp(-(x_**2) / 2) + 0.1) / (np.exp(-(x_**2) / 2) + 0.1).sum())
     group = np.minimum((var[idx] * 5).astype(int), 4)  # var ~ U(0,1): quantile groups ~ fifths
     share = np.bincount(group, minlength=5) / len(idx)
     assert share[2] > 2 * max(share[0], share[4])
@@ -150,9 +161,13 @@ def inputs(tmp_path):
     prof_ids = ids[:35] + [f"p{i:03d}" for i in range(5)]
     var = np.random.default_rng(1).random(40)
     profile = str(tmp_path / "profile")
-    storage.write_table(f"{profile}/part-00000.parquet", pa.Table.from_arrays(
-        [pa.array(prof_ids), pa.array(np.full(40, 10, np.int64)), pa.array(np.full(40, 3.0)), pa.array(var)],
-        schema=PROFILE_SCHEMA))
+    storage.write_table(
+        f"{profile}/part-00000.parquet",
+        pa.Table.from_arrays(
+            [pa.array(prof_ids), pa.array(np.full(40, 10, np.int64)), pa.array(np.full(40, 3.0)), pa.array(var)],
+            schema=PROFILE_SCHEMA,
+        ),
+    )
     return store, profile, ids, x
 
 
@@ -162,10 +177,26 @@ def test_select_users_end_to_end(tmp_path, inputs, capsys, ray_session):
     cfg = SelectConfig(budget=10, clusters=3, min_per_cluster=2, seed=7)
     summary = select_users(cfg, store, profile, out)
     assert "5 store user(s) with no interactions" in capsys.readouterr().err
-    assert {k: summary[k] for k in ("strategy", "budget", "candidates", "skipped_no_interactions",
-                                    "skipped_no_prompt", "selected", "seed")} == {
-        "strategy": "kmeans_variance", "budget": 10, "candidates": 35, "skipped_no_interactions": 5,
-        "skipped_no_prompt": 5, "selected": 10, "seed": 7}
+    assert {
+        k: summary[k]
+        for k in (
+            "strategy",
+            "budget",
+            "candidates",
+            "skipped_no_interactions",
+            "skipped_no_prompt",
+            "selected",
+            "seed",
+        )
+    } == {
+        "strategy": "kmeans_variance",
+        "budget": 10,
+        "candidates": 35,
+        "skipped_no_interactions": 5,
+        "skipped_no_prompt": 5,
+        "selected": 10,
+        "seed": 7,
+    }
     assert sum(summary["cluster_selected"]) == 10 and sum(summary["cluster_sizes"]) == 35
     assert len(summary["group_weights"]) == cfg.variance_groups
     assert set(summary["variance"]) == {"all", "selected"}
@@ -174,12 +205,12 @@ def test_select_users_end_to_end(tmp_path, inputs, capsys, ray_session):
 
     table = storage.read_table(f"{out}/selected.parquet")
     assert table.schema.field("user_id").type == pa.string() and table.schema.field("cluster").type == pa.int32()
-    chosen = read_selected(out)
+    chosen = read_selected(out).to_pylist()
     assert chosen == sorted(chosen) and len(set(chosen)) == 10 and set(chosen) <= set(ids[:35])
     assert all(0 <= c < 3 for c in table.column("cluster").to_pylist())
 
     again = select_users(cfg, store, profile, str(tmp_path / "sel2"))
-    assert read_selected(str(tmp_path / "sel2")) == chosen and again == summary
+    assert read_selected(str(tmp_path / "sel2")).to_pylist() == chosen and again == summary
 
 
 def test_select_users_random_fraction(tmp_path, inputs, ray_session):
@@ -195,9 +226,26 @@ def test_select_users_errors(tmp_path, inputs, ray_session):
     store, profile, _, _ = inputs
     with pytest.raises(PumaError, match="budget 36 exceeds the 35 users with interactions"):
         select_users(SelectConfig(budget=36), store, profile, str(tmp_path / "a"))
-    with pytest.raises(PumaError, match=r"unknown strategy 'nope'.*kmeans_variance.*random"):
-        select_users(SelectConfig(strategy="nope"), store, profile, str(tmp_path / "b"))
-    assert not storage.exists(str(tmp_path / "a")) and not storage.exists(str(tmp_path / "b"))
+    assert not storage.exists(str(tmp_path / "a"))
+
+
+def test_strategies_are_one_registry_validated_by_the_config():
+    """config.Strategy names exactly the registered functions; an unknown name is refused when the
+    config is read (one line), before any work, by every command that takes one (migrate, tune)."""
+    assert set(STRATEGIES) == set(get_args(Strategy))
+    with pytest.raises(PumaError, match=r"select.strategy: Input should be 'random' or 'kmeans_variance'"):
+        build(
+            MigrateConfig,
+            {
+                "model": {"path": "m"},
+                "sources": ["s"],
+                "data": {"train": "t"},
+                "output": "o",
+                "select": {"strategy": "nope"},
+            },
+        )
+    with pytest.raises(ValueError, match="not in config.Strategy"):
+        strategy("nope")
 
 
 def test_streamed_clusters_match_in_memory_kmeans(tmp_path, inputs, ray_session):
@@ -209,8 +257,6 @@ def test_streamed_clusters_match_in_memory_kmeans(tmp_path, inputs, ray_session)
     streamed = storage.read_table(str(tmp_path / "sel" / "clusters")).sort_by("user_id")
     assert streamed.column("user_id").to_pylist() == sorted(ids)  # every store user, profile or not
     cand = [i for i in range(40) if ids[i] in set(ids[:35])]  # candidates = store users with a profile, in id order
-    from puma_ray.select import fit_kmeans, kmeans_sample
-
     sample = np.array(cand)[kmeans_sample(len(cand), cfg, np.random.default_rng(cfg.seed))]
     want = fit_kmeans(x[sample], cfg).predict(x)
     assert streamed.column("cluster").to_pylist() == want.tolist()

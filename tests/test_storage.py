@@ -1,4 +1,5 @@
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 
 from puma_ray import storage
@@ -19,8 +20,6 @@ def test_local_roundtrip(tmp_path, prefix):
 
 
 def test_resolve_kinds(tmp_path):
-    import pyarrow.fs as pafs
-
     fs, path = storage.resolve("s3://bucket/some/prefix/")
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/some/prefix"
     fs, path = storage.resolve(str(tmp_path / "x"))

@@ -18,7 +18,9 @@ import pytest
 
 from puma_ray import storage
 from puma_ray.cli import main
+from puma_ray.data import load_interactions
 from puma_ray.errors import PumaError
+from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
 
 SECRET = "testing-secret-do-not-print"  # the fixture's AWS_SECRET_ACCESS_KEY
 
@@ -51,14 +53,23 @@ def missing_bucket(s3_server) -> str:
 
 def test_missing_bucket(missing_bucket, capsys):
     b = missing_bucket
-    for fn, uri in ((storage.read_bytes, f"{b}/a.json"), (storage.read_table, f"{b}/t"), (storage.read_schema, f"{b}/t")):
+    for fn, uri in (
+        (storage.read_bytes, f"{b}/a.json"),
+        (storage.read_table, f"{b}/t"),
+        (storage.read_schema, f"{b}/t"),
+    ):
         with pytest.raises(PumaError) as e:
             fn(uri)
         _one_line(e, uri, "does not exist", b[5:])
     with pytest.raises(PumaError) as e:
         storage.write_json(f"{b}/m.json", {"x": 1})
     _one_line(e, f"{b}/m.json", "does not exist")
-    _cli_error(capsys, ["data", "synth", "--out", f"{b}/synth", "--users", "5", "--items", "100"], f"{b}/synth", "does not exist")
+    _cli_error(
+        capsys,
+        ["data", "synth", "--out", f"{b}/synth", "--users", "5", "--items", "100"],
+        f"{b}/synth",
+        "does not exist",
+    )
 
 
 def test_missing_bucket_ray_read(missing_bucket, ray_session):
@@ -72,8 +83,12 @@ def iam_enforced(s3_server):
     """moto checks credentials while this is active: the fixture's dummy key is then unknown."""
 
     def auth(value: str) -> None:
-        req = urllib.request.Request(f"{s3_server}/moto-api/reset-auth", data=value.encode(), method="POST",
-                                     headers={"Content-Type": "text/plain"})
+        req = urllib.request.Request(
+            f"{s3_server}/moto-api/reset-auth",
+            data=value.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
         urllib.request.urlopen(req, timeout=10).read()
 
     auth("0")
@@ -150,8 +165,6 @@ def _truncate(uri: str) -> None:
 
 
 def test_truncated_parquet(s3_bucket):
-    from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
-
     meta = StoreMeta(model="m", model_fingerprint="f", hidden_size=4, prompt_length=1, template="t", stage="prompts")
     store = f"{s3_bucket}/store"
     write_prompt_store(store, meta, ["u1", "u2"], np.zeros((2, 4), np.float32))
@@ -164,7 +177,6 @@ def test_truncated_parquet(s3_bucket):
 
 def test_truncated_parquet_ray_read(s3_bucket, ray_session, rating_data):
     """The footer check reads one file; a later truncated file is caught where Ray Data opens it."""
-    from puma_ray.data import load_interactions
 
     uri = f"{s3_bucket}/train"
     table = storage.read_table(f"{rating_data}/train")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from transformers import LlamaConfig
 
 from puma_ray import schema, storage
 from puma_ray.datasets import synthetic
 from puma_ray.errors import PumaError
+from puma_ray.llm import DEFAULT_TEMPLATE, model_info
 
 USERS = 2000
 
@@ -48,6 +53,10 @@ def _per_user(table, col):
     return dict(zip(keys, np.split(vals[order], starts[1:])))
 
 
+def _rank(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x))
+
+
 @pytest.mark.parametrize("task", ["rating", "ctr"])
 def test_schema_meta_and_values(task, rating, ctr):
     root, meta, train, valid, users = rating if task == "rating" else ctr
@@ -57,8 +66,16 @@ def test_schema_meta_and_values(task, rating, ctr):
             assert pq.read_schema(os.path.join(root, split, f)).equals(want, check_metadata=False)
     assert train.schema.equals(want, check_metadata=False)
     assert storage.read_json(os.path.join(root, "meta.json")) == meta
-    assert meta == {"task": task, "users": USERS, "items": 1000, "seed": meta["seed"], "words_version": 1,
-                    "train_rows": train.num_rows, "valid_rows": valid.num_rows, "generator": "puma_ray.synthetic"}
+    assert meta == {
+        "task": task,
+        "users": USERS,
+        "items": 1000,
+        "seed": meta["seed"],
+        "words_version": 1,
+        "train_rows": train.num_rows,
+        "valid_rows": valid.num_rows,
+        "generator": "puma_ray.synthetic",
+    }
     assert users.column_names == ["user_id", "n_records", "bias", "noise_std"]
     for t in (train, valid):
         schema.check_interaction_values(root, task, t)  # no nulls, labels in range
@@ -107,12 +124,18 @@ def test_split_is_per_user_by_time(rating):
 
 def test_zipf_popularity_and_distinct_items(rating):
     _, meta, train, valid, _ = rating
-    items = np.concatenate([train["item_id"].to_numpy(zero_copy_only=False), valid["item_id"].to_numpy(zero_copy_only=False)])
+    items = np.concatenate(
+        [train["item_id"].to_numpy(zero_copy_only=False), valid["item_id"].to_numpy(zero_copy_only=False)]
+    )
     _, counts = np.unique(items, return_counts=True)
     top = np.sort(counts)[::-1][: meta["items"] // 100]
     assert top.sum() / len(items) > 0.15
-    pairs = np.char.add(np.concatenate([train["user_id"].to_numpy(zero_copy_only=False),
-                                        valid["user_id"].to_numpy(zero_copy_only=False)]).astype(str), items.astype(str))
+    pairs = np.char.add(
+        np.concatenate(
+            [train["user_id"].to_numpy(zero_copy_only=False), valid["user_id"].to_numpy(zero_copy_only=False)]
+        ).astype(str),
+        items.astype(str),
+    )
     assert len(np.unique(pairs)) == len(pairs)  # no user sees an item twice
 
 
@@ -126,8 +149,7 @@ def test_users_differ_in_noise(rating):
     ids, bias = users["user_id"].to_pylist(), users["bias"].to_numpy()
     emp = np.array([labels[u].std() for u in ids])
     mid = np.abs(bias) < 0.5  # away from the 1/5 clip, label spread follows the user's noise
-    rank = lambda x: np.argsort(np.argsort(x))
-    assert np.corrcoef(rank(emp[mid]), rank(noise[mid]))[0, 1] > 0.4
+    assert np.corrcoef(_rank(emp[mid]), _rank(noise[mid]))[0, 1] > 0.4
     means = np.array([labels[u].mean() for u in ids])
     assert np.corrcoef(means, bias)[0, 1] > 0.8
 
@@ -200,11 +222,18 @@ def test_streams_one_file_per_chunk(tmp_path, capsys):
         synthetic.synthesize(str(tmp_path / "other"), 10, progress=False)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"users": 0}, {"users": 10, "task": "regression"}, {"users": 10, "chunk_users": 0},
-    {"users": 10, "seed": -1}, {"users": 10, "items": 5}, {"users": 10, "prompt_width": -1},
-    {"users": 10, "prompt_width": 4, "prompt_length": 0},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"users": 0},
+        {"users": 10, "task": "regression"},
+        {"users": 10, "chunk_users": 0},
+        {"users": 10, "seed": -1},
+        {"users": 10, "items": 5},
+        {"users": 10, "prompt_width": -1},
+        {"users": 10, "prompt_width": 4, "prompt_length": 0},
+    ],
+)
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(PumaError) as exc:
         synthetic.synthesize(str(tmp_path / "x"), **kwargs)
@@ -225,10 +254,14 @@ def test_prompt_store(tmp_path):
                 assert a.read() == b.read(), f
     smeta, ids, prompts = schema.read_prompt_store(os.path.join(out, "prompts"))  # checks width, NaN, duplicates
     assert (smeta.hidden_size, smeta.prompt_length, smeta.stage, smeta.model) == (8, 2, "synthetic", "synthetic-d8")
-    from puma_ray.llm import DEFAULT_TEMPLATE
 
     assert smeta.template == DEFAULT_TEMPLATE["rating"]
-    assert meta["prompts"] == {"model": "synthetic-d8", "model_fingerprint": smeta.model_fingerprint, "hidden_size": 8, "prompt_length": 2}
+    assert meta["prompts"] == {
+        "model": "synthetic-d8",
+        "model_fingerprint": smeta.model_fingerprint,
+        "hidden_size": 8,
+        "prompt_length": 2,
+    }
     users = pq.read_table(os.path.join(out, "users"))
     assert ids == users["user_id"].to_pylist() and prompts.shape == (1200, 16)
     # Prompts carry the user's traits: a linear read-out recovers the bias.
@@ -245,12 +278,11 @@ def test_prompt_store(tmp_path):
 
 def test_prompt_store_for_a_model_dir(tmp_path):
     """--prompt-model DIR: the store carries that model's fingerprint; a width it lacks is refused."""
-    from transformers import LlamaConfig
-
-    from puma_ray.llm import model_info
 
     model = str(tmp_path / "llama")
-    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64).save_pretrained(model)
+    LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    ).save_pretrained(model)
     synthetic.synthesize(str(tmp_path / "o"), 30, progress=False, items=100, prompt_width=16, prompt_model=model)
     smeta = schema.read_store_meta(str(tmp_path / "o" / "prompts"))
     assert (smeta.model, smeta.model_fingerprint, smeta.hidden_size) == (model, model_info(model)[0], 16)
@@ -261,16 +293,19 @@ def test_prompt_store_for_a_model_dir(tmp_path):
 def test_memory_stays_flat(tmp_path):
     """Peak RSS does not grow with the user count (streamed one chunk at a time): 4x the users
     (prompts included), a few MB more at most."""
-    import json
-    import subprocess
-    import sys
 
-    code = ("import json, resource, sys; from puma_ray.datasets.synthetic import synthesize; "
-            "synthesize(sys.argv[1], int(sys.argv[2]), items=2000, chunk_users=4000, progress=False, prompt_width=64); "
-            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))")
+    code = (
+        "import json, resource, sys; from puma_ray.datasets.synthetic import synthesize; "
+        "synthesize(sys.argv[1], int(sys.argv[2]), items=2000, chunk_users=4000, progress=False, prompt_width=64); "
+        "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))"
+    )
     peak = {}
     for users in (8000, 32000):
-        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / str(users)), str(users)],
-                             capture_output=True, text=True, check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / str(users)), str(users)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peak[users] = json.loads(run.stdout) / 1024  # MB
     assert peak[32000] - peak[8000] < 40, peak

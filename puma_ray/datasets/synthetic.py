@@ -21,7 +21,9 @@ from puma_ray import schema, storage
 from puma_ray.errors import PumaError
 
 WORDS_VERSION = 1
-GENRES: tuple[tuple[str, ...], ...] = tuple(tuple(line.split()) for line in """
+GENRES: tuple[tuple[str, ...], ...] = tuple(
+    tuple(line.split())
+    for line in """
 mipan tenav gladoum dodouk trekand troubrok tilour tetruv thidroth dretrand glytouth rynul goduv sairund
 deskour misouk thetaith shaivynd redus shebrurk trylourk narair vesal likoum segym tufouv krounoul fegil
 thobynd gular plaivair sharoum poudryrk paglel ridraind brebiv draivan gloufuth vaisen sysyx didraish krygal
@@ -32,13 +34,16 @@ brikrim thupiv skymex briplex bekrend kekres baitoux vibron gubril luskox rikrai
 pugloth glipaik fadum gadouv thuvosh larir krybuth maikax glaigath pesuv zokan krefound broubux zodirk
 shoumyr libroush shiskark trodak faidrous tabos kraresh skeskesh quykrex kokys pesuk vodith kruvik sasurk
 drosush skurys droles burev rupol defuth fudrail sypar byroux quiplaim memath moudrosh bukrain poutreth
-""".strip().splitlines())
-FILLERS: tuple[str, ...] = tuple("""
+""".strip().splitlines()
+)
+FILLERS: tuple[str, ...] = tuple(
+    """
 the of and a in on for with at from night story return last first new old great little secret
 lost city river house road light dark song game world home day year part edition volume collection
 journey tale book north south east west blue red golden silver small big long short deep high
 under over after before inside beyond again together alone
-""".split())
+""".split()
+)
 K = len(GENRES)  # number of latent genres
 _WPG = len(GENRES[0])  # words per genre
 _ITEM_STREAM = 0xFFFFFFFF  # SeedSequence key of the item table (chunks use 0, 1, 2, ...)
@@ -69,8 +74,9 @@ class _Items:
         slot_genre = np.stack([g1, np.where(two, g2, g1), np.where(two & (rng.random(n) < 0.5), g2, g1)], 1)
         genre_words = slot_genre * _WPG + rng.integers(_WPG, size=(n, 3))
         fill_words = K * _WPG + rng.integers(len(FILLERS), size=(n, 3))
-        used = np.concatenate([np.arange(3) < rng.integers(2, 4, n)[:, None],
-                               np.arange(3) < rng.integers(1, 4, n)[:, None]], 1)
+        used = np.concatenate(
+            [np.arange(3) < rng.integers(2, 4, n)[:, None], np.arange(3) < rng.integers(1, 4, n)[:, None]], 1
+        )
         order = np.argsort(np.where(used, rng.random((n, 6)), 2.0), axis=1, kind="stable")
         words = np.take_along_axis(np.where(used, np.concatenate([genre_words, fill_words], 1), -1), order, 1)
         vocab = vocabulary()
@@ -146,9 +152,14 @@ def _chunk(task: str, seed: int, index: int, u0: int, u1: int, items: _Items) ->
         cols["history_text"] = _history(user, first, click.astype(np.int64), items.titles, item)
     cols["timestamp"] = timestamp
     table = pa.Table.from_pydict(cols, schema=schema.interactions_schema(task)).append_column("valid", pa.array(valid))
-    users = pa.table({
-        "user_id": user_ids, "n_records": n.astype(np.int32), "bias": bias.astype(np.float32), "noise_std": noise.astype(np.float32),
-    })
+    users = pa.table(
+        {
+            "user_id": user_ids,
+            "n_records": n.astype(np.int32),
+            "bias": bias.astype(np.float32),
+            "noise_std": noise.astype(np.float32),
+        }
+    )
     latent = np.concatenate([(bias / 0.7)[:, None], (2.0 * np.log(noise / 0.6))[:, None], taste], 1)
     return table, users, latent
 
@@ -161,15 +172,21 @@ def prompt_meta(task: str, width: int, length: int = 1, model: str | None = None
     gets a fingerprint hashed from the name and width."""
     name = model or f"synthetic-d{width}"
     if storage.exists(storage.join(name, "config.json")):
-        from puma_ray.llm import model_info
+        from puma_ray.llm import model_info  # noqa: PLC0415 -- llm loads torch: only a real model's store needs it
 
         fingerprint, d = model_info(name)
         if d != width:
             raise PumaError(f"{name}: model hidden size is {d}, prompt width {width} asked for")
     else:
         fingerprint = hashlib.sha256(f"puma_ray.synthetic:{name}:{width}".encode()).hexdigest()[:16]
-    return schema.StoreMeta(model=name, model_fingerprint=fingerprint, hidden_size=width, prompt_length=length,
-                            template=f"{task}_v1", stage="synthetic")  # = llm.DEFAULT_TEMPLATE[task]; llm imports torch
+    return schema.StoreMeta(
+        model=name,
+        model_fingerprint=fingerprint,
+        hidden_size=width,
+        prompt_length=length,
+        template=f"{task}_v1",
+        stage="synthetic",
+    )  # = llm.DEFAULT_TEMPLATE[task]; llm imports torch
 
 
 def _prompts(seed: int, index: int, latent: np.ndarray, width: int, proj: np.ndarray) -> np.ndarray:
@@ -183,9 +200,18 @@ def _prompts(seed: int, index: int, latent: np.ndarray, width: int, proj: np.nda
     return out
 
 
-def synthesize(out_uri: str, users: int, task: str = "rating", seed: int = 0, items: int | None = None,
-               chunk_users: int = 20000, progress: bool = True, prompt_width: int = 0, prompt_length: int = 1,
-               prompt_model: str | None = None) -> dict:
+def synthesize(
+    out_uri: str,
+    users: int,
+    task: str = "rating",
+    seed: int = 0,
+    items: int | None = None,
+    chunk_users: int = 20000,
+    progress: bool = True,
+    prompt_width: int = 0,
+    prompt_length: int = 1,
+    prompt_model: str | None = None,
+) -> dict:
     """Write train/, valid/, users/ (ground truth) Parquet parts and meta.json under ``out_uri``.
 
     rating: label = clip(round(3.6 + b_u + c_i + 0.6 t_u.a_i + s_u eps), 1, 5).
@@ -207,8 +233,10 @@ def synthesize(out_uri: str, users: int, task: str = "rating", seed: int = 0, it
     if not isinstance(n_items, int) or n_items < 100:
         raise PumaError(f"synthetic data: items must be an integer >= 100, got {n_items!r}")
     if not isinstance(prompt_width, int) or prompt_width < 0 or not isinstance(prompt_length, int) or prompt_length < 1:
-        raise PumaError(f"synthetic data: prompt width must be an integer >= 0 and prompt length >= 1, "
-                        f"got {prompt_width!r}, {prompt_length!r}")
+        raise PumaError(
+            f"synthetic data: prompt width must be an integer >= 0 and prompt length >= 1, "
+            f"got {prompt_width!r}, {prompt_length!r}"
+        )
     pmeta = prompt_meta(task, prompt_width, prompt_length, prompt_model) if prompt_width else None
     if storage.list_files(out_uri):
         meta_uri = storage.join(out_uri, "meta.json")
@@ -239,10 +267,22 @@ def synthesize(out_uri: str, users: int, task: str = "rating", seed: int = 0, it
         if progress:
             done = min(users, u0 + chunk_users)
             print(f"synth: {done}/{users} users, {(rows['train'] + rows['valid']) / 1e6:.1f}M rows", file=sys.stderr)
-    meta = {"task": task, "users": users, "items": n_items, "seed": seed, "words_version": WORDS_VERSION,
-            "train_rows": rows["train"], "valid_rows": rows["valid"], "generator": "puma_ray.synthetic"}
+    meta = {
+        "task": task,
+        "users": users,
+        "items": n_items,
+        "seed": seed,
+        "words_version": WORDS_VERSION,
+        "train_rows": rows["train"],
+        "valid_rows": rows["valid"],
+        "generator": "puma_ray.synthetic",
+    }
     if pmeta is not None:
-        meta["prompts"] = {"model": pmeta.model, "model_fingerprint": pmeta.model_fingerprint, "hidden_size": pmeta.hidden_size,
-                           "prompt_length": pmeta.prompt_length}
+        meta["prompts"] = {
+            "model": pmeta.model,
+            "model_fingerprint": pmeta.model_fingerprint,
+            "hidden_size": pmeta.hidden_size,
+            "prompt_length": pmeta.prompt_length,
+        }
     storage.write_json(storage.join(out_uri, "meta.json"), meta)
     return meta

@@ -1,9 +1,10 @@
 """Stage 1 integration: Ray Train TorchTrainer, 2 workers, DeepSpeed engine on CPU (gloo)."""
 
 import json
-import os
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -11,11 +12,13 @@ from puma_ray import config as C
 from puma_ray import storage
 from puma_ray.errors import PumaError
 from puma_ray.schema import read_prompt_store
+from puma_ray.stage1 import train_prompts
 
 
 def _cfg(tmp_path, models, data_dir, task="rating", **over):
     base = {
-        "task": task, "model": {"path": models["llama"]},
+        "task": task,
+        "model": {"path": models["llama"]},
         "data": {"train": f"{data_dir}/train", "valid": f"{data_dir}/valid"},
         "output": str(tmp_path / "out"),
         "train": {"epochs": 2, "batch_size": 64, "lr": 3e-3, "prompt_lr": 3e-2},
@@ -26,8 +29,6 @@ def _cfg(tmp_path, models, data_dir, task="rating", **over):
 
 
 def test_stage1_two_workers_deepspeed(tmp_path, tiny_models, rating_data, ray_session):
-    from puma_ray.train import train_prompts
-
     cfg = _cfg(tmp_path, tiny_models, rating_data, prompt_length=2)
     summary = train_prompts(cfg)
     train = pq.read_table(f"{rating_data}/train")
@@ -44,13 +45,21 @@ def test_stage1_two_workers_deepspeed(tmp_path, tiny_models, rating_data, ray_se
     n = train.num_rows
     assert 2 * (n - 2) <= summary["lm_sample_passes"] <= 2 * n
     assert summary["final_metrics"]["val_rows"] > 0 and np.isfinite(summary["final_metrics"]["val_rmse"])
-    assert storage.exists(f"{cfg.output}/head.safetensors") and json.load(open(f"{cfg.output}/head.json"))["task"] == "rating"
+    assert (
+        storage.exists(f"{cfg.output}/head.safetensors")
+        and json.load(open(f"{cfg.output}/head.json"))["task"] == "rating"
+    )
 
 
 def test_random_init_keeps_prompts_and_ctr_task(tmp_path, tiny_models, ctr_data, ray_session):
-    from puma_ray.train import train_prompts
-
-    cfg = _cfg(tmp_path, tiny_models, ctr_data, task="ctr", train={"epochs": 1, "train_prompts": False}, scaling={"zero_stage": 0})
+    cfg = _cfg(
+        tmp_path,
+        tiny_models,
+        ctr_data,
+        task="ctr",
+        train={"epochs": 1, "train_prompts": False},
+        scaling={"zero_stage": 0},
+    )
     summary = train_prompts(cfg)
     _, _, prompts = read_prompt_store(f"{cfg.output}/prompts")
     assert np.abs(prompts).max() <= 0.1  # frozen at init
@@ -58,13 +67,10 @@ def test_random_init_keeps_prompts_and_ctr_task(tmp_path, tiny_models, ctr_data,
 
 
 def test_bad_labels_fail_before_training(tmp_path, tiny_models, rating_data, ray_session):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from puma_ray.train import train_prompts
-
     t = pq.read_table(f"{rating_data}/train")
-    t = t.set_column(t.schema.get_field_index("label"), "label", pc.add(t.column("label"), pa.scalar(3.0, pa.float32())))
+    t = t.set_column(
+        t.schema.get_field_index("label"), "label", pc.add(t.column("label"), pa.scalar(3.0, pa.float32()))
+    )
     storage.write_table(str(tmp_path / "bad/part-0.parquet"), t)
     cfg = _cfg(tmp_path, tiny_models, rating_data, data={"train": str(tmp_path / "bad"), "valid": None})
     with pytest.raises(PumaError, match=r"bad: \d+ label\(s\) outside the rating range 1..5"):
@@ -72,8 +78,6 @@ def test_bad_labels_fail_before_training(tmp_path, tiny_models, rating_data, ray
 
 
 def test_empty_interactions(tmp_path, tiny_models, rating_data, ray_session):
-    from puma_ray.train import train_prompts
-
     t = pq.read_table(f"{rating_data}/train").slice(0, 0)
     storage.write_table(str(tmp_path / "empty/part-0.parquet"), t)
     cfg = _cfg(tmp_path, tiny_models, rating_data, data={"train": str(tmp_path / "empty"), "valid": None})
@@ -82,8 +86,6 @@ def test_empty_interactions(tmp_path, tiny_models, rating_data, ray_session):
 
 
 def test_rerun_same_name_resumes_from_latest_checkpoint(tmp_path, tiny_models, rating_data, ray_session):
-    from puma_ray.train import train_prompts
-
     first = train_prompts(_cfg(tmp_path, tiny_models, rating_data, train={"epochs": 1}, data={"valid": None}))
     second = train_prompts(_cfg(tmp_path, tiny_models, rating_data, train={"epochs": 2}, data={"valid": None}))
     # the second run trained only epoch 2: cumulative passes are two epochs' worth, not three
@@ -95,12 +97,17 @@ def test_workers_hold_only_their_users(tmp_path, tiny_models, rating_data, ray_s
     """Stage 1 partitions users: each worker's prompt table holds only its users (disjoint, all
     covered), every worker writes its own store file, and the table per worker shrinks as workers
     are added."""
-    from puma_ray.train import train_prompts
 
     users = sorted(set(pq.read_table(f"{rating_data}/train", columns=["user_id"]).column("user_id").to_pylist()))
     per_worker = {}
     for w in (1, 2):
-        cfg = _cfg(tmp_path / f"w{w}", tiny_models, rating_data, train={"epochs": 1}, scaling={"num_workers": w, "zero_stage": 0})
+        cfg = _cfg(
+            tmp_path / f"w{w}",
+            tiny_models,
+            rating_data,
+            train={"epochs": 1},
+            scaling={"num_workers": w, "zero_stage": 0},
+        )
         summary = train_prompts(cfg)
         fm = summary["final_metrics"]
         assert sum(summary["worker_users"]) == len(users) and len(summary["worker_users"]) == w

@@ -1,0 +1,204 @@
+"""The console: the user's story on stderr; Ray's, Ray Data's and DeepSpeed's logs in files.
+
+Every command prints its own story: a line when a stage starts (with counts), one line per epoch
+with its metrics, and on long loops a periodic counter with rate and ETA (:class:`Progress`).
+Worker processes never print to the terminal: ``runtime.init_ray`` starts Ray with
+``log_to_driver=False`` (unless ``--verbose``), so their output stays in the Ray session's log
+directory, named once at start. The lines of the story produced inside workers (the epoch lines of
+Ray Train, rows scored by an actor pool) travel through a :class:`Relay` actor and are printed by
+the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import ray
+
+native_log: str | None = None  # where this process's native stderr goes (set by quiet_native_stderr)
+
+
+def say(line: str) -> None:
+    """One line of the story (stderr, flushed: stdout carries results such as tables)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def quiet_native_stderr() -> str:
+    """Send what native code writes to this process's stderr (fd 2: Ray's C++ core worker, gloo,
+    processes Ray starts) to a log file, while Python's ``sys.stderr`` (the story, warnings,
+    tracebacks) stays on the terminal. For the CLI's process only. Returns the log's path."""
+    global native_log
+    fd, native_log = tempfile.mkstemp(prefix="puma-ray-native-", suffix=".log")
+    terminal = os.dup(2)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, errors="backslashreplace")
+    return native_log
+
+
+def duration(seconds: float) -> str:
+    """``8 s``, ``2 min 10 s``, ``1 h 05 min``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class Progress:
+    """A periodic counter: ``rewrite: 480,000/1,600,000 users (30%), 9,650 users/s, ETA 1 min 56 s``.
+
+    Prints at most every ``every`` seconds, so a loop shorter than that prints nothing; ``close``
+    prints a last line only when a periodic one was printed (the reader then sees the end)."""
+
+    def __init__(self, label: str, total: int | None = None, unit: str = "rows", every: float = 5.0):
+        self.label = label
+        self.total = total
+        self.unit = unit
+        self.every = every
+        self.done = 0
+        self.detail = ""
+        self.t0 = time.monotonic()
+        self.last = self.t0
+        self.printed = False
+
+    def add(self, n: int, detail: str | None = None) -> None:
+        """Count ``n`` more units done (``detail``: text shown after the rate, e.g. counts by reason)."""
+        self.update(self.done + n, detail=detail)
+
+    def update(self, done: int, elapsed: float | None = None, detail: str | None = None) -> None:
+        """Set the count (``elapsed``: seconds since the work began, when it began elsewhere)."""
+        self.done = done
+        self.detail = self.detail if detail is None else detail
+        if elapsed is not None:
+            self.t0 = time.monotonic() - elapsed
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.printed = True
+            say(self.line())
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        rate = self.done / elapsed
+        text = f"{self.label}: {self.done:,}"
+        if self.total:
+            text += f"/{self.total:,} {self.unit} ({100 * self.done / self.total:.0f}%)"
+        else:
+            text += f" {self.unit}"
+        text += f", {rate:,.1f} {self.unit}/s" if rate < 10 else f", {rate:,.0f} {self.unit}/s"
+        if self.total and 0 < self.done < self.total:
+            text += f", ETA {duration((self.total - self.done) / rate)}"
+        return f"{text}; {self.detail}" if self.detail else text
+
+    def close(self) -> float:
+        """Ends the counter; returns the seconds it ran."""
+        if self.printed:
+            say(self.line())
+        return time.monotonic() - self.t0
+
+
+@ray.remote(num_cpus=0)
+class _RelayActor:
+    """Holds what workers send until the driver takes it."""
+
+    def __init__(self):
+        self.items: list[tuple] = []
+
+    def put(self, item: tuple) -> None:
+        self.items.append(item)
+
+    def take(self) -> list[tuple]:
+        items, self.items = self.items, []
+        return items
+
+
+class Relay:
+    """Driver side of the worker -> terminal channel. ``with Relay() as relay:`` give
+    ``relay.handle`` to workers (in their config); they call :func:`tell` / :func:`count`, and a
+    driver thread prints their lines and progress counters twice a second."""
+
+    def __enter__(self) -> Relay:
+        self.handle = _RelayActor.remote()
+        self.counters: dict[str, Progress] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._drain()
+
+    def _drain(self) -> None:
+        for kind, label, *rest in ray.get(self.handle.take.remote()):
+            if kind == "line":
+                say(label)
+                continue
+            done, total, unit, elapsed = rest
+            counter = self.counters.setdefault(label, Progress(label, total, unit))
+            if kind == "add":
+                counter.add(done)
+            elif total and done >= total:  # finished: the sender's own line says so
+                del self.counters[label]
+            else:
+                counter.update(done, elapsed)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self._drain()
+        finally:
+            ray.kill(self.handle)  # the counters end here: the caller's own line reports the result
+
+
+def tell(handle, line: str) -> None:
+    """Inside a worker: print ``line`` on the driver's console (here, without a relay)."""
+    if handle is None:
+        say(line)
+    else:
+        handle.put.remote(("line", line))
+
+
+class RemoteProgress:
+    """Inside a worker: a :class:`Progress` counter shown by the driver, sent at most every
+    ``every`` seconds. ``update(done)`` when this worker is the only sender (the whole count);
+    ``add(n)`` when several workers add to one counter (e.g. an actor pool's rows)."""
+
+    def __init__(self, handle, label: str, total: int | None = None, unit: str = "rows", every: float = 5.0):
+        self.handle = handle
+        self.label = label
+        self.total = total
+        self.unit = unit
+        self.every = every
+        self.t0 = time.monotonic()
+        self.last = self.t0
+        self.pending = 0
+
+    def _due(self, final: bool) -> bool:
+        now = time.monotonic()
+        if self.handle is None or not (final or now - self.last >= self.every):
+            return False
+        self.last = now
+        return True
+
+    def update(self, done: int) -> None:
+        if self._due(done == self.total):
+            elapsed = time.monotonic() - self.t0
+            self.handle.put.remote(("set", self.label, done, self.total, self.unit, elapsed))
+
+    def add(self, n: int) -> None:
+        self.pending += n
+        if self._due(False):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.handle is not None and self.pending:
+            self.handle.put.remote(("add", self.label, self.pending, self.total, self.unit, None))
+            self.pending = 0

@@ -1,0 +1,387 @@
+"""The generic training loop through a frozen LM on Ray Train (TorchTrainer) with a DeepSpeed engine.
+
+A *trainable* (``stage1.PromptsTrainable``, ``stage2.AdapterTrainable``) says WHAT is trained:
+its config, its shared module (a :class:`TaskModel`, in the DeepSpeed engine and all-reduced: the
+task head, and in stage 2 the adapter), an optional *local* part (stage 1's prompt table of the
+worker's own users: outside the engine, with its own optimizer, checkpointed per rank), and how
+rows become batches. This module says HOW: :func:`train_loop_per_worker` (the loop), checkpoint
+restore and report, and :func:`fit` (the TorchTrainer launch). The frozen LM is kept out of the
+engine, so it is neither optimised nor partitioned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchTrainer
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from puma_ray import console, storage, weights
+from puma_ray.config import MigrateConfig, PromptsConfig, TrainConfig
+from puma_ray.errors import PumaError
+from puma_ray.heads import Head
+from puma_ray.llm import FrozenLM
+from puma_ray.runtime import deepspeed_config, setup_worker
+
+
+@dataclass
+class Batch:
+    """One micro-batch on the worker's device. ``label`` (B,); ``inputs``: :meth:`FrozenLM.collate`'s
+    output; ``user_idx`` (B,) rows of the worker's prompt table (stage 1) or ``src`` (B, l, d_src)
+    source prompts (stage 2)."""
+
+    label: torch.Tensor
+    inputs: dict[str, torch.Tensor]
+    user_idx: torch.Tensor | None = None
+    src: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What one Ray Train worker trains on, built once when it starts."""
+
+    rank: int
+    world: int
+    device: torch.device
+    rows: int  # training rows this worker reads per epoch
+    users: tuple[str, ...] = ()  # by-user trainables: the users this worker owns (sorted)
+    index: dict[str, int] = field(default_factory=dict)  # user_id -> row of this worker's prompt table
+
+
+class TaskModel(nn.Module):
+    """The engine's module: [adapter ->] frozen LM -> task head.
+
+    forward: x (B, l, d_in) prompts (stage 1: the worker's table rows; stage 2: source prompts,
+    mapped by the adapter to (B, l, d)) -> (loss, (B,) predictions). The LM is an argument, not a
+    submodule: it is never optimised, partitioned or checkpointed."""
+
+    def __init__(self, head: Head, adapter: nn.Module | None = None):
+        super().__init__()
+        self.head = head
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor, batch: Batch, lm: FrozenLM) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = x if self.adapter is None else self.adapter(x)
+        out = lm.forward(prompts, batch.inputs, want_hidden=self.head.wants_hidden)
+        return self.head.loss(out, batch.label)
+
+
+class LocalPart(Protocol):
+    """A worker's own trainable part outside the engine (stage 1's prompt table)."""
+
+    def __call__(self, user_idx: torch.Tensor) -> torch.Tensor: ...  # (B,) -> (B, l, d)
+
+    def configure(self, train: TrainConfig, schedule) -> None: ...  # its optimizer, on the shared schedule
+
+    def step(self) -> None: ...  # after backward: clip, optimizer + schedule step, zero the gradients
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Trainable(Protocol):
+    cfg: PromptsConfig | MigrateConfig
+    name: str  # console prefix: "prompts", "adapter"
+    by_user: bool  # users partitioned over workers: one dataset per worker ("train_<rank>")
+    train_rows: int  # all workers together, per epoch
+
+    def worker(self, rank: int, world: int, device: torch.device) -> Worker: ...
+
+    def local(self, worker: Worker) -> LocalPart | None: ...
+
+    def shared(self) -> TaskModel: ...
+
+    def batch(self, np_batch: dict, lm: FrozenLM, worker: Worker) -> Batch | None: ...
+
+    def finish(self, worker: Worker, local: LocalPart | None) -> None: ...
+
+
+@dataclass
+class Progress:
+    epochs_done: int = 0  # = the next epoch to train
+    lm_sample_passes: float = 0.0  # samples pushed through the LM in training, all workers, all epochs
+    wall_s: float = 0.0  # seconds inside the training loop, all epochs
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker. config: {"trainable", "relay" (console.Relay handle), "datasets"}.
+
+    Every worker runs the same number of steps per epoch (uneven user shards get proportionally
+    sized micro-batches, plus zero-gradient steps if still short), so collectives stay in lockstep."""
+    trainable: Trainable = config["trainable"]
+    cfg = trainable.cfg
+    device = setup_worker(cfg.scaling)
+    torch.manual_seed(cfg.train.seed)
+    ctx = ray.train.get_context()
+    worker = trainable.worker(ctx.get_world_rank(), ctx.get_world_size(), device)
+    lm = FrozenLM.from_config(cfg, device)
+    local, shared = trainable.local(worker), trainable.shared()
+    progress = _restore(shared, local, worker)
+    steps = int(_allreduce([math.ceil(worker.rows / cfg.train.batch_size)], "max")[0])
+    micro = max(1, math.ceil(worker.rows / steps))
+    schedule = lr_schedule(cfg.train, steps, progress.epochs_done)
+    engine = _engine(shared, cfg, schedule)
+    if local is not None:
+        local.configure(cfg.train, schedule)
+    train_data, valid_data = _shards(trainable.by_user, worker.rank, config["datasets"])
+
+    for epoch in range(progress.epochs_done, cfg.train.epochs):
+        t0, loss_sum, rows, dropped, done = time.time(), 0.0, 0, 0, 0
+        label = f"{trainable.name}: epoch {epoch + 1}/{cfg.train.epochs}"
+        counter = console.RemoteProgress(config["relay"] if worker.rank == 0 else None, label, steps, "steps", 60.0)
+        shuffle = {
+            "local_shuffle_buffer_size": cfg.train.shuffle_buffer or None,
+            "local_shuffle_seed": cfg.train.seed + epoch,
+        }
+        for np_batch in train_data.iter_batches(batch_size=micro, batch_format="numpy", **shuffle):
+            batch = trainable.batch(np_batch, lm, worker)
+            dropped += len(np_batch["label"]) - (0 if batch is None else len(batch.label))
+            if batch is None or done == steps:
+                continue
+            x = local(batch.user_idx) if local is not None else batch.src
+            loss, _ = engine(x, batch, lm)  # frozen LM inside; gradients reach the shared module and the local part
+            engine.backward(loss)
+            if local is not None:
+                local.step()
+            engine.step()
+            loss_sum += loss.item() * len(batch.label)
+            rows += len(batch.label)
+            done += 1
+            counter.update(done)
+        for _ in range(steps - done):
+            _empty_step(engine)
+        loss_sum, rows, dropped = _allreduce([loss_sum, rows, dropped])
+        seconds = time.time() - t0
+        progress.lm_sample_passes += rows
+        progress.wall_s += seconds
+        progress.epochs_done = epoch + 1
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(rows, 1),
+            "lm_sample_passes": progress.lm_sample_passes,
+            "wall_s": progress.wall_s,
+            "unknown_rows": int(dropped),
+        }
+        if valid_data is not None:
+            metrics.update(_validate(engine, local, lm, valid_data, trainable, worker))
+        if local is not None:  # what each worker holds: its own users' prompts only
+            metrics["worker_users"] = _gather(len(worker.users))
+        if worker.rank == 0:
+            console.tell(config["relay"], epoch_line(label, metrics, seconds, rows))
+        _report(metrics, engine, local, worker, progress)
+    trainable.finish(worker, local)
+
+
+VAL_METRICS = ("val_rmse", "val_mae", "val_auc")
+
+
+def epoch_line(label: str, metrics: dict, seconds: float, rows: float) -> str:
+    """``adapter: epoch 2/4 train_loss=0.9684 val_rmse=0.9437 val_mae=0.7551 (12 s, 1,930 samples/s)``."""
+    shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("train_loss", *VAL_METRICS))
+    return f"{label} {shown} ({console.duration(seconds)}, {rows / max(seconds, 1e-9):,.0f} samples/s)"
+
+
+def _engine(shared: TaskModel, cfg, schedule):
+    """The DeepSpeed engine over the shared module: AdamW at ``train.lr`` on ``schedule``."""
+    import deepspeed  # noqa: PLC0415 -- reads the accelerator setup_worker chose (DS_ACCELERATOR) at import
+
+    optimizer = torch.optim.AdamW(shared.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ds_config = deepspeed_config(cfg.scaling, cfg.train, cfg.model.dtype)
+    engine, *_ = deepspeed.initialize(model=shared, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def lr_schedule(train: TrainConfig, steps_per_epoch: int, start_epoch: int = 0):
+    """optimizer step (counted from ``start_epoch``) -> learning-rate factor: linear warm-up over
+    ``warmup_frac`` of all steps, then constant or cosine to 0 at the last step."""
+    total = train.epochs * steps_per_epoch
+    warm = int(total * train.warmup_frac)
+    offset = start_epoch * steps_per_epoch
+
+    def factor(step: int) -> float:
+        step += offset
+        if step < warm:
+            return (step + 1) / warm
+        if train.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return factor
+
+
+def _allreduce(values: list[float], op: str = "sum") -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _gather(obj) -> list:
+    """Every rank's ``obj``, in rank order (a list of one outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _empty_step(engine) -> None:
+    """A zero-gradient step, so a worker that ran out of rows still joins the others' all-reduces."""
+    engine.backward(sum((p * 0).sum() for p in engine.module.parameters()))
+    engine.step()
+
+
+def _shards(by_user: bool, rank: int, names: list[str]):
+    """This worker's (train, valid or None) Ray Data shards: its own datasets when users are
+    partitioned (``train_<rank>``), else its share of the common ones."""
+    train = f"train_{rank}" if by_user else "train"
+    valid = f"valid_{rank}" if by_user else "valid"
+    return ray.train.get_dataset_shard(train), ray.train.get_dataset_shard(valid) if valid in names else None
+
+
+def _validate(engine, local, lm: FrozenLM, shard, trainable: Trainable, worker: Worker) -> dict:
+    """Task metrics on this worker's valid data, reduced over workers."""
+    se = ae = n = loss_sum = 0.0
+    labels, preds = [], []
+    engine.eval()
+    with torch.no_grad():
+        for np_batch in shard.iter_batches(batch_size=trainable.cfg.train.batch_size, batch_format="numpy"):
+            batch = trainable.batch(np_batch, lm, worker)
+            if batch is None:
+                continue
+            loss, pred = engine(local(batch.user_idx) if local is not None else batch.src, batch, lm)
+            err = (pred - batch.label).double()
+            se += float((err**2).sum())
+            ae += float(err.abs().sum())
+            n += len(err)
+            loss_sum += loss.item() * len(err)
+            labels.append(batch.label.cpu().numpy())
+            preds.append(pred.float().cpu().numpy())
+    engine.train()
+    se, ae, n, loss_sum = _allreduce([se, ae, n, loss_sum])
+    out = {"val_loss": loss_sum / max(n, 1), "val_rows": int(n)}
+    if trainable.cfg.task == "rating":
+        out.update(val_rmse=math.sqrt(se / max(n, 1)), val_mae=ae / max(n, 1))
+        return out
+    gathered = _gather((np.concatenate(labels or [np.zeros(0)]), np.concatenate(preds or [np.zeros(0)])))
+    y = np.concatenate([g[0] for g in gathered])
+    p = np.concatenate([g[1] for g in gathered])
+    out["val_auc"] = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON, nothing unpickled. Rank 0 writes the shared module and the
+# progress; every rank with a local part writes its own file, and restores only that file.
+
+SHARED_FILE = "trainable.safetensors"
+STATE_FILE = "state.json"
+
+
+def _local_file(rank: int) -> str:
+    return f"local-{rank:05d}.safetensors"
+
+
+def read_checkpoint_file(ckpt: ray.train.Checkpoint, name: str) -> bytes:
+    """One file of a Ray Train checkpoint, read straight from its storage (never the whole checkpoint)."""
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path.rstrip('/')}/{name}") as f:
+        return f.read()
+
+
+def _restore(shared: nn.Module, local: LocalPart | None, worker: Worker) -> Progress:
+    """Load the latest reported checkpoint, if any, into ``shared`` and this rank's ``local``."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return Progress()
+    state = json.loads(read_checkpoint_file(ckpt, STATE_FILE))
+    if local is not None and state["workers"] != worker.world:
+        raise PumaError(
+            f"checkpoint {ckpt.path} holds prompts partitioned over {state['workers']} workers; "
+            f"resume with scaling.num_workers={state['workers']} (or start a new run.name)"
+        )
+    weights.load_bytes(shared, read_checkpoint_file(ckpt, SHARED_FILE))
+    if local is not None:
+        weights.load_bytes(local, read_checkpoint_file(ckpt, _local_file(worker.rank)))
+    return Progress(state["epochs_done"], state["lm_sample_passes"], state["wall_s"])
+
+
+def _report(metrics: dict, engine, local: LocalPart | None, worker: Worker, progress: Progress) -> None:
+    """Every rank reports; rank 0 attaches the shared weights + progress, every rank its own local
+    part (Ray Train merges the ranks' files into one checkpoint directory)."""
+    with tempfile.TemporaryDirectory() as d:
+        if worker.rank == 0:
+            storage.write_bytes(os.path.join(d, SHARED_FILE), weights.to_bytes(engine.module))
+            storage.write_json(os.path.join(d, STATE_FILE), {**progress.__dict__, "workers": worker.world})
+        if local is not None:
+            storage.write_bytes(os.path.join(d, _local_file(worker.rank)), weights.to_bytes(local))
+        has_files = worker.rank == 0 or local is not None
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
+
+
+@dataclass
+class Trained:
+    """What :func:`fit` returns: the trained shared module (CPU, eval mode) and the run's cost."""
+
+    model: TaskModel
+    metrics: dict  # the last epoch's reported metrics
+    lm_sample_passes: float
+    train_wall_s: float
+
+
+def fit(trainable: Trainable, datasets: dict, callbacks: tuple = ()) -> Trained:
+    """Run :func:`train_loop_per_worker` on a TorchTrainer and load the trained shared module from
+    its last checkpoint (raises PumaError on failure).
+
+    By-user trainables get one dataset per worker (``train_<rank>``, not split further by Ray
+    Train). ``callbacks``: extra Ray Train callbacks, e.g. Tune's TuneReportCallback in a trial."""
+    cfg = trainable.cfg
+    s = cfg.scaling
+    path, fs = _run_storage(cfg.run.storage_path)
+    with console.Relay() as relay:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"trainable": trainable, "relay": relay.handle, "datasets": sorted(datasets)},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=s.num_workers,
+                use_gpu=s.use_gpu,
+                resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name=cfg.run.name,
+                storage_path=path,
+                storage_filesystem=fs,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+                callbacks=list(callbacks) or None,
+            ),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=[] if trainable.by_user else "all"),
+        )
+        result = trainer.fit()
+    if result.checkpoint is None:
+        raise PumaError(f"training run {cfg.run.name!r} finished without a checkpoint")
+    model = weights.load_bytes(trainable.shared(), read_checkpoint_file(result.checkpoint, SHARED_FILE))
+    state = json.loads(read_checkpoint_file(result.checkpoint, STATE_FILE))
+    return Trained(model.eval(), result.metrics, state["lm_sample_passes"], state["wall_s"])
+
+
+def _run_storage(uri: str) -> tuple[str, object | None]:
+    """Ray Train's (storage_path, storage_filesystem): a local absolute path and None, or
+    bucket/prefix inside the S3 filesystem."""
+    if "://" not in uri:
+        return os.path.abspath(uri), None
+    fs, path = storage.resolve(uri)
+    return path, fs

