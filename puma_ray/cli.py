@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None, native_to_log: bool = False) -> int:
     native code writes to fd 2 (Ray's C++ core worker logs its own errors there) goes to a log file."""
     args = build_parser().parse_args(argv)
     if native_to_log and (args.cmd in STAGES or args.cmd == "quickstart") and not args.verbose:
-        console.quiet_native_stderr()
+        console.logs_to_file()
     try:
         run(args)
     except PumaError as exc:

@@ -20,6 +20,8 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 Strategy = Literal["random", "kmeans_variance"]
 # Public data formats `puma-ray data import` reads: one module each in puma_ray.datasets.
 ImportFormat = Literal["movielens", "recbole", "amazon2023", "yelp", "mind"]
+# Baselines scored beside every method (puma_ray.baselines).
+Baseline = Literal["global_mean", "user_mean", "bias"]
 
 
 class Strict(BaseModel):
@@ -54,7 +56,10 @@ class TrainConfig(Strict):
     seed: int = 0
     train_prompts: bool = Field(True, description="false = keep prompts at their random init, train the head only")
     init_range: float = Field(0.1, gt=0, description="prompts start uniform(-r, r)")
-    shuffle_buffer: int = Field(10_000, ge=0)
+    shuffle_buffer: int = Field(10_000, ge=0, description="rows shuffled together when a worker reads its shard")
+    length_groups: int = Field(
+        8, ge=1, description="micro-batches read together and regrouped by token length (less padding); 1: off"
+    )
 
 
 class ScalingConfig(Strict):
@@ -147,7 +152,10 @@ class EvaluateConfig(Strict):
         description="name -> Parquet URI with user_id: metrics also "
         "reported for users inside (<metric>_in_<name>) and outside (<metric>_out_<name>)",
     )
-    baselines: list[Literal["global_mean", "user_mean"]] = ["global_mean", "user_mean"]
+    baselines: list[Baseline] = ["global_mean", "user_mean", "bias"]
+    bias_sweeps: int = Field(2, ge=1, description="bias baseline: alternating least-squares sweeps")
+    bias_reg_user: float = Field(15.0, ge=0, description="bias baseline: shrinkage of the user offsets")
+    bias_reg_item: float = Field(10.0, ge=0, description="bias baseline: shrinkage of the item offsets")
     output: Optional[str] = Field(None, description="URI of the JSON report")
     scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()
@@ -253,6 +261,7 @@ class MigrateConfig(Strict):
     compare: dict[str, str] = Field(
         default_factory=dict, description="name -> run URI scored beside PUMA (full_retrain, ...)"
     )
+    baselines: list[Baseline] = Field(["global_mean", "user_mean", "bias"], description="scored beside PUMA")
     evaluate: bool = True
     scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()

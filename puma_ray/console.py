@@ -19,7 +19,7 @@ import time
 
 import ray
 
-native_log: str | None = None  # where this process's native stderr goes (set by quiet_native_stderr)
+native_log: str | None = None  # where this process's native stderr and Ray's messages go (logs_to_file)
 
 
 def say(line: str) -> None:
@@ -27,16 +27,37 @@ def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def quiet_native_stderr() -> str:
-    """Send what native code writes to this process's stderr (fd 2: Ray's C++ core worker, gloo,
-    processes Ray starts) to a log file, while Python's ``sys.stderr`` (the story, warnings,
-    tracebacks) stays on the terminal. For the CLI's process only. Returns the log's path."""
+class _RayLines:
+    """A stdout that sends Ray's own pushed messages (lines marked ``(raylet)``, e.g. its warning that
+    many worker processes started) to the log file, and everything else to the terminal."""
+
+    def __init__(self, terminal, log):
+        self.terminal, self.log = terminal, log
+
+    def write(self, text: str) -> int:
+        (self.log if "(raylet)" in text else self.terminal).write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.terminal.flush()
+        self.log.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.terminal, name)
+
+
+def logs_to_file() -> str:
+    """For the CLI's process: what native code writes to stderr (fd 2: Ray's C++ core worker, gloo,
+    the processes Ray starts) and Ray's pushed ``(raylet)`` messages go to a log file, while Python's
+    ``sys.stderr`` (the story, warnings, tracebacks) and ``sys.stdout`` (results) stay on the
+    terminal. Returns the log's path."""
     global native_log
-    fd, native_log = tempfile.mkstemp(prefix="puma-ray-native-", suffix=".log")
+    fd, native_log = tempfile.mkstemp(prefix="puma-ray-", suffix=".log")
     terminal = os.dup(2)
     os.dup2(fd, 2)
     os.close(fd)
     sys.stderr = os.fdopen(terminal, "w", buffering=1, errors="backslashreplace")
+    sys.stdout = _RayLines(sys.stdout, open(native_log, "a", buffering=1, errors="backslashreplace"))
     return native_log
 
 

@@ -1,13 +1,17 @@
-"""Interactions as Ray Datasets: schema checked up front, values checked on every batch read."""
+"""Rows as Ray Datasets (interactions: schema checked up front, values on every batch read) and
+as per-worker shards: the training input, written once by Ray Data and read by each Ray Train
+worker straight from storage (:func:`shard_by_user`, :func:`iter_shard`)."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import ray.data
+from ray.data import SaveMode
 
 from puma_ray import schema, storage
 from puma_ray.errors import PumaError
@@ -50,3 +54,68 @@ def hashed_fraction(ids, fraction: float) -> np.ndarray:
     users in every process, run and trial."""
     h = user_hash(ids)
     return np.ones(len(h), bool) if fraction >= 1 else h < np.uint64(int(fraction * 2**64))
+
+
+def _with_shard(table: pa.Table, world: int) -> pa.Table:
+    """Adds ``shard``: the worker owning each row's user, hash(user_id) % world."""
+    ids = table.column("user_id").to_numpy(zero_copy_only=False)
+    return table.append_column("shard", pa.array((user_hash(ids) % np.uint64(world)).astype(np.int64)))
+
+
+def shard_by_user(datasets: dict, world: int, out_uri: str, key: dict) -> dict[str, str]:
+    """Write each split's rows partitioned by owning worker (a stable hash of user_id, one streamed
+    Ray Data pass per split) to ``out_uri/<split>/shard=<r>/``; {"<split>_<r>": URI} of the
+    non-empty ones. ``key`` says what the rows are made of: shards written for the same key (a
+    resumed run) are reused as they are."""
+    done_uri = storage.join(out_uri, "done.json")
+    if storage.exists(done_uri):
+        done = storage.read_json(done_uri)
+        if done.get("key") == key and done.get("world") == world:
+            return done["shards"]
+    storage.delete_dir(out_uri)
+    for split, ds in datasets.items():
+        fs, path = storage.resolve(storage.join(out_uri, split))
+        ds.map_batches(_with_shard, fn_kwargs={"world": world}, batch_format="pyarrow").write_parquet(
+            path, filesystem=fs, partition_cols=["shard"], mode=SaveMode.OVERWRITE
+        )
+    shards = {f"{split}_{r}": storage.join(out_uri, split, f"shard={r}") for split in datasets for r in range(world)}
+    shards = {k: uri for k, uri in shards.items() if storage.list_files(uri, ".parquet")}
+    empty = [r for r in range(world) if f"train_{r}" not in shards]
+    if len(empty) == world:
+        raise PumaError(f"{out_uri}: no training rows (no user of the training split has any)")
+    if empty:
+        raise PumaError(f"workers {empty} own no user (too few users for scaling.num_workers={world})")
+    storage.write_json(done_uri, {"key": key, "world": world, "shards": shards})
+    return shards
+
+
+def shard_rows(uri: str) -> int:
+    """Rows of a shard (a directory of Parquet files), from their footers."""
+    return sum(storage.parquet_file(f).metadata.num_rows for f in storage.list_files(uri, ".parquet"))
+
+
+def iter_shard(uri: str, batch_size: int, seed: int | None = None, buffer_rows: int = 0) -> Iterator[pa.Table]:
+    """Batches (<= ``batch_size`` rows) of one shard, streamed from storage: with a ``seed``, its
+    row groups in a seeded random order and rows shuffled inside a buffer of at least
+    ``buffer_rows`` (a local shuffle, like Ray Data's); without one, in file order."""
+    groups = [
+        (f, g) for f in storage.list_files(uri, ".parquet") for g in range(storage.parquet_file(f).num_row_groups)
+    ]
+    rng = np.random.default_rng(seed)
+    if seed is not None:
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    pending: list[pa.Table] = []
+    held = 0
+    for n, (f, g) in enumerate(groups):
+        table = storage.parquet_file(f).read_row_group(g)
+        pending.append(table.drop_columns([c for c in ("shard",) if c in table.column_names]))
+        held += table.num_rows
+        if held < max(buffer_rows, batch_size) and n < len(groups) - 1:
+            continue
+        buffer = pa.concat_tables(pending)
+        if seed is not None:
+            buffer = buffer.take(rng.permutation(buffer.num_rows))
+        full = buffer.num_rows - buffer.num_rows % batch_size if n < len(groups) - 1 else buffer.num_rows
+        for start in range(0, full, batch_size):
+            yield buffer.slice(start, min(batch_size, full - start))
+        pending, held = [buffer.slice(full)], buffer.num_rows - full

@@ -1,9 +1,18 @@
 """A frozen causal LM with a text template whose <UserID> slot takes l soft-prompt vectors.
 
-The template is tokenized once, in segments split at its slots; per batch only the item texts
-(and CTR histories) are tokenized. Prompts are spliced into the output of
-``get_input_embeddings()`` (never a family-specific attribute), rows are left-padded so the
-answer position is the last one, and only that position's logits are computed.
+What a training step does not recompute:
+- the template: tokenized once, in segments split at its slots; every distinct item text (and
+  CTR history) is tokenized once and remembered;
+- the static text before <UserID> (the prefix, the same for every row and user): its keys and
+  values are computed once per model and reused by every row (a KV cache expanded to the batch),
+  so no row runs a forward or backward through it;
+- the output layer: only the answer tokens' rows of it are applied, at the answer position only
+  (5 or 2 of a vocabulary of up to 262k), with the family's logit soft-capping where it has one.
+Both shortcuts are checked against the model's own full forward on a probe row when the model
+loads; a family where they disagree falls back to the full forward (and says so in the log).
+
+Prompts are spliced into the output of ``get_input_embeddings()`` (never a family-specific
+attribute); rows are left-padded so the answer position is the last one.
 """
 
 from __future__ import annotations
@@ -11,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
 from puma_ray.errors import PumaError
@@ -101,6 +112,12 @@ def answer_token_id(tokenizer, word: str) -> int:
     raise PumaError(f"tokenizer {tokenizer.name_or_path!r} has no single token for answer {word!r}")
 
 
+def row_texts(rows) -> tuple[list[str], list | None]:
+    """An Arrow table of rows -> (item texts, CTR histories or None): what :meth:`FrozenLM.collate` takes."""
+    history = rows.column("history_text").to_pylist() if "history_text" in rows.column_names else None
+    return rows.column("item_text").to_pylist(), history
+
+
 @dataclass
 class LMOutput:
     """Outputs at the answer position. answer_logits: (B, n_answers); hidden: (B, d) or None."""
@@ -118,6 +135,8 @@ class FrozenLM:
         template: template id in TEMPLATES (default per task).
         prompt_length: l, the number of prompt vectors in the <UserID> slot.
         max_item_tokens / max_history_tokens: truncation of the per-row texts.
+        fast: reuse the prefix's keys/values and apply only the answer rows of the output layer
+            (module docstring); False runs the model's own full forward on every row.
     """
 
     def __init__(
@@ -131,6 +150,7 @@ class FrozenLM:
         device: str | torch.device = "cpu",
         max_item_tokens: int = 32,
         max_history_tokens: int = 96,
+        fast: bool = True,
     ):
         hf_logging.disable_progress_bar()
         self.task, self.path, self.prompt_length = task, path, prompt_length
@@ -152,7 +172,18 @@ class FrozenLM:
         self.answer_ids = torch.tensor([answer_token_id(self.tokenizer, w) for w in answers], device=self.device)
         self.max_item_tokens, self.max_history_tokens = max_item_tokens, max_history_tokens
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._segments = self._tokenize_template(TEMPLATES[self.template])
+        self._tokens: dict[str, list[int]] = {}  # text -> token ids, each distinct text tokenized once
+        segments = self._tokenize_template(TEMPLATES[self.template])
+        self._full_segments = segments
+        head = self.model.get_output_embeddings()
+        self._answer_weight = head.weight.detach()[self.answer_ids]  # (n_answers, d)
+        self._answer_bias = None if getattr(head, "bias", None) is None else head.bias.detach()[self.answer_ids]
+        self._softcap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        self._prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, heads, P, head_dim)
+        self.fast = False
+        self._segments = segments
+        if fast and isinstance(segments[0], list) and segments[1] == "<UserID>":
+            self._use_fast_path(segments)
 
     @classmethod
     def from_config(cls, cfg, device: str | torch.device = "cpu") -> FrozenLM:
@@ -175,26 +206,68 @@ class FrozenLM:
             first = False
         return out
 
-    def collate(self, item_text, history_text=None) -> dict[str, torch.Tensor]:
-        """Per-row texts -> left-padded model inputs.
+    def _use_fast_path(self, segments: list) -> None:
+        """Cache the prefix's keys/values and switch to the answer-only head, if a probe row gives the
+        same answer logits and prompt gradient as the model's own full forward (else keep the full one)."""
+        probe_inputs = self.collate(["a"], [["b"]])
+        prompt = torch.randn(1, self.prompt_length, self.hidden_size, generator=torch.Generator().manual_seed(0))
+        reference = self._probe(prompt, probe_inputs)
+        with torch.no_grad():
+            ids = torch.tensor([segments[0]], device=self.device)
+            cache = self.model.get_decoder()(input_ids=ids, use_cache=True).past_key_values
+        self._prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        self._segments, self.fast = segments[1:], True
+        fast = self._probe(prompt, self.collate(["a"], [["b"]]))
+        tol = 1e-3 if self.model.dtype == torch.float32 else 3e-2
+        if not all(torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(fast, reference)):
+            print(
+                f"FrozenLM {self.path}: the cached prefix / answer-only head disagree with the model's full "
+                "forward on a probe row; using the full forward",
+                file=sys.stderr,
+            )
+            self._prefix, self._segments, self.fast = None, segments, False
 
-        Returns input_ids (B, T), attention_mask (B, T), position_ids (B, T) and
-        user_pos (B, l): the positions the prompt vectors go to.
-        """
-        items = self.tokenizer(list(item_text), add_special_tokens=False)["input_ids"]
-        hists = None
-        if "<ItemTitleList>" in self._segments:
-            hists = [
-                " ; ".join(h) if h is not None and len(h) else "none"
-                for h in (history_text if history_text is not None else [None] * len(items))
-            ]
-            hists = self.tokenizer(hists, add_special_tokens=False)["input_ids"]
-        rows, user_pos = [], []
+    def _probe(self, prompt: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(answer logits, gradient of their sum into the prompt) of one row."""
+        x = prompt.to(self.device, self.model.dtype).requires_grad_()
+        logits = self.forward(x, inputs).answer_logits
+        (grad,) = torch.autograd.grad(logits.sum(), x)
+        return logits.detach().float(), grad.float()
+
+    @property
+    def prefix_length(self) -> int:
+        """Tokens of the cached prefix (0 without the fast path)."""
+        return self._prefix[0][0].shape[-2] if self._prefix else 0
+
+    def token_ids(self, texts) -> list[list[int]]:
+        """Token ids of each text, no special tokens; each distinct text is tokenized once per LM."""
+        texts = [str(t) for t in texts]
+        new = sorted({t for t in texts if t not in self._tokens})
+        if new:
+            self._tokens.update(zip(new, self.tokenizer(new, add_special_tokens=False)["input_ids"]))
+        return [self._tokens[t] for t in texts]
+
+    def _histories(self, history_text, n: int) -> list[str]:
+        """CTR: each row's clicked titles joined, "none" when empty."""
+        rows = history_text if history_text is not None else [None] * n
+        return [" ; ".join(h) if h is not None and len(h) else "none" for h in rows]
+
+    def row_lengths(self, item_text, history_text=None) -> list[int]:
+        """Tokens per row (without a cached prefix): what padding is computed from."""
+        return [len(r) for r in self._rows(item_text, history_text)[0]]
+
+    def _rows(self, item_text, history_text=None) -> tuple[list[list[int]], list[int]]:
+        """Per-row token ids (the template filled in, slots as pads) and where each <UserID> slot starts."""
+        items = self.token_ids(item_text)
+        hists = (
+            self.token_ids(self._histories(history_text, len(items))) if "<ItemTitleList>" in self._segments else None
+        )
+        rows, starts = [], []
         for i, item in enumerate(items):
             ids: list[int] = []
             for seg in self._segments:
                 if seg == "<UserID>":
-                    user_pos.append(range(len(ids), len(ids) + self.prompt_length))
+                    starts.append(len(ids))
                     ids += [self.pad_id] * self.prompt_length
                 elif seg == "<ItemTitle>":
                     ids += item[: self.max_item_tokens]
@@ -203,16 +276,24 @@ class FrozenLM:
                 else:
                     ids += seg
             rows.append(ids)
+        return rows, starts
+
+    def collate(self, item_text, history_text=None) -> dict[str, torch.Tensor]:
+        """Per-row texts -> left-padded model inputs (the cached prefix, if any, is not in them).
+
+        Returns input_ids (B, T), attention_mask (B, T), position_ids (B, T) and
+        user_pos (B, l): the positions the prompt vectors go to.
+        """
+        rows, starts = self._rows(item_text, history_text)
         T = max(map(len, rows))
         input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.long)
-        pos = torch.zeros((len(rows), self.prompt_length), dtype=torch.long)
         for i, ids in enumerate(rows):
-            pad = T - len(ids)
-            input_ids[i, pad:] = torch.tensor(ids)
-            mask[i, pad:] = 1
-            pos[i] = torch.tensor(list(user_pos[i])) + pad
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            input_ids[i, T - len(ids) :] = torch.tensor(ids)
+            mask[i, T - len(ids) :] = 1
+        pads = T - torch.tensor([len(r) for r in rows])
+        pos = (pads + torch.tensor(starts))[:, None] + torch.arange(self.prompt_length)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + self.prefix_length
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "user_pos": pos}
 
     def forward(self, prompts: torch.Tensor, inputs: dict[str, torch.Tensor], want_hidden: bool = False) -> LMOutput:
@@ -230,14 +311,28 @@ class FrozenLM:
         emb = self.model.get_input_embeddings()(inputs["input_ids"])  # (B, T, d)
         rows = torch.arange(B, device=self.device).repeat_interleave(l)
         emb = emb.index_put((rows, inputs["user_pos"].reshape(-1)), prompts.reshape(B * l, d).to(emb.dtype))
-        out = self.model(
+        if not self.fast:
+            out = self.model(
+                inputs_embeds=emb,
+                attention_mask=inputs["attention_mask"],
+                position_ids=inputs["position_ids"],
+                logits_to_keep=1,
+                output_hidden_states=want_hidden,
+                use_cache=False,
+            )
+            hidden = out.hidden_states[-1][:, -1, :].float() if want_hidden else None
+            return LMOutput(answer_logits=out.logits[:, -1, :].float().index_select(-1, self.answer_ids), hidden=hidden)
+        prefix = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in self._prefix]
+        mask = torch.cat([inputs["attention_mask"].new_ones(B, self.prefix_length), inputs["attention_mask"]], 1)
+        out = self.model.get_decoder()(
             inputs_embeds=emb,
-            attention_mask=inputs["attention_mask"],
+            attention_mask=mask,
             position_ids=inputs["position_ids"],
-            logits_to_keep=1,
-            output_hidden_states=want_hidden,
-            use_cache=False,
+            past_key_values=DynamicCache(prefix, config=self.model.config),
+            use_cache=True,
         )
-        logits = out.logits[:, -1, :].float()  # (B, V)
-        hidden = out.hidden_states[-1][:, -1, :].float() if want_hidden else None
-        return LMOutput(answer_logits=logits.index_select(-1, self.answer_ids), hidden=hidden)
+        hidden = out.last_hidden_state[:, -1, :]  # (B, d): normed, as the output layer sees it
+        logits = F.linear(hidden, self._answer_weight, self._answer_bias)  # (B, n_answers)
+        if self._softcap is not None:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return LMOutput(answer_logits=logits.float(), hidden=hidden.float() if want_hidden else None)

@@ -112,6 +112,7 @@ def migrate(cfg: MigrateConfig) -> dict:
                 "task": cfg.task,
                 "data": cfg.data.model_dump(),
                 "runs": {"puma": cfg.output, **cfg.compare},
+                "baselines": cfg.baselines,
                 "subsets": {"adapter_users": storage.join(cfg.output, "selection", "selected.parquet")},
                 "output": storage.join(cfg.output, "evaluation.json"),
                 "ray": cfg.ray.model_dump(),

@@ -43,7 +43,7 @@ def init_ray(ray_cfg, storage_cfg=None) -> None:
         where = os.path.join(context.address_info["session_dir"], "logs")
     quiet_ray_data()
     if not ray_cfg.verbose:
-        native = f"; this process's native logs in {console.native_log}" if console.native_log else ""
+        native = f"; Ray's own messages in {console.native_log}" if console.native_log else ""
         say(f"ray: worker logs (Ray Train, Ray Data, DeepSpeed) are in {where}{native}; --verbose shows them here")
 
 

@@ -2,9 +2,10 @@
 
 Run on the source model it makes the source prompts; on the target model it is the "full
 retraining" baseline PUMA is measured against. Users are partitioned over the Ray Train workers
-(a stable hash of user_id): each worker holds and trains only its users' prompts (a
-:class:`PromptTable`, outside the DeepSpeed engine, never all-reduced), sees only their
-interactions, and writes them as one store file; only the head is shared. The loop is
+(a stable hash of user_id; their rows are written once per run as per-worker shards): each worker
+holds and trains only its users' prompts (a :class:`PromptTable`, outside the DeepSpeed engine,
+never all-reduced, with a row-wise optimizer), sees only their interactions, and writes them as
+one store file; only the head is shared. The loop is
 ``trainer.train_loop_per_worker``.
 """
 
@@ -15,56 +16,87 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
-from ray.data import SaveMode
 from torch import nn
 
 from puma_ray import storage
 from puma_ray.config import PromptsConfig, TrainConfig
 from puma_ray.console import say
-from puma_ray.data import load_interactions, user_hash
-from puma_ray.errors import PumaError, user_errors
+from puma_ray.data import load_interactions, shard_by_user
+from puma_ray.errors import user_errors
 from puma_ray.heads import build_head, save_head
-from puma_ray.llm import FrozenLM, store_meta
+from puma_ray.llm import FrozenLM, row_texts, store_meta
 from puma_ray.runtime import init_ray
 from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table
 from puma_ray.trainer import VAL_METRICS, Batch, TaskModel, Worker, fit
 
 
 class PromptTable(nn.Module):
-    """Stage 1's local part: the prompts (n_local, l*d) of the users THIS worker owns, with their
-    own optimizer (AdamW at ``prompt_lr``, on the shared schedule). Frozen when
-    ``train.train_prompts`` is false (the random-init control)."""
+    """Stage 1's local part: the prompts (n_local, l*d) of the users THIS worker owns, trained by a
+    row-wise (lazy) AdamW whose cost follows the batch, not the table.
+
+    Semantics: each row keeps its own Adam moments and step count, and changes only in the steps
+    where it is in the batch: its gradient (summed over the batch's rows of that user) updates its
+    moments, bias-corrected with the row's own step count, then decoupled weight decay and the
+    step at ``prompt_lr`` x the shared schedule. A row absent from a step is left as is (dense
+    AdamW would decay its moments and, with weight decay, its weights). Gradients are clipped to
+    ``grad_clip`` over the batch's rows (= dense clipping: other rows' gradients are zero). With
+    every row in every step this IS torch's AdamW (a test checks it). Weights, moments and steps
+    are buffers, so the module's state_dict (each rank's checkpoint) holds the optimizer state.
+    Frozen (no optimizer state) when ``train.train_prompts`` is false (the random-init control)."""
 
     def __init__(self, n_users: int, prompt_length: int, hidden_size: int, init_range: float, train: bool):
         super().__init__()
-        self.l, self.d = prompt_length, hidden_size
-        init = torch.empty(n_users, prompt_length * hidden_size).uniform_(-init_range, init_range)
-        self.weight = nn.Parameter(init, requires_grad=train)
-        self.optimizer = None
-        self.scheduler = None
-        self.grad_clip = 0.0
+        self.l, self.d, self.trains = prompt_length, hidden_size, train
+        self.register_buffer(
+            "weight", torch.empty(n_users, prompt_length * hidden_size).uniform_(-init_range, init_range)
+        )
+        if train:
+            self.register_buffer("exp_avg", torch.zeros_like(self.weight))
+            self.register_buffer("exp_avg_sq", torch.zeros_like(self.weight))
+            self.register_buffer("steps", torch.zeros(n_users, dtype=torch.int64))
+        self.train_cfg: TrainConfig | None = None
+        self.schedule = None
+        self.calls = 0  # optimizer steps in this run (the schedule's position, like the engine's scheduler)
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (B,) rows, (B, l*d) leaf of this step
 
     def forward(self, user_idx: torch.Tensor) -> torch.Tensor:
-        """(B,) local row indices -> (B, l, d) prompts."""
-        return self.weight[user_idx].view(-1, self.l, self.d)
+        """(B,) local row indices -> (B, l, d) prompts (a copy of the rows: gradients stop at it)."""
+        rows = self.weight[user_idx]
+        if self.trains and torch.is_grad_enabled():
+            rows.requires_grad_()
+            self._batch = (user_idx, rows)
+        return rows.view(-1, self.l, self.d)
 
     def configure(self, train: TrainConfig, schedule) -> None:
-        if not self.weight.requires_grad:
-            return
-        lr = train.prompt_lr or train.lr
-        self.optimizer = torch.optim.AdamW([self.weight], lr=lr, weight_decay=train.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.grad_clip = train.grad_clip
+        self.train_cfg, self.schedule = train, schedule
 
+    @torch.no_grad()
     def step(self) -> None:
-        if self.optimizer is None:
+        """After backward: the lazy AdamW update of this batch's rows (class docstring)."""
+        if not self.trains or self._batch is None or self._batch[1].grad is None:
             return
-        torch.nn.utils.clip_grad_norm_([self.weight], self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        t = self.train_cfg
+        idx, leaf = self._batch
+        self._batch = None
+        rows, where = torch.unique(idx, return_inverse=True)
+        grad = torch.zeros(len(rows), leaf.shape[1], dtype=leaf.dtype, device=leaf.device).index_add_(
+            0, where, leaf.grad
+        )
+        norm = grad.norm()
+        if t.grad_clip and norm > t.grad_clip:
+            grad.mul_(t.grad_clip / (norm + 1e-6))
+        lr = (t.prompt_lr or t.lr) * self.schedule(self.calls)
+        self.calls += 1
+        beta1, beta2, eps = 0.9, 0.999, 1e-8  # torch.optim.AdamW's defaults
+        step = self.steps[rows] + 1
+        m = self.exp_avg[rows].mul_(beta1).add_(grad, alpha=1 - beta1)
+        v = self.exp_avg_sq[rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias1 = 1 - beta1 ** step.to(grad.dtype)[:, None]
+        bias2 = 1 - beta2 ** step.to(grad.dtype)[:, None]
+        w = self.weight[rows].mul_(1 - lr * t.weight_decay)
+        w.addcdiv_(m / bias1, (v / bias2).sqrt_().add_(eps), value=-lr)
+        self.weight[rows], self.exp_avg[rows], self.exp_avg_sq[rows], self.steps[rows] = w, m, v, step
 
 
 @dataclass
@@ -74,17 +106,11 @@ class PromptsTrainable:
     cfg: PromptsConfig
     hidden_size: int  # d of the model
     train_rows: int
-    shards: dict[str, str]  # "<split>_<rank>" -> URI of that worker's rows (shard_by_user)
+    shards: dict[str, str]  # "<split>_<rank>" -> URI of that worker's rows (data.shard_by_user)
     store: str  # URI of the prompt store the workers write
     meta: StoreMeta  # of that store
     name: str = "prompts"
-    by_user: bool = True
-
-    def worker(self, rank: int, world: int, device: torch.device) -> Worker:
-        """The worker's users (sorted) and row count, read from its shard's user_id column only."""
-        ids = storage.read_table(self.shards[f"train_{rank}"], columns=["user_id"]).column("user_id")
-        users = tuple(sorted(pc.unique(ids).to_pylist()))
-        return Worker(rank, world, device, len(ids), users, {u: i for i, u in enumerate(users)})
+    has_local: bool = True
 
     def local(self, worker: Worker) -> PromptTable:
         t = self.cfg.train
@@ -93,17 +119,17 @@ class PromptsTrainable:
     def shared(self) -> TaskModel:
         return TaskModel(build_head(self.cfg.task, self.hidden_size, self.cfg.head))
 
-    def batch(self, np_batch: dict, lm: FrozenLM, worker: Worker) -> Batch | None:
-        """A Ray Data numpy batch -> Batch of the rows whose user this worker owns (None if none)."""
-        idx = np.array([worker.index.get(u, -1) for u in np_batch["user_id"]])
+    def batch(self, rows: pa.Table, lm: FrozenLM, worker: Worker) -> Batch | None:
+        """Rows -> Batch of those whose user this worker owns (None if none)."""
+        idx = np.array([worker.index.get(u, -1) for u in rows.column("user_id").to_pylist()])
         keep = idx >= 0
         if not keep.any():
             return None
-        hist = np_batch.get("history_text")
+        rows = rows.filter(pa.array(keep))
         return Batch(
             user_idx=torch.as_tensor(idx[keep], device=worker.device),
-            label=torch.as_tensor(np_batch["label"][keep], dtype=torch.float32, device=worker.device),
-            inputs=lm.collate(np_batch["item_text"][keep], hist[keep] if hist is not None else None),
+            label=torch.as_tensor(rows.column("label").to_numpy(), dtype=torch.float32, device=worker.device),
+            inputs=lm.collate(*row_texts(rows)),
         )
 
     def finish(self, worker: Worker, local: PromptTable, chunk: int = 65_536) -> None:
@@ -113,35 +139,6 @@ class PromptsTrainable:
             for i in range(0, len(worker.users), chunk):
                 rows = local.weight[i : i + chunk].detach().cpu().float().numpy()
                 w.write_table(prompt_table(self.meta, list(worker.users[i : i + chunk]), rows))
-
-
-def _with_shard(table: pa.Table, world: int) -> pa.Table:
-    """Adds ``shard``: the owning worker of each row's user, hash(user_id) % world (stable across
-    processes and runs)."""
-    ids = table.column("user_id").to_numpy(zero_copy_only=False)
-    return table.append_column("shard", pa.array((user_hash(ids) % np.uint64(world)).astype(np.int64)))
-
-
-def shard_by_user(datasets: dict, world: int, out_uri: str) -> dict[str, str]:
-    """Write each split partitioned by owning worker (one streamed Ray Data pass per split):
-    ``out_uri/<split>/shard=<r>/``. Returns {"<split>_<r>": URI}; reused when already complete."""
-    done_uri = storage.join(out_uri, "done.json")
-    want = {f"{split}_{r}": storage.join(out_uri, split, f"shard={r}") for split in datasets for r in range(world)}
-    if storage.exists(done_uri) and storage.read_json(done_uri) == want:
-        return want
-    storage.delete_dir(out_uri)
-    for split, ds in datasets.items():
-        fs, path = storage.resolve(storage.join(out_uri, split))
-        ds.map_batches(_with_shard, fn_kwargs={"world": world}, batch_format="pyarrow").write_parquet(
-            path, filesystem=fs, partition_cols=["shard"], mode=SaveMode.OVERWRITE
-        )
-    empty = [r for r in range(world) if not storage.list_files(want[f"train_{r}"], ".parquet")]
-    if empty:
-        raise PumaError(f"workers {empty} own no user (too few users for scaling.num_workers={world})")
-    for key in [k for k in want if not storage.list_files(want[k], ".parquet")]:
-        want.pop(key)  # a worker with no validation users
-    storage.write_json(done_uri, want)
-    return want
 
 
 @user_errors
@@ -159,11 +156,11 @@ def train_prompts(cfg: PromptsConfig) -> dict:
         f"prompts: {train_rows:,} training rows on {cfg.model.path} (d={meta.hidden_size}), "
         f"{cfg.train.epochs} epoch(s), users partitioned over {world} worker(s)"
     )
-    shards = shard_by_user(datasets, world, storage.join(cfg.run.storage_path, f"{cfg.run.name}-shards"))
+    key = {"train": cfg.data.train, "valid": cfg.data.valid, "task": cfg.task}
+    shards = shard_by_user(datasets, world, storage.join(cfg.run.storage_path, f"{cfg.run.name}-shards"), key)
     store = storage.join(cfg.output, "prompts")
     storage.delete_dir(store)
-    trainable = PromptsTrainable(cfg, meta.hidden_size, train_rows, shards, store, meta)
-    trained = fit(trainable, {k: storage.ray_read_parquet(v) for k, v in shards.items()})
+    trained = fit(PromptsTrainable(cfg, meta.hidden_size, train_rows, shards, store, meta))
     save_head(cfg.output, trained.model.head, cfg.task, cfg.head.model_dump(), meta.model_fingerprint, meta.hidden_size)
     metrics = trained.metrics
     summary = {
@@ -176,6 +173,7 @@ def train_prompts(cfg: PromptsConfig) -> dict:
         "worker_users": metrics["worker_users"],
         "lm_sample_passes": trained.lm_sample_passes,
         "train_wall_s": trained.train_wall_s,
+        "loop_s": trained.loop_s,
         "wall_s": time.time() - t0,
         "final_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }

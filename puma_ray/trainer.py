@@ -1,12 +1,16 @@
 """The generic training loop through a frozen LM on Ray Train (TorchTrainer) with a DeepSpeed engine.
 
 A *trainable* (``stage1.PromptsTrainable``, ``stage2.AdapterTrainable``) says WHAT is trained:
-its config, its shared module (a :class:`TaskModel`, in the DeepSpeed engine and all-reduced: the
-task head, and in stage 2 the adapter), an optional *local* part (stage 1's prompt table of the
-worker's own users: outside the engine, with its own optimizer, checkpointed per rank), and how
-rows become batches. This module says HOW: :func:`train_loop_per_worker` (the loop), checkpoint
-restore and report, and :func:`fit` (the TorchTrainer launch). The frozen LM is kept out of the
-engine, so it is neither optimised nor partitioned.
+its config, its rows (per-worker shards, written once by ``data.shard_by_user``: users are
+partitioned over the workers), its shared module (a :class:`TaskModel`, in the DeepSpeed engine
+and all-reduced: the task head, and in stage 2 the adapter), an optional *local* part (stage 1's
+prompt table of the worker's own users: outside the engine, with its own optimizer, checkpointed
+per rank), and how rows become batches. This module says HOW: :func:`train_loop_per_worker`
+(the loop), checkpoint restore and report, and :func:`fit` (the TorchTrainer launch).
+
+Each worker streams its own shard from storage (``data.iter_shard``: no Ray Data executor starts
+per epoch), regroups every ``train.length_groups`` micro-batches by token length (less padding),
+and keeps the frozen LM out of the engine, so it is neither optimised nor partitioned.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray.train
 import torch
 import torch.distributed as dist
@@ -29,9 +35,10 @@ from torch import nn
 
 from puma_ray import console, storage, weights
 from puma_ray.config import MigrateConfig, PromptsConfig, TrainConfig
+from puma_ray.data import iter_shard, shard_rows
 from puma_ray.errors import PumaError
 from puma_ray.heads import Head
-from puma_ray.llm import FrozenLM
+from puma_ray.llm import FrozenLM, row_texts
 from puma_ray.runtime import deepspeed_config, setup_worker
 
 
@@ -49,14 +56,16 @@ class Batch:
 
 @dataclass(frozen=True)
 class Worker:
-    """What one Ray Train worker trains on, built once when it starts."""
+    """What one Ray Train worker trains on, built once when it starts (:func:`_worker`)."""
 
     rank: int
     world: int
     device: torch.device
-    rows: int  # training rows this worker reads per epoch
-    users: tuple[str, ...] = ()  # by-user trainables: the users this worker owns (sorted)
-    index: dict[str, int] = field(default_factory=dict)  # user_id -> row of this worker's prompt table
+    train: str  # URI of its training shard
+    valid: str | None  # URI of its validation shard (None: no validation rows)
+    rows: int  # training rows it reads per epoch
+    users: tuple[str, ...] = ()  # with a local part: the users it owns (sorted)
+    index: dict[str, int] = field(default_factory=dict)  # user_id -> row of its prompt table
 
 
 class TaskModel(nn.Module):
@@ -94,16 +103,15 @@ class LocalPart(Protocol):
 class Trainable(Protocol):
     cfg: PromptsConfig | MigrateConfig
     name: str  # console prefix: "prompts", "adapter"
-    by_user: bool  # users partitioned over workers: one dataset per worker ("train_<rank>")
+    shards: dict[str, str]  # "train_<rank>" / "valid_<rank>" -> URI (data.shard_by_user)
     train_rows: int  # all workers together, per epoch
-
-    def worker(self, rank: int, world: int, device: torch.device) -> Worker: ...
+    has_local: bool  # a local part, indexed by the worker's own users
 
     def local(self, worker: Worker) -> LocalPart | None: ...
 
     def shared(self) -> TaskModel: ...
 
-    def batch(self, np_batch: dict, lm: FrozenLM, worker: Worker) -> Batch | None: ...
+    def batch(self, rows: pa.Table, lm: FrozenLM, worker: Worker) -> Batch | None: ...
 
     def finish(self, worker: Worker, local: LocalPart | None) -> None: ...
 
@@ -112,11 +120,12 @@ class Trainable(Protocol):
 class Progress:
     epochs_done: int = 0  # = the next epoch to train
     lm_sample_passes: float = 0.0  # samples pushed through the LM in training, all workers, all epochs
-    wall_s: float = 0.0  # seconds inside the training loop, all epochs
+    wall_s: float = 0.0  # seconds of the epochs' training steps (validation and checkpoints not counted)
+    loop_s: float = 0.0  # seconds inside the epoch loop: training, validation and checkpoints
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker. config: {"trainable", "relay" (console.Relay handle), "datasets"}.
+    """Runs on every Ray Train worker. config: {"trainable", "relay" (a console.Relay handle)}.
 
     Every worker runs the same number of steps per epoch (uneven user shards get proportionally
     sized micro-batches, plus zero-gradient steps if still short), so collectives stay in lockstep."""
@@ -125,7 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = setup_worker(cfg.scaling)
     torch.manual_seed(cfg.train.seed)
     ctx = ray.train.get_context()
-    worker = trainable.worker(ctx.get_world_rank(), ctx.get_world_size(), device)
+    worker = _worker(trainable, ctx.get_world_rank(), ctx.get_world_size(), device)
     lm = FrozenLM.from_config(cfg, device)
     local, shared = trainable.local(worker), trainable.shared()
     progress = _restore(shared, local, worker)
@@ -135,19 +144,14 @@ def train_loop_per_worker(config: dict) -> None:
     engine = _engine(shared, cfg, schedule)
     if local is not None:
         local.configure(cfg.train, schedule)
-    train_data, valid_data = _shards(trainable.by_user, worker.rank, config["datasets"])
 
     for epoch in range(progress.epochs_done, cfg.train.epochs):
         t0, loss_sum, rows, dropped, done = time.time(), 0.0, 0, 0, 0
         label = f"{trainable.name}: epoch {epoch + 1}/{cfg.train.epochs}"
         counter = console.RemoteProgress(config["relay"] if worker.rank == 0 else None, label, steps, "steps", 60.0)
-        shuffle = {
-            "local_shuffle_buffer_size": cfg.train.shuffle_buffer or None,
-            "local_shuffle_seed": cfg.train.seed + epoch,
-        }
-        for np_batch in train_data.iter_batches(batch_size=micro, batch_format="numpy", **shuffle):
-            batch = trainable.batch(np_batch, lm, worker)
-            dropped += len(np_batch["label"]) - (0 if batch is None else len(batch.label))
+        for table in _batches(worker, lm, micro, cfg.train, seed=cfg.train.seed + epoch):
+            batch = trainable.batch(table, lm, worker)
+            dropped += table.num_rows - (0 if batch is None else len(batch.label))
             if batch is None or done == steps:
                 continue
             x = local(batch.user_idx) if local is not None else batch.src
@@ -171,17 +175,40 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch": epoch,
             "train_loss": loss_sum / max(rows, 1),
             "lm_sample_passes": progress.lm_sample_passes,
-            "wall_s": progress.wall_s,
             "unknown_rows": int(dropped),
         }
-        if valid_data is not None:
-            metrics.update(_validate(engine, local, lm, valid_data, trainable, worker))
+        metrics.update(_validate(engine, local, lm, trainable, worker))  # every rank: it joins collectives
         if local is not None:  # what each worker holds: its own users' prompts only
             metrics["worker_users"] = _gather(len(worker.users))
         if worker.rank == 0:
             console.tell(config["relay"], epoch_line(label, metrics, seconds, rows))
-        _report(metrics, engine, local, worker, progress)
+        progress.loop_s += time.time() - t0
+        _report({**metrics, "wall_s": progress.wall_s, "loop_s": progress.loop_s}, engine, local, worker, progress)
     trainable.finish(worker, local)
+
+
+def _worker(trainable: Trainable, rank: int, world: int, device: torch.device) -> Worker:
+    """This worker's shards and row count (from footers); with a local part, its users (sorted),
+    read from its shard's user_id column only."""
+    train, valid = trainable.shards[f"train_{rank}"], trainable.shards.get(f"valid_{rank}")
+    if not trainable.has_local:
+        return Worker(rank, world, device, train, valid, shard_rows(train))
+    ids = storage.read_table(train, columns=["user_id"]).column("user_id")
+    users = tuple(sorted(pc.unique(ids).to_pylist()))
+    return Worker(rank, world, device, train, valid, len(ids), users, {u: i for i, u in enumerate(users)})
+
+
+def _batches(worker: Worker, lm: FrozenLM, micro: int, train: TrainConfig, seed: int):
+    """One epoch of this worker's micro-batches (Arrow tables): its shard shuffled (seeded), and
+    every ``train.length_groups`` micro-batches' rows regrouped by token length, the groups in a
+    random order: rows of similar length share a batch, so less of it is padding."""
+    rng = np.random.default_rng(seed + 7919 * worker.rank)
+    for window in iter_shard(worker.train, micro * train.length_groups, seed, train.shuffle_buffer):
+        lengths = lm.row_lengths(*row_texts(window))
+        order = np.argsort(lengths, kind="stable")
+        groups = [order[i : i + micro] for i in range(0, len(order), micro)]
+        for g in rng.permutation(len(groups)) if train.length_groups > 1 else range(len(groups)):
+            yield window.take(pa.array(groups[g]))
 
 
 VAL_METRICS = ("val_rmse", "val_mae", "val_auc")
@@ -244,22 +271,15 @@ def _empty_step(engine) -> None:
     engine.step()
 
 
-def _shards(by_user: bool, rank: int, names: list[str]):
-    """This worker's (train, valid or None) Ray Data shards: its own datasets when users are
-    partitioned (``train_<rank>``), else its share of the common ones."""
-    train = f"train_{rank}" if by_user else "train"
-    valid = f"valid_{rank}" if by_user else "valid"
-    return ray.train.get_dataset_shard(train), ray.train.get_dataset_shard(valid) if valid in names else None
-
-
-def _validate(engine, local, lm: FrozenLM, shard, trainable: Trainable, worker: Worker) -> dict:
-    """Task metrics on this worker's valid data, reduced over workers."""
+def _validate(engine, local, lm: FrozenLM, trainable: Trainable, worker: Worker) -> dict:
+    """Task metrics on this worker's validation shard (none: no rows), reduced over workers."""
     se = ae = n = loss_sum = 0.0
     labels, preds = [], []
     engine.eval()
     with torch.no_grad():
-        for np_batch in shard.iter_batches(batch_size=trainable.cfg.train.batch_size, batch_format="numpy"):
-            batch = trainable.batch(np_batch, lm, worker)
+        tables = iter_shard(worker.valid, trainable.cfg.train.batch_size) if worker.valid is not None else ()
+        for table in tables:
+            batch = trainable.batch(table, lm, worker)
             if batch is None:
                 continue
             loss, pred = engine(local(batch.user_idx) if local is not None else batch.src, batch, lm)
@@ -272,9 +292,11 @@ def _validate(engine, local, lm: FrozenLM, shard, trainable: Trainable, worker: 
             preds.append(pred.float().cpu().numpy())
     engine.train()
     se, ae, n, loss_sum = _allreduce([se, ae, n, loss_sum])
-    out = {"val_loss": loss_sum / max(n, 1), "val_rows": int(n)}
+    if n == 0:
+        return {}
+    out = {"val_loss": loss_sum / n, "val_rows": int(n)}
     if trainable.cfg.task == "rating":
-        out.update(val_rmse=math.sqrt(se / max(n, 1)), val_mae=ae / max(n, 1))
+        out.update(val_rmse=math.sqrt(se / n), val_mae=ae / n)
         return out
     gathered = _gather((np.concatenate(labels or [np.zeros(0)]), np.concatenate(preds or [np.zeros(0)])))
     y = np.concatenate([g[0] for g in gathered])
@@ -315,7 +337,7 @@ def _restore(shared: nn.Module, local: LocalPart | None, worker: Worker) -> Prog
     weights.load_bytes(shared, read_checkpoint_file(ckpt, SHARED_FILE))
     if local is not None:
         weights.load_bytes(local, read_checkpoint_file(ckpt, _local_file(worker.rank)))
-    return Progress(state["epochs_done"], state["lm_sample_passes"], state["wall_s"])
+    return Progress(state["epochs_done"], state["lm_sample_passes"], state["wall_s"], state["loop_s"])
 
 
 def _report(metrics: dict, engine, local: LocalPart | None, worker: Worker, progress: Progress) -> None:
@@ -338,22 +360,21 @@ class Trained:
     model: TaskModel
     metrics: dict  # the last epoch's reported metrics
     lm_sample_passes: float
-    train_wall_s: float
+    train_wall_s: float  # seconds of training steps, all epochs
+    loop_s: float  # seconds inside the epoch loop (training, validation, checkpoints)
 
 
-def fit(trainable: Trainable, datasets: dict, callbacks: tuple = ()) -> Trained:
+def fit(trainable: Trainable, callbacks: tuple = ()) -> Trained:
     """Run :func:`train_loop_per_worker` on a TorchTrainer and load the trained shared module from
-    its last checkpoint (raises PumaError on failure).
-
-    By-user trainables get one dataset per worker (``train_<rank>``, not split further by Ray
-    Train). ``callbacks``: extra Ray Train callbacks, e.g. Tune's TuneReportCallback in a trial."""
+    its last checkpoint (raises PumaError on failure). ``callbacks``: extra Ray Train callbacks,
+    e.g. Tune's TuneReportCallback in a trial."""
     cfg = trainable.cfg
     s = cfg.scaling
     path, fs = _run_storage(cfg.run.storage_path)
     with console.Relay() as relay:
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"trainable": trainable, "relay": relay.handle, "datasets": sorted(datasets)},
+            train_loop_config={"trainable": trainable, "relay": relay.handle},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=s.num_workers,
                 use_gpu=s.use_gpu,
@@ -367,15 +388,13 @@ def fit(trainable: Trainable, datasets: dict, callbacks: tuple = ()) -> Trained:
                 failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
                 callbacks=list(callbacks) or None,
             ),
-            datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=[] if trainable.by_user else "all"),
         )
         result = trainer.fit()
     if result.checkpoint is None:
         raise PumaError(f"training run {cfg.run.name!r} finished without a checkpoint")
     model = weights.load_bytes(trainable.shared(), read_checkpoint_file(result.checkpoint, SHARED_FILE))
     state = json.loads(read_checkpoint_file(result.checkpoint, STATE_FILE))
-    return Trained(model.eval(), result.metrics, state["lm_sample_passes"], state["wall_s"])
+    return Trained(model.eval(), result.metrics, state["lm_sample_passes"], state["wall_s"], state["loop_s"])
 
 
 def _run_storage(uri: str) -> tuple[str, object | None]:

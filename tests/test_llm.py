@@ -38,14 +38,53 @@ def test_prompt_changes_answer_and_padding_is_neutral(tiny_models):
     assert not torch.allclose(alone, other, atol=1e-4)
 
 
-def test_collate_layout(tiny_models):
-    lm = FrozenLM(tiny_models["qwen2"], "rating", prompt_length=3)
+@pytest.mark.parametrize("fast", [True, False])
+def test_collate_layout(tiny_models, fast):
+    """Rows are left-padded and end at "Answer:"; with the cached prefix, rows start after it (at
+    position P) and hold the rest of the template only."""
+    lm = FrozenLM(tiny_models["qwen2"], "rating", prompt_length=3, fast=fast)
     b = lm.collate(TEXTS)
     ids, mask, pos = b["input_ids"], b["attention_mask"], b["user_pos"]
     assert mask[:, -1].all() and (mask[0] == 1).all() and (mask[1] == 0).any()  # left padding
     assert pos.shape == (2, 3) and (pos[:, 1:] - pos[:, :-1] == 1).all()
     assert (ids[0, -1] == ids[1, -1]) and lm.tokenizer.decode(ids[0, -1:]).strip() == ":"  # ends at "Answer:"
-    assert (b["position_ids"][1][mask[1].bool()] == torch.arange(int(mask[1].sum()))).all()
+    P = lm.prefix_length
+    assert (P > 0) == fast and (pos[0, 0] == 0) == fast  # the <UserID> slot opens the row after the prefix
+    assert (b["position_ids"][1][mask[1].bool()] == P + torch.arange(int(mask[1].sum()))).all()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("task", ["rating", "ctr"])
+def test_cached_prefix_and_answer_head_equal_the_full_forward(tiny_models, family, task):
+    """The fast path (the prefix's keys/values computed once, only the answer rows of the output
+    layer) gives the full forward's answer logits, last hidden state and prompt gradients."""
+    fast = FrozenLM(tiny_models[family], task, prompt_length=2)
+    full = FrozenLM(tiny_models[family], task, prompt_length=2, fast=False)
+    assert fast.fast and fast.prefix_length > 0 and not full.fast
+    texts, hist = ["zorvak lumina the", "the", "lumina"], [["the", "zorvak"], [], ["the"]]
+    prompts = torch.randn(3, 2, fast.hidden_size, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for lm in (fast, full):
+        x = prompts.clone().requires_grad_()
+        out = lm.forward(x, lm.collate(texts, hist), want_hidden=True)
+        (out.answer_logits * torch.arange(1, out.answer_logits.shape[1] + 1)).sum().backward()
+        outs.append((out.answer_logits.detach(), out.hidden.detach(), x.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+
+
+def test_distinct_texts_are_tokenized_once(tiny_models, monkeypatch):
+    lm = FrozenLM(tiny_models["llama"], "ctr")
+    calls = []
+    real = lm.tokenizer.__class__.__call__
+    monkeypatch.setattr(
+        lm.tokenizer.__class__,
+        "__call__",
+        lambda self, texts, **kw: calls.append(list(texts)) or real(self, texts, **kw),
+    )
+    lm.collate(["the", "zorvak", "the"], [["the"], [], ["the"]])
+    lm.collate(["zorvak", "lumina"], [[], ["the"]])
+    assert sorted(t for c in calls for t in c) == ["lumina", "none", "the", "zorvak"]  # each text once, ever
 
 
 def test_answer_tokens_per_tokenizer(tiny_models):

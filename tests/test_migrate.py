@@ -17,7 +17,7 @@ from puma_ray.llm import model_info
 from puma_ray.pipeline import migrate
 from puma_ray.rewrite import rewrite
 from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
-from puma_ray.stage2 import training_data
+from puma_ray.stage2 import training_rows
 
 FAST = {"adapter": {"width": 32}, "train": {"epochs": 1, "batch_size": 64, "lr": 3e-3}, "rewrite": {"batch_size": 16}}
 
@@ -144,18 +144,15 @@ def test_validation_users_do_not_depend_on_the_selection(tmp_path, tiny_models, 
     users = users_of(rating_data)
     src = make_store(str(tmp_path / "src"), tiny_models["llama"], users)
     cfg = mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "v", validation={"sample_users": 20})
-    data, rows = training_data(cfg, src, pa.array(users[:15]), len(users))
+    data = training_rows(cfg, src, pa.array(users[:15]), len(users))
     valid = data["valid"].to_pandas()
-    assert (
-        set(data["train"].to_pandas()["user_id"]) == set(users[:15])
-        and rows > 0
-        and valid["prompt"].map(len).eq(64).all()
-    )
+    train = data["train"].to_pandas()
+    assert set(train["user_id"]) == set(users[:15]) and len(train) > 0 and valid["prompt"].map(len).eq(64).all()
     sample = set(np.array(users)[hashed_fraction(users, 20 / len(users))])
     assert set(valid["user_id"]) == sample and 10 <= len(sample) <= 30  # about sample_users of the 60
     assert (
         hashed_fraction(users[::-1], 20 / len(users))[::-1].tolist() == hashed_fraction(users, 20 / len(users)).tolist()
     )
     in_sample = mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "v", validation={"users": "selected"})
-    data, _ = training_data(in_sample, src, pa.array(users[30:45]), len(users))
+    data = training_rows(in_sample, src, pa.array(users[30:45]), len(users))
     assert set(data["valid"].to_pandas()["user_id"]) == set(users[30:45])

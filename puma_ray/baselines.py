@@ -1,0 +1,105 @@
+"""Baselines that need no LM, scored beside every method: valid rows -> (user_id, label, pred).
+
+- ``global_mean``: the mean train label mu.
+- ``user_mean``: the user's mean train label (mu for a user without train rows).
+- ``bias``: mu + b_u + b_i, regularised user and item offsets fit by alternating least squares on
+  the train rows (Koren's baseline predictor): each sweep sets
+  b_i = sum over the item's rows of (r - mu - b_u) / (reg_item + n_i), then
+  b_u = sum over the user's rows of (r - mu - b_i) / (reg_user + n_u); an unseen user or item gets
+  offset 0; predictions are clipped to the task's label range. On real ratings it is the bar any
+  personalization must clear.
+
+Streamed with Ray Data (joins and groupbys on user_id / item_id); only the offset tables (one row
+per user, one per item) are materialized. A light module: its functions run in Ray tasks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from ray.data.aggregate import Count, Sum
+
+from puma_ray.data import shuffle_partitions
+from puma_ray.schema import LABEL_RANGE
+
+
+def _predictions(batch: pa.Table, pred: pa.Array) -> pa.Table:
+    return pa.table({"user_id": batch.column("user_id"), "label": batch.column("label"), "pred": pred})
+
+
+def _constant(batch: pa.Table, value: float) -> pa.Table:
+    return _predictions(batch, pa.array(np.full(batch.num_rows, value)))
+
+
+def global_mean(train, train_rows: int, valid, valid_rows: int, mu: float, task: str, cfg) -> object:
+    """Every valid row predicted by ``mu``, the mean train label."""
+    return valid.select_columns(["user_id", "label"]).map_batches(
+        _constant, fn_kwargs={"value": mu}, batch_format="pyarrow"
+    )
+
+
+def _user_mean_pred(batch: pa.Table, mu: float) -> pa.Table:
+    return _predictions(batch, pc.fill_null(batch.column("user_mean").cast(pa.float64()), mu))
+
+
+def user_mean(train, train_rows: int, valid, valid_rows: int, mu: float, task: str, cfg) -> object:
+    """Each valid row predicted by its user's mean train label (``mu`` for users without train rows)."""
+    means = train.groupby("user_id", num_partitions=shuffle_partitions(train_rows)).mean("label")
+    means = means.rename_columns({"mean(label)": "user_mean"})
+    joined = valid.select_columns(["user_id", "label"]).join(
+        means, join_type="left_outer", num_partitions=shuffle_partitions(valid_rows), on=("user_id",)
+    )
+    return joined.map_batches(_user_mean_pred, fn_kwargs={"mu": mu}, batch_format="pyarrow")
+
+
+def _residual(batch: pa.Table, mu: float, offset: str) -> pa.Table:
+    """label - mu - (the joined offset, 0 where absent) -> column ``r``."""
+    r = pc.subtract(batch.column("label").cast(pa.float64()), mu)
+    if offset in batch.column_names:
+        r = pc.subtract(r, pc.fill_null(batch.column(offset), 0.0))
+    return batch.append_column("r", r)
+
+
+def _shrunk(batch: pa.Table, key: str, name: str, reg: float) -> pa.Table:
+    """(key, sum(r), count()) -> (key, name = sum / (reg + count))."""
+    n = batch.column("count()").cast(pa.float64())
+    return pa.table({key: batch.column(key), name: pc.divide(batch.column("sum(r)"), pc.add(n, reg))})
+
+
+def _offsets(rows, n: int, key: str, name: str, reg: float):
+    """Regularised mean residual per ``key`` -> a materialized (key, name) table."""
+    sums = rows.groupby(key, num_partitions=shuffle_partitions(n)).aggregate(Sum("r"), Count())
+    return sums.map_batches(
+        _shrunk, fn_kwargs={"key": key, "name": name, "reg": reg}, batch_format="pyarrow"
+    ).materialize()
+
+
+def _with_offset(ds, table, n: int, key: str):
+    return ds.join(table, join_type="left_outer", num_partitions=shuffle_partitions(n), on=(key,))
+
+
+def _bias_pred(batch: pa.Table, mu: float, lo: float, hi: float) -> pa.Table:
+    pred = pc.add(pc.add(pc.fill_null(batch.column("b_u"), 0.0), pc.fill_null(batch.column("b_i"), 0.0)), mu)
+    return _predictions(batch, pc.min_element_wise(pc.max_element_wise(pred, lo), hi))
+
+
+def bias(train, train_rows: int, valid, valid_rows: int, mu: float, task: str, cfg) -> object:
+    """mu + b_u + b_i fit by ``cfg.bias_sweeps`` ALS sweeps (module docstring), clipped to the label range."""
+    rows = train.select_columns(["user_id", "item_id", "label"])
+    users = None
+    for _ in range(cfg.bias_sweeps):
+        by_user = rows if users is None else _with_offset(rows, users, train_rows, "user_id")
+        resid = by_user.map_batches(_residual, fn_kwargs={"mu": mu, "offset": "b_u"}, batch_format="pyarrow")
+        items = _offsets(resid, train_rows, "item_id", "b_i", cfg.bias_reg_item)
+        resid = _with_offset(rows, items, train_rows, "item_id").map_batches(
+            _residual, fn_kwargs={"mu": mu, "offset": "b_i"}, batch_format="pyarrow"
+        )
+        users = _offsets(resid, train_rows, "user_id", "b_u", cfg.bias_reg_user)
+    lo, hi = LABEL_RANGE[task]
+    scored = _with_offset(valid.select_columns(["user_id", "item_id", "label"]), users, valid_rows, "user_id")
+    scored = _with_offset(scored, items, valid_rows, "item_id")
+    return scored.map_batches(_bias_pred, fn_kwargs={"mu": mu, "lo": lo, "hi": hi}, batch_format="pyarrow")
+
+
+BASELINES = {"global_mean": global_mean, "user_mean": user_mean, "bias": bias}  # name -> scored valid rows
