@@ -12,6 +12,7 @@ the driver.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -27,15 +28,23 @@ def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-class _RayLines:
-    """A stdout that sends Ray's own pushed messages (lines marked ``(raylet)``, e.g. its warning that
-    many worker processes started) to the log file, and everything else to the terminal."""
+# Lines that are a library's log, not the story: Ray's pushed messages (e.g. its warning that many
+# worker processes started) and DeepSpeed's INFO/WARNING lines (transformers imports DeepSpeed in the
+# driver too, which then announces the accelerator it picked).
+_LIBRARY_LOG = re.compile(r"\(raylet\)|^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(DEBUG|INFO|WARNING)\] \[\w+\.py:")
+
+
+class _LogLines:
+    """A line-buffered stdout: library log lines (:data:`_LIBRARY_LOG`) to the log file, the rest to
+    the terminal."""
 
     def __init__(self, terminal, log):
-        self.terminal, self.log = terminal, log
+        self.terminal, self.log, self.pending = terminal, log, ""
 
     def write(self, text: str) -> int:
-        (self.log if "(raylet)" in text else self.terminal).write(text)
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            (self.log if _LIBRARY_LOG.search(line) else self.terminal).write(line + "\n")
         return len(text)
 
     def flush(self) -> None:
@@ -48,16 +57,16 @@ class _RayLines:
 
 def logs_to_file() -> str:
     """For the CLI's process: what native code writes to stderr (fd 2: Ray's C++ core worker, gloo,
-    the processes Ray starts) and Ray's pushed ``(raylet)`` messages go to a log file, while Python's
-    ``sys.stderr`` (the story, warnings, tracebacks) and ``sys.stdout`` (results) stay on the
-    terminal. Returns the log's path."""
+    the processes Ray starts) and library log lines on stdout (Ray's pushed messages, DeepSpeed's)
+    go to a log file, while Python's ``sys.stderr`` (the story, warnings, tracebacks) and the rest
+    of ``sys.stdout`` (results) stay on the terminal. Returns the log's path."""
     global native_log
     fd, native_log = tempfile.mkstemp(prefix="puma-ray-", suffix=".log")
     terminal = os.dup(2)
     os.dup2(fd, 2)
     os.close(fd)
     sys.stderr = os.fdopen(terminal, "w", buffering=1, errors="backslashreplace")
-    sys.stdout = _RayLines(sys.stdout, open(native_log, "a", buffering=1, errors="backslashreplace"))
+    sys.stdout = _LogLines(sys.stdout, open(native_log, "a", buffering=1, errors="backslashreplace"))
     return native_log
 
 

@@ -8,6 +8,8 @@ bias) come from puma_ray.baselines.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import ray.data
@@ -127,6 +129,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     Valid rows are joined (Ray Data hash join) with each run's prompt store and scored by an actor
     pool holding only the LM and head; rows of users without a prompt are counted, not scored."""
+    t_start = time.time()
     init_ray(cfg.ray, cfg.storage)
     if not cfg.data.valid:
         raise PumaError("evaluate needs data.valid (the held-out interactions)")
@@ -146,7 +149,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         for name, run_uri in cfg.runs.items():
             summary_uri = storage.join(run_uri, "summary.json")
             summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
+            t0 = time.time()
             scored = _score_run(cfg, name, run_uri, models[name], valid_ds, valid_rows, relay.handle)
+            scoring_s = time.time() - t0
             rows = scored.count()
             if rows == 0:
                 raise PumaError(f"{run_uri}: no valid row could be scored (no user of {cfg.data.valid} has a prompt)")
@@ -157,6 +162,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                 "unknown_users": valid_users - distinct_users(scored, rows),
                 "lm_sample_passes": summary.get("lm_sample_passes", 0),
                 "wall_s": summary.get("wall_s", 0.0),
+                "scoring_s": scoring_s,
             }
     if cfg.baselines:
         train_ds, train_rows = load_interactions(cfg.data.train, cfg.task)
@@ -171,7 +177,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                 "lm_sample_passes": 0,
                 "wall_s": 0.0,
             }
-    report = {"task": cfg.task, "valid": cfg.data.valid, "methods": results}
+    scoring = sum(m.get("scoring_s", 0.0) for m in results.values())
+    report = {
+        "task": cfg.task,
+        "valid": cfg.data.valid,
+        "methods": results,
+        "timings": {"wall_s": time.time() - t_start, "loop_s": scoring},
+    }
     print(format_table(report))
     if cfg.output:
         storage.write_json(cfg.output, report)

@@ -52,6 +52,7 @@ def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()
     adapter_uri = storage.join(out, "adapter")
     save_adapter(adapter_uri, trained.model.adapter, origins, target, src.meta.prompt_length)
     save_head(out, trained.model.head, cfg.task, cfg.head.model_dump(), meta.model_fingerprint, meta.hidden_size)
+    t_rewrite = time.time()
     manifest = rewrite_store(src.uri, adapter_uri, meta, out, cfg.rewrite) if rewrite else None
     summary = {
         "stage": "migrate",
@@ -65,6 +66,10 @@ def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()
         "lm_sample_passes": trained.lm_sample_passes,
         "train_wall_s": trained.train_wall_s,
         "wall_s": time.time() - t0,
+        "timings": {
+            "train": {"wall_s": t_rewrite - t0, "loop_s": trained.loop_s},
+            "rewrite": {"wall_s": time.time() - t_rewrite, "loop_s": manifest["loop_s"] if manifest else 0.0},
+        },
         "final_metrics": {k: v for k, v in trained.metrics.items() if isinstance(v, (int, float))},
     }
     storage.write_json(storage.join(out, "summary.json"), summary)

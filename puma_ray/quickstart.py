@@ -4,7 +4,8 @@ synthetic interactions -> two tiny LMs of different families and widths (source 
 target Qwen2 d=96) -> stage 1 on the source ("source"), on the target ("full_retrain") and a
 head-only control on the target ("random_init") -> PUMA migration source -> target on 20% of the
 users ("puma") -> one evaluation beside the global/user-mean baselines.
-Writes DIR/results.json: {"task", "methods": {name: {rmse, mae | auc, uauc, lm_sample_passes, wall_s}}}.
+Writes DIR/results.json: {"task", "methods": {name: {rmse, mae | auc, uauc, lm_sample_passes, wall_s}},
+"puma_by_users", "timings": {stage: {wall_s, loop_s}}}.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def quickstart(
     init_ray(ray_cfg)
     common = {"task": task, "data": splits, "scaling": {"num_workers": num_workers}, "ray": ray_cfg.model_dump()}
     ray_runs = os.path.join(out, "ray_runs")
-    runs = {}
+    runs, timings = {}, {}
     # random_init trains the head only (prompts stay at their init); its validation RMSE is flat after one epoch
     for name, model, extra in (
         ("source", source, {}),
@@ -83,9 +84,9 @@ def quickstart(
                 "run": {"name": f"quickstart-{name}", "storage_path": ray_runs},
             },
         )
-        train_prompts(cfg)
+        summary = train_prompts(cfg)
         runs[name] = cfg.output
-    say("quickstart: PUMA migration source -> target")
+        timings[name] = {"wall_s": summary["wall_s"], "loop_s": summary["loop_s"]}
     m = DEFAULTS["migrate"]
     mcfg = C.build(
         C.MigrateConfig,
@@ -101,9 +102,15 @@ def quickstart(
             "run": {"name": "quickstart-puma", "storage_path": ray_runs},
         },
     )
-    report = migrate(mcfg)["evaluation"]
+    migration = migrate(mcfg)
+    report = migration["evaluation"]
+    timings.update(
+        puma_train=migration["summary"]["timings"]["train"],
+        puma_rewrite=migration["summary"]["timings"]["rewrite"],
+        evaluate=report["timings"],
+    )
     keep = ["rmse", "mae"] if task == "rating" else ["auc", "uauc"]
-    order = ["puma", "full_retrain", "source", "random_init", "global_mean", "user_mean"]
+    order = ["puma", "full_retrain", "source", "random_init", "global_mean", "user_mean", "bias"]
     results = {
         "task": task,
         "users": users,
@@ -118,6 +125,8 @@ def quickstart(
             for k in order
         },
         "puma_by_users": {k: v for k, v in report["methods"]["puma"].items() if "_adapter_users" in k},
+        # per stage: wall seconds and seconds inside its own loop (training epochs, rewrite, scoring)
+        "timings": {k: {x: round(v, 1) for x, v in t.items()} for k, t in timings.items()},
     }
     storage.write_json(storage.join(out, "results.json"), results)
     say(f"quickstart ({task}, {users} users) finished in {results['total_wall_s']:.0f} s -> {out}/results.json")

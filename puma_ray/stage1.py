@@ -142,8 +142,9 @@ class PromptsTrainable:
 
 
 @user_errors
-def train_prompts(cfg: PromptsConfig) -> dict:
-    """Stage 1 entry: train per-user prompts + head; write the store, head and summary to ``cfg.output``."""
+def train_prompts(cfg: PromptsConfig, callbacks: tuple = ()) -> dict:
+    """Stage 1 entry: train per-user prompts + head; write the store, head and summary to ``cfg.output``.
+    ``callbacks``: extra Ray Train callbacks."""
     init_ray(cfg.ray, cfg.storage)
     t0 = time.time()
     train_ds, train_rows = load_interactions(cfg.data.train, cfg.task)
@@ -160,7 +161,7 @@ def train_prompts(cfg: PromptsConfig) -> dict:
     shards = shard_by_user(datasets, world, storage.join(cfg.run.storage_path, f"{cfg.run.name}-shards"), key)
     store = storage.join(cfg.output, "prompts")
     storage.delete_dir(store)
-    trained = fit(PromptsTrainable(cfg, meta.hidden_size, train_rows, shards, store, meta))
+    trained = fit(PromptsTrainable(cfg, meta.hidden_size, train_rows, shards, store, meta), callbacks)
     save_head(cfg.output, trained.model.head, cfg.task, cfg.head.model_dump(), meta.model_fingerprint, meta.hidden_size)
     metrics = trained.metrics
     summary = {

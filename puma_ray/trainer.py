@@ -30,6 +30,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -137,11 +139,13 @@ def train_loop_per_worker(config: dict) -> None:
     worker = _worker(trainable, ctx.get_world_rank(), ctx.get_world_size(), device)
     lm = FrozenLM.from_config(cfg, device)
     local, shared = trainable.local(worker), trainable.shared()
-    progress = _restore(shared, local, worker)
+    ckpt = ray.train.get_checkpoint()
+    progress = _restore(ckpt, shared, local, worker)
     steps = int(_allreduce([math.ceil(worker.rows / cfg.train.batch_size)], "max")[0])
     micro = max(1, math.ceil(worker.rows / steps))
     schedule = lr_schedule(cfg.train, steps, progress.epochs_done)
     engine = _engine(shared, cfg, schedule)
+    _restore_optimizer(ckpt, engine, worker, cfg.scaling.zero_stage)
     if local is not None:
         local.configure(cfg.train, schedule)
 
@@ -183,7 +187,8 @@ def train_loop_per_worker(config: dict) -> None:
         if worker.rank == 0:
             console.tell(config["relay"], epoch_line(label, metrics, seconds, rows))
         progress.loop_s += time.time() - t0
-        _report({**metrics, "wall_s": progress.wall_s, "loop_s": progress.loop_s}, engine, local, worker, progress)
+        metrics.update(wall_s=progress.wall_s, loop_s=progress.loop_s)
+        _report(metrics, engine, local, worker, progress, cfg.scaling.zero_stage)
     trainable.finish(worker, local)
 
 
@@ -306,15 +311,18 @@ def _validate(engine, local, lm: FrozenLM, trainable: Trainable, worker: Worker)
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON, nothing unpickled. Rank 0 writes the shared module and the
-# progress; every rank with a local part writes its own file, and restores only that file.
+# Checkpoints: safetensors + JSON, nothing pickled. Rank 0 writes the shared module and the
+# progress; a rank writes its own local part (its prompt table, with that table's optimizer
+# state), its RNG state and, with ZeRO (partitioned optimizer state), its part of the shared
+# module's optimizer state (without ZeRO every rank holds the same: rank 0 writes it). Each rank
+# restores only its own files: a resumed run continues exactly where the checkpoint left off.
 
 SHARED_FILE = "trainable.safetensors"
 STATE_FILE = "state.json"
 
 
-def _local_file(rank: int) -> str:
-    return f"local-{rank:05d}.safetensors"
+def _rank_file(kind: str, rank: int) -> str:
+    return f"{kind}-{rank:05d}.safetensors"
 
 
 def read_checkpoint_file(ckpt: ray.train.Checkpoint, name: str) -> bytes:
@@ -323,9 +331,20 @@ def read_checkpoint_file(ckpt: ray.train.Checkpoint, name: str) -> bytes:
         return f.read()
 
 
-def _restore(shared: nn.Module, local: LocalPart | None, worker: Worker) -> Progress:
-    """Load the latest reported checkpoint, if any, into ``shared`` and this rank's ``local``."""
-    ckpt = ray.train.get_checkpoint()
+def _torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer inside the engine's (DeepSpeed's ZeRO optimizer wraps one)."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+
+
+def _restore(ckpt, shared: nn.Module, local: LocalPart | None, worker: Worker) -> Progress:
+    """Load checkpoint ``ckpt`` (None: a new run) into ``shared`` and this rank's ``local``."""
     if ckpt is None:
         return Progress()
     state = json.loads(read_checkpoint_file(ckpt, STATE_FILE))
@@ -336,21 +355,35 @@ def _restore(shared: nn.Module, local: LocalPart | None, worker: Worker) -> Prog
         )
     weights.load_bytes(shared, read_checkpoint_file(ckpt, SHARED_FILE))
     if local is not None:
-        weights.load_bytes(local, read_checkpoint_file(ckpt, _local_file(worker.rank)))
+        weights.load_bytes(local, read_checkpoint_file(ckpt, _rank_file("local", worker.rank)))
     return Progress(state["epochs_done"], state["lm_sample_passes"], state["wall_s"], state["loop_s"])
 
 
-def _report(metrics: dict, engine, local: LocalPart | None, worker: Worker, progress: Progress) -> None:
-    """Every rank reports; rank 0 attaches the shared weights + progress, every rank its own local
-    part (Ray Train merges the ranks' files into one checkpoint directory)."""
+def _restore_optimizer(ckpt, engine, worker: Worker, zero_stage: int) -> None:
+    """The shared module's optimizer state and this rank's RNG state, from checkpoint ``ckpt``."""
+    if ckpt is None:
+        return
+    source = worker.rank if zero_stage else 0
+    weights.load_optimizer(_torch_optimizer(engine), read_checkpoint_file(ckpt, _rank_file("optimizer", source)))
+    rng = st_load(read_checkpoint_file(ckpt, _rank_file("rng", worker.rank)))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _report(metrics: dict, engine, local: LocalPart | None, worker: Worker, progress: Progress, zero_stage: int):
+    """Every rank reports its files (Ray Train merges the ranks' files into one checkpoint)."""
     with tempfile.TemporaryDirectory() as d:
         if worker.rank == 0:
             storage.write_bytes(os.path.join(d, SHARED_FILE), weights.to_bytes(engine.module))
             storage.write_json(os.path.join(d, STATE_FILE), {**progress.__dict__, "workers": worker.world})
+        if worker.rank == 0 or zero_stage:
+            optimizer = weights.optimizer_to_bytes(_torch_optimizer(engine))
+            storage.write_bytes(os.path.join(d, _rank_file("optimizer", worker.rank)), optimizer)
         if local is not None:
-            storage.write_bytes(os.path.join(d, _local_file(worker.rank)), weights.to_bytes(local))
-        has_files = worker.rank == 0 or local is not None
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if has_files else None)
+            storage.write_bytes(os.path.join(d, _rank_file("local", worker.rank)), weights.to_bytes(local))
+        storage.write_bytes(os.path.join(d, _rank_file("rng", worker.rank)), st_save(_rng_state()))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 @dataclass

@@ -23,7 +23,15 @@ def test_quickstart_cli_results_and_console(tmp_path):
 
     on_disk = json.load(open(out / "results.json"))
     assert on_disk["task"] == "rating"
-    assert set(on_disk["methods"]) == {"puma", "full_retrain", "source", "random_init", "global_mean", "user_mean"}
+    assert set(on_disk["methods"]) == {
+        "puma",
+        "full_retrain",
+        "source",
+        "random_init",
+        "global_mean",
+        "user_mean",
+        "bias",
+    }
     for name, m in on_disk["methods"].items():
         assert set(m) == {"rmse", "mae", "lm_sample_passes", "wall_s"}, name
         assert 0 < m["rmse"] < 4 and 0 < m["mae"] <= m["rmse"]

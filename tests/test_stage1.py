@@ -7,12 +7,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import ray.train
+import torch
+from safetensors.torch import load
 
 from puma_ray import config as C
 from puma_ray import storage
 from puma_ray.errors import PumaError
 from puma_ray.schema import read_prompt_store
-from puma_ray.stage1 import train_prompts
+from puma_ray.stage1 import PromptTable, train_prompts
+from puma_ray.trainer import lr_schedule
 
 
 def _cfg(tmp_path, models, data_dir, task="rating", **over):
@@ -85,12 +89,81 @@ def test_empty_interactions(tmp_path, tiny_models, rating_data, ray_session):
         train_prompts(cfg)
 
 
-def test_rerun_same_name_resumes_from_latest_checkpoint(tmp_path, tiny_models, rating_data, ray_session):
-    first = train_prompts(_cfg(tmp_path, tiny_models, rating_data, train={"epochs": 1}, data={"valid": None}))
-    second = train_prompts(_cfg(tmp_path, tiny_models, rating_data, train={"epochs": 2}, data={"valid": None}))
-    # the second run trained only epoch 2: cumulative passes are two epochs' worth, not three
-    assert second["lm_sample_passes"] == 2 * first["lm_sample_passes"]
-    assert second["final_metrics"]["epoch"] == 1
+def _last_checkpoint_state(runs_dir) -> list[dict]:
+    """The run's last checkpoint (by time): each rank's local state (prompt table + its optimizer
+    state), then the shared module's optimizer state."""
+    last = max(d for d in runs_dir.iterdir() if d.is_dir() and d.name.startswith("checkpoint_"))
+    return [load(f.read_bytes()) for f in sorted(last.glob("local-*.safetensors"))] + [
+        load((last / "optimizer-00000.safetensors").read_bytes())
+    ]
+
+
+def stop_after_first_epoch():
+    """A Ray Train callback ending the run (an error on its controller) once the first epoch is
+    checkpointed; defined here so that it is pickled by value for the controller."""
+
+    class StopAfterFirstEpoch(ray.train.UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            raise RuntimeError("interrupted after epoch 1 (test)")
+
+    return StopAfterFirstEpoch()
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_state(tmp_path, tiny_models, rating_data, ray_session):
+    """A run interrupted after its first epoch and run again (same run.name) resumes from that
+    checkpoint and ends with the table, the per-row optimizer state and the store of an
+    uninterrupted run; its LM sample-passes count both runs' epochs once."""
+    cfg = _cfg(tmp_path, tiny_models, rating_data, data={"valid": None})
+    with pytest.raises(Exception, match="interrupted after epoch 1"):
+        train_prompts(cfg, callbacks=(stop_after_first_epoch(),))
+    resumed = train_prompts(cfg)
+    straight = _cfg(tmp_path / "straight", tiny_models, rating_data, data={"valid": None})
+    uninterrupted = train_prompts(straight)
+    assert resumed["lm_sample_passes"] == uninterrupted["lm_sample_passes"] and resumed["final_metrics"]["epoch"] == 1
+    states = [_last_checkpoint_state(tmp_path / "runs" / cfg.run.name)]
+    states.append(_last_checkpoint_state(tmp_path / "straight" / "runs" / straight.run.name))
+    assert len(states[0]) == len(states[1]) == 3
+    for a, b in zip(*states):
+        assert set(a) == set(b) and len(a) >= 3
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert set(states[0][0]) == {"weight", "exp_avg", "exp_avg_sq", "steps"} and states[0][0]["steps"].max() > 0
+    _, ids_a, p_a = read_prompt_store(f"{cfg.output}/prompts")
+    _, ids_b, p_b = read_prompt_store(f"{straight.output}/prompts")
+    assert ids_a == ids_b and np.array_equal(p_a, p_b)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_row_wise_adamw_is_adamw_on_the_rows_it_touches(weight_decay):
+    """With every row in every step the table's lazy AdamW is torch's AdamW (clipping included);
+    rows absent from a step keep their weights, moments and step counts."""
+    torch.manual_seed(0)
+    train = C.TrainConfig(lr=1e-3, prompt_lr=5e-2, weight_decay=weight_decay, grad_clip=0.5, epochs=1)
+    schedule = lr_schedule(train, steps_per_epoch=6)
+    table = PromptTable(4, 2, 3, 0.1, train=True)
+    table.configure(train, schedule)
+    dense = torch.nn.Parameter(table.weight.clone())
+    opt = torch.optim.AdamW([dense], lr=5e-2, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    target = torch.randn(4, 2, 3)
+    for _ in range(5):
+        idx = torch.tensor([0, 1, 2, 3, 1])  # every row, one twice: its gradients add up
+        (table(idx) - target[idx]).pow(2).sum().backward()
+        table.step()
+        (dense[idx].view(-1, 2, 3) - target[idx]).pow(2).sum().backward()
+        torch.nn.utils.clip_grad_norm_([dense], 0.5)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert torch.allclose(table.weight, dense.detach(), atol=1e-6)
+    assert torch.allclose(table.exp_avg_sq, opt.state[dense]["exp_avg_sq"], atol=1e-9)
+    before = {k: v.clone() for k, v in table.state_dict().items()}
+    (table(torch.tensor([2])) - target[2]).pow(2).sum().backward()
+    table.step()
+    after = table.state_dict()
+    for k in before:
+        changed = (before[k] != after[k]).reshape(4, -1).any(1)
+        assert changed.tolist() == [False, False, True, False], k
 
 
 def test_workers_hold_only_their_users(tmp_path, tiny_models, rating_data, ray_session):
