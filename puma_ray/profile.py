@@ -3,8 +3,10 @@
 Output (Parquet directory): one row per user with interactions:
     user_id string, n int64 (records), label_mean float64, label_var float64 (population variance, ddof=0)
 
-Computed with Ray Data's streamed hash-shuffle groupby aggregation; the interactions are never
-collected in one process.
+Computed in two distributed steps: every block of (user_id, label) rows becomes per-user partial
+sums (n, sum, sum of squares; a pyarrow group_by inside a Ray Data map_batches), and a Ray Data
+groupby merges the partials, which are about one row per user per block instead of one per
+interaction. Only the two columns are read; the interactions are never collected in one process.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from ray.data import SaveMode
-from ray.data.aggregate import Count, Mean, Std
+from ray.data.aggregate import Sum
 
 from puma_ray import storage
 from puma_ray.data import load_interactions, shuffle_partitions
@@ -29,14 +32,22 @@ PROFILE_SCHEMA = pa.schema(
 )
 
 
+def _partials(batch: pa.Table) -> pa.Table:
+    """(user_id, label) rows of one block -> one row per user of the block: (user_id, n, s, ss)."""
+    label = pc.cast(batch.column("label"), pa.float64())
+    rows = pa.table({"user_id": batch.column("user_id").cast(pa.string()), "s": label, "ss": pc.multiply(label, label)})
+    g = rows.group_by("user_id").aggregate([("s", "count"), ("s", "sum"), ("ss", "sum")])
+    return pa.table({"user_id": g["user_id"], "n": g["s_count"], "s": g["s_sum"], "ss": g["ss_sum"]})
+
+
 def _to_profile(batch: pa.Table) -> pa.Table:
-    """Aggregation output (user_id, n, label_mean, label_std) -> PROFILE_SCHEMA (std squared)."""
-    std = np.asarray(batch.column("label_std").to_numpy(zero_copy_only=False), dtype=np.float64)
-    mean = np.asarray(batch.column("label_mean").to_numpy(zero_copy_only=False), dtype=np.float64)
+    """Merged sums (user_id, n, s, ss) -> PROFILE_SCHEMA: mean s/n, population variance ss/n - mean^2."""
     n = np.asarray(batch.column("n").to_numpy(zero_copy_only=False), dtype=np.int64)
+    mean = np.asarray(batch.column("s").to_numpy(zero_copy_only=False), dtype=np.float64) / n
+    var = np.asarray(batch.column("ss").to_numpy(zero_copy_only=False), dtype=np.float64) / n - mean**2
     user_id = batch.column("user_id").cast(pa.string())
     return pa.Table.from_arrays(
-        [user_id, pa.array(n), pa.array(mean), pa.array(np.nan_to_num(std) ** 2)], schema=PROFILE_SCHEMA
+        [user_id, pa.array(n), pa.array(mean), pa.array(np.maximum(var, 0.0))], schema=PROFILE_SCHEMA
     )
 
 
@@ -60,17 +71,14 @@ def profile_users(interactions_uri: str, task: str, out_uri: str) -> dict:
     A previous profile at ``out_uri`` is replaced.
     """
     _check_target(out_uri)
-    ds, rows = load_interactions(interactions_uri, task)
+    ds, rows = load_interactions(interactions_uri, task, columns=["user_id", "label"])
+    partials = ds.map_batches(_partials, batch_format="pyarrow", batch_size=None)  # a whole block at a time
     stats = (
-        ds.select_columns(["user_id", "label"])
-        .groupby("user_id", num_partitions=shuffle_partitions(rows))
-        .aggregate(
-            Count(alias_name="n"),
-            Mean("label", alias_name="label_mean"),
-            Std("label", ddof=0, alias_name="label_std"),
-        )
+        partials.groupby("user_id", num_partitions=shuffle_partitions(rows))
+        .aggregate(Sum("n", alias_name="n"), Sum("s", alias_name="s"), Sum("ss", alias_name="ss"))
+        .map_batches(_to_profile, batch_format="pyarrow")
+        .materialize()
     )
-    stats = stats.map_batches(_to_profile, batch_format="pyarrow").materialize()
     users = stats.count()
     fs, path = storage.resolve(out_uri)
     stats.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE)

@@ -49,6 +49,7 @@ def quickstart(
     num_workers: int = 2,
     verbose: bool = False,
 ) -> dict:
+    """Entry: synthesize the data, build the two tiny models, and run :func:`story` in ``out``."""
     users = users or DEFAULTS["users"]
     seed = DEFAULTS["seed"] if seed is None else seed
     out = os.path.abspath(out)
@@ -59,8 +60,36 @@ def quickstart(
     if (have.get("users"), have.get("task"), have.get("seed")) != (users, task, seed):
         synthesize(data, users=users, task=task, seed=seed)
     models = build_tiny(os.path.join(out, "models"), [DEFAULTS["source"], DEFAULTS["target"]], seed=seed)
-    source, target = {"path": models[DEFAULTS["source"]]}, {"path": models[DEFAULTS["target"]]}
-    train = dict(DEFAULTS["train"], seed=seed, **({"epochs": epochs} if epochs else {}))
+    train = dict(DEFAULTS["train"], **({"epochs": epochs} if epochs else {}))
+    results = story(
+        out, data, models[DEFAULTS["source"]], models[DEFAULTS["target"]], task, seed, train, num_workers, verbose
+    )
+    results = {"users": users, **results, "total_wall_s": time.time() - t0}
+    storage.write_json(storage.join(out, "results.json"), results)
+    say(f"quickstart ({task}, {users} users) finished in {results['total_wall_s']:.0f} s -> {out}/results.json")
+    return results
+
+
+def story(
+    out: str,
+    data: str,
+    source_model: str,
+    target_model: str,
+    task: str = "rating",
+    seed: int = 0,
+    train: dict | None = None,
+    num_workers: int = 2,
+    verbose: bool = False,
+    migrate_overrides: dict | None = None,
+) -> dict:
+    """The comparison on interactions ``data`` (train/ and valid/ under it): stage 1 on ``source_model``
+    ("source"), on ``target_model`` ("full_retrain") and head-only on the target ("random_init"),
+    then PUMA source -> target ("puma") and one evaluation of them all beside the baselines.
+    ``train``: stage-1 TrainConfig fields (default DEFAULTS["train"]); ``migrate_overrides``: merged
+    into the migration's config. Returns results.json's content (without writing it)."""
+    t0 = time.time()
+    source, target = {"path": source_model}, {"path": target_model}
+    train = dict(train or DEFAULTS["train"], seed=seed)
     splits = {"train": storage.join(data, "train"), "valid": storage.join(data, "valid")}
     ray_cfg = C.RayConfig(verbose=verbose)
     init_ray(ray_cfg)
@@ -88,21 +117,18 @@ def quickstart(
         runs[name] = cfg.output
         timings[name] = {"wall_s": summary["wall_s"], "loop_s": summary["loop_s"]}
     m = DEFAULTS["migrate"]
-    mcfg = C.build(
-        C.MigrateConfig,
-        {
-            **common,
-            "model": target,
-            "sources": [storage.join(runs["source"], "prompts")],
-            "output": storage.join(out, "runs", "puma"),
-            "select": {**m["select"], "seed": seed},
-            "adapter": m["adapter"],
-            "train": {**m["train"], "seed": seed},
-            "compare": runs,
-            "run": {"name": "quickstart-puma", "storage_path": ray_runs},
-        },
-    )
-    migration = migrate(mcfg)
+    migration_cfg = {
+        **common,
+        "model": target,
+        "sources": [storage.join(runs["source"], "prompts")],
+        "output": storage.join(out, "runs", "puma"),
+        "select": {**m["select"], "seed": seed},
+        "adapter": m["adapter"],
+        "train": {**m["train"], "seed": seed},
+        "compare": runs,
+        "run": {"name": "quickstart-puma", "storage_path": ray_runs},
+    }
+    migration = migrate(C.build(C.MigrateConfig, C.deep_merge(migration_cfg, migrate_overrides or {})))
     report = migration["evaluation"]
     timings.update(
         puma_train=migration["summary"]["timings"]["train"],
@@ -111,9 +137,8 @@ def quickstart(
     )
     keep = ["rmse", "mae"] if task == "rating" else ["auc", "uauc"]
     order = ["puma", "full_retrain", "source", "random_init", "global_mean", "user_mean", "bias"]
-    results = {
+    return {
         "task": task,
-        "users": users,
         "seed": seed,
         "total_wall_s": time.time() - t0,
         "methods": {
@@ -128,6 +153,3 @@ def quickstart(
         # per stage: wall seconds and seconds inside its own loop (training epochs, rewrite, scoring)
         "timings": {k: {x: round(v, 1) for x, v in t.items()} for k, t in timings.items()},
     }
-    storage.write_json(storage.join(out, "results.json"), results)
-    say(f"quickstart ({task}, {users} users) finished in {results['total_wall_s']:.0f} s -> {out}/results.json")
-    return results

@@ -77,8 +77,8 @@ def check_interactions_schema(uri: str, schema: pa.Schema) -> None:
 
 
 def check_interaction_values(uri: str, task: str, batch: pa.Table | pa.RecordBatch) -> None:
-    """Per-batch value checks (called on every batch read): nulls and label range."""
-    for name in REQUIRED_INTERACTION_COLUMNS:
+    """Per-batch value checks (called on every batch read): nulls and label range (of the columns read)."""
+    for name in (n for n in REQUIRED_INTERACTION_COLUMNS if n in batch.schema.names):
         nulls = batch.column(name).null_count
         if nulls:
             raise PumaError(f"{uri}: column {name!r} has {nulls} null value(s)")

@@ -20,7 +20,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import numpy as np
@@ -124,6 +124,7 @@ class Progress:
     lm_sample_passes: float = 0.0  # samples pushed through the LM in training, all workers, all epochs
     wall_s: float = 0.0  # seconds of the epochs' training steps (validation and checkpoints not counted)
     loop_s: float = 0.0  # seconds inside the epoch loop: training, validation and checkpoints
+    metrics: dict = field(default_factory=dict)  # the last epoch's reported metrics
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -141,6 +142,7 @@ def train_loop_per_worker(config: dict) -> None:
     local, shared = trainable.local(worker), trainable.shared()
     ckpt = ray.train.get_checkpoint()
     progress = _restore(ckpt, shared, local, worker)
+    finished_before = ckpt is not None and progress.epochs_done >= cfg.train.epochs
     steps = int(_allreduce([math.ceil(worker.rows / cfg.train.batch_size)], "max")[0])
     micro = max(1, math.ceil(worker.rows / steps))
     schedule = lr_schedule(cfg.train, steps, progress.epochs_done)
@@ -188,7 +190,10 @@ def train_loop_per_worker(config: dict) -> None:
             console.tell(config["relay"], epoch_line(label, metrics, seconds, rows))
         progress.loop_s += time.time() - t0
         metrics.update(wall_s=progress.wall_s, loop_s=progress.loop_s)
+        progress.metrics = metrics
         _report(metrics, engine, local, worker, progress, cfg.scaling.zero_stage)
+    if finished_before:  # a resumed run that had already trained every epoch: report its result again
+        ray.train.report(progress.metrics)
     trainable.finish(worker, local)
 
 
@@ -356,7 +361,7 @@ def _restore(ckpt, shared: nn.Module, local: LocalPart | None, worker: Worker) -
     weights.load_bytes(shared, read_checkpoint_file(ckpt, SHARED_FILE))
     if local is not None:
         weights.load_bytes(local, read_checkpoint_file(ckpt, _rank_file("local", worker.rank)))
-    return Progress(state["epochs_done"], state["lm_sample_passes"], state["wall_s"], state["loop_s"])
+    return Progress(**{f.name: state[f.name] for f in fields(Progress) if f.name in state})
 
 
 def _restore_optimizer(ckpt, engine, worker: Worker, zero_stage: int) -> None:

@@ -199,7 +199,8 @@ def _run_trial(cfg: dict, callback) -> None:
 
 class TrialEvents(Callback):
     """The search's story on the console (one line per trial epoch and end), and
-    OUTPUT/trials/<id>/stopped.json when the scheduler stops a trial (its last result says done).
+    OUTPUT/trials/<id>/stopped.json when the scheduler stops a trial early (its result says done
+    before the last epoch).
 
     A trial is then completed (adapter saved), stopped (this marker), errored, or unfinished: ended by
     an interruption, to be resumed. Tune's own trial status cannot tell the last from the others."""
@@ -213,9 +214,8 @@ class TrialEvents(Callback):
         value = result.get(self.metric)
         shown = f"{self.metric}={value:.4f}" if isinstance(value, float) else ""
         say(f"tune: trial {trial.trial_id} epoch {result.get('epochs_done')}/{self.epochs} {shown}")
-        if result.get("done"):
-            if result.get("epochs_done", 0) < self.epochs:
-                say(f"tune: trial {trial.trial_id} stopped early by the scheduler")
+        if result.get("done") and result.get("epochs_done", 0) < self.epochs:
+            say(f"tune: trial {trial.trial_id} stopped early by the scheduler")
             marker = {"epochs_done": result.get("epochs_done"), "training_iteration": result.get("training_iteration")}
             storage.write_json(storage.join(self.output, "trials", trial.trial_id, "stopped.json"), marker)
 

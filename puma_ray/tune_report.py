@@ -74,7 +74,9 @@ def trial_row(result, cfg: TuneConfig) -> dict:
         storage.join(out, "adapter", "adapter.json")
     )
     stopped = storage.exists(storage.join(out, "stopped.json"))
-    status = "error" if result.error else "completed" if done else "stopped" if stopped else "unfinished"
+    # stopped before completed: a run stopped by the scheduler may still finish an epoch already under way
+    # (and save its adapter) before the stop reaches it, but Tune never saw that result
+    status = "error" if result.error else "stopped" if stopped else "completed" if done else "unfinished"
     row = {
         "trial_id": trial_id,
         "status": status,

