@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from typing import Protocol
@@ -427,7 +429,15 @@ def fit(trainable: Trainable, callbacks: tuple = ()) -> Trained:
                 callbacks=list(callbacks) or None,
             ),
         )
-        result = trainer.fit()
+        # Ray Train installs a Ctrl+C handler for the run that holds the run's controller actor; put the
+        # caller's back afterwards, so the finished controller is released and Ctrl+C acts as before
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGINT) if main_thread else None
+        try:
+            result = trainer.fit()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
     if result.checkpoint is None:
         raise PumaError(f"training run {cfg.run.name!r} finished without a checkpoint")
     model = weights.load_bytes(trainable.shared(), read_checkpoint_file(result.checkpoint, SHARED_FILE))
