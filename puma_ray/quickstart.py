@@ -80,14 +80,12 @@ def story(
     train: dict | None = None,
     num_workers: int = 2,
     verbose: bool = False,
-    migrate_overrides: dict | None = None,
 ) -> dict:
     """The comparison on interactions ``data`` (train/ and valid/ under it): stage 1 on ``source_model``
     ("source"), on ``target_model`` ("full_retrain") and head-only on the target ("random_init"),
     then PUMA source -> target ("puma") and one evaluation of them all beside the baselines.
-    ``train``: stage-1 TrainConfig fields (default DEFAULTS["train"]); ``migrate_overrides``: merged
-    into the migration's config. Returns results.json's content (without writing it)."""
-    t0 = time.time()
+    ``train``: stage-1 TrainConfig fields (default DEFAULTS["train"]). Returns results.json's content
+    without the total wall time (the caller's) and without writing it."""
     source, target = {"path": source_model}, {"path": target_model}
     train = dict(train or DEFAULTS["train"], seed=seed)
     splits = {"train": storage.join(data, "train"), "valid": storage.join(data, "valid")}
@@ -117,7 +115,7 @@ def story(
         runs[name] = cfg.output
         timings[name] = {"wall_s": summary["wall_s"], "loop_s": summary["loop_s"]}
     m = DEFAULTS["migrate"]
-    migration_cfg = {
+    mcfg = {
         **common,
         "model": target,
         "sources": [storage.join(runs["source"], "prompts")],
@@ -128,7 +126,7 @@ def story(
         "compare": runs,
         "run": {"name": "quickstart-puma", "storage_path": ray_runs},
     }
-    migration = migrate(C.build(C.MigrateConfig, C.deep_merge(migration_cfg, migrate_overrides or {})))
+    migration = migrate(C.build(C.MigrateConfig, mcfg))
     report = migration["evaluation"]
     timings.update(
         puma_train=migration["summary"]["timings"]["train"],
@@ -140,7 +138,6 @@ def story(
     return {
         "task": task,
         "seed": seed,
-        "total_wall_s": time.time() - t0,
         "methods": {
             k: {
                 **{x: report["methods"][k][x] for x in keep},
