@@ -36,16 +36,17 @@ from puma_ray.trainer import lr_schedule
 D = 576
 
 
-def tiny_lm(root: str) -> str:
-    """A random 2-layer Llama of width D saved with save_pretrained (+ the tiny tokenizer)."""
+def tiny_lm(root: str, d: int = D) -> str:
+    """A random 2-layer Llama of width ``d`` (heads of 64) saved with save_pretrained (+ the tiny tokenizer)."""
     tok = build_tokenizer()
+    heads = max(1, d // 64)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=D,
-        intermediate_size=2 * D,
+        hidden_size=d,
+        intermediate_size=2 * d,
         num_hidden_layers=2,
-        num_attention_heads=9,
-        num_key_value_heads=3,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 3 if heads % 3 == 0 else heads,
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)

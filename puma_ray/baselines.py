@@ -46,7 +46,9 @@ def _user_mean_pred(batch: pa.Table, mu: float) -> pa.Table:
 def user_mean(train, train_rows: int, valid, valid_rows: int, mu: float, task: str, cfg) -> object:
     """Each valid row predicted by its user's mean train label (``mu`` for users without train rows)."""
     means = train.groupby("user_id", num_partitions=shuffle_partitions(train_rows)).mean("label")
-    means = means.rename_columns({"mean(label)": "user_mean"})
+    # one row per user, materialized (as bias's offsets): a groupby feeding a join in one execution
+    # costs Ray Data seconds more, even on tiny inputs
+    means = means.rename_columns({"mean(label)": "user_mean"}).materialize()
     joined = valid.select_columns(["user_id", "label"]).join(
         means, join_type="left_outer", num_partitions=shuffle_partitions(valid_rows), on=("user_id",)
     )

@@ -154,7 +154,7 @@ class Relay:
     driver thread prints their lines and progress counters twice a second."""
 
     def __enter__(self) -> Relay:
-        self.handle = _RelayActor.remote()
+        self.handle = _relay_actor()
         self.counters: dict[str, Progress] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -182,10 +182,20 @@ class Relay:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        try:
-            self._drain()
-        finally:
-            ray.kill(self.handle)  # the counters end here: the caller's own line reports the result
+        self._drain()  # the counters end here: the caller's own line reports the result
+
+
+_relays: dict[str, object] = {}  # Ray job id -> this process's relay actor
+
+
+def _relay_actor():
+    """This process's relay actor, started once per Ray job (an actor is a process: seconds to start)
+    and shared by its stages one after another; it ends with the job."""
+    job = ray.get_runtime_context().get_job_id()
+    if job not in _relays:
+        _relays.clear()
+        _relays[job] = _RelayActor.remote()
+    return _relays[job]
 
 
 def tell(handle, line: str) -> None:

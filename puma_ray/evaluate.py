@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import ray.data
 import torch
 
 from puma_ray import console, storage
@@ -23,7 +22,7 @@ from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import load_head
 from puma_ray.llm import FrozenLM, model_info
 from puma_ray.metrics import distinct_users, report_metrics
-from puma_ray.runtime import actor_device, actor_pool_size, init_ray
+from puma_ray.runtime import actor_device, actor_pool, actor_pool_size, init_ray
 from puma_ray.schema import decode_prompts, read_store_meta
 
 
@@ -117,7 +116,7 @@ def _score_run(cfg: EvaluateConfig, name: str, run_uri: str, model: dict, valid_
         fn_constructor_kwargs=scorer_args,
         batch_size=4 * sc.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool),
+        compute=actor_pool(sc, "scoring"),
         num_gpus=sc.num_gpus,
         num_cpus=sc.cpus_per_actor,
     ).materialize()

@@ -26,11 +26,13 @@ from puma_ray.sources import join_sources
 from puma_ray.stage2 import train_adapter
 
 
-def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()) -> dict:
+def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = (), profile: dict | None = None) -> dict:
     """One migration (single or aggregated sources -> cfg.model). Writes everything under cfg.output.
 
     ``rewrite=False`` stops after the adapter and head are saved (a Tune trial); ``callbacks`` go
-    to the Ray Train run (e.g. Tune's TuneReportCallback)."""
+    to the Ray Train run (e.g. Tune's TuneReportCallback); ``profile``: :func:`profile_users`'s
+    result for cfg.data.train when it is already written (Tune profiles once for all its trials),
+    else the step profiles the users into cfg.output/profile."""
     t0 = time.time()
     out = cfg.output
     src = join_sources(cfg.sources, storage.join(out, "source_joined"))
@@ -39,11 +41,10 @@ def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()
     sources = " + ".join(m.model for m in src.metas)
     say(f"migrate: {sources} (d={src.meta.hidden_size}) -> {cfg.model.path} (d={meta.hidden_size})")
 
-    profile_uri = storage.join(out, "profile")
-    profiled = profile_users(cfg.data.train, cfg.task, profile_uri)
-    selection = select_users(cfg.select, src.uri, profile_uri, storage.join(out, "selection"))
+    profile = profile or profile_users(cfg.data.train, cfg.task, storage.join(out, "profile"))
+    selection = select_users(cfg.select, src.uri, profile["uri"], storage.join(out, "selection"))
     users = read_selected(storage.join(out, "selection"))
-    trained = train_adapter(cfg, src, meta.hidden_size, users, profiled["users"], callbacks)
+    trained = train_adapter(cfg, src, meta.hidden_size, users, profile["users"], callbacks)
 
     target = {"model": meta.model, "model_fingerprint": meta.model_fingerprint, "hidden_size": meta.hidden_size}
     origins = [

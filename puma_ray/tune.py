@@ -13,10 +13,11 @@ Train run it owns.
 Cost of a trial: users selected, LM sample-passes (cumulative, reported each epoch) and wall seconds
 (from the trial's start to its last reported epoch, Tune's ``time_total_s``).
 
-Each trial's migration lives in OUTPUT/trials/<trial_id>/ (profile/, selection/, summary.json, and
-adapter/ + head.* when the trial ran to completion). The search itself (Tune's experiment state)
-lives at ``storage_path/name``; running the same command again resumes an interrupted search there
-(Tuner.restore).
+The users are profiled once per search (OUTPUT/profile/: it depends on the data only) and every
+trial selects from that profile. Each trial's migration lives in OUTPUT/trials/<trial_id>/
+(selection/, summary.json, and adapter/ + head.* when the trial ran to completion). The search
+itself (Tune's experiment state) lives at ``storage_path/name``; running the same command again
+resumes an interrupted search there (Tuner.restore).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from puma_ray.config import MigrateConfig, TuneConfig, build, deep_merge, nest
 from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.pipeline import migrate_step
-from puma_ray.runtime import init_ray, quiet_ray_data
+from puma_ray.profile import profile_users
+from puma_ray.runtime import configure_ray_data, init_ray
 from puma_ray.tune_report import summarize, trial_row
 
 FROZEN_KEYS = ("output", "train.epochs")
@@ -169,7 +171,7 @@ def _trial_dirname(trial) -> str:
 TRIAL_ACTOR_CPUS = 0.01  # Tune's actor for a trial only waits; see _trial
 
 
-def _trial(config: dict, search: dict) -> None:
+def _trial(config: dict, search: dict, profile: dict) -> None:
     """A Tune function trainable: one migration (no rewrite) with this trial's values.
 
     The migration runs in a Ray task outside the trial's placement group: Tune makes every task started
@@ -185,16 +187,16 @@ def _trial(config: dict, search: dict) -> None:
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
         runtime_env={"env_vars": {"RAY_ADDRESS": address}},
     )
-    ray.get(run.remote(cfg.model_dump(), _report_callback()))  # the callback must be made inside the Tune session
+    ray.get(run.remote(cfg.model_dump(), _report_callback(), profile))  # the callback: made inside the Tune session
 
 
-def _run_trial(cfg: dict, callback) -> None:
+def _run_trial(cfg: dict, callback, profile: dict) -> None:
     if not is_v2_enabled():
         raise PumaError("Ray Train V2 is off in the trial processes: start the cluster with RAY_TRAIN_V2_ENABLED=1")
     cfg = MigrateConfig.model_validate(cfg)
     init_ray(cfg.ray, cfg.storage)  # Ray is up here: this only sets the S3 endpoint
-    quiet_ray_data()
-    migrate_step(cfg, rewrite=False, callbacks=(callback,))
+    configure_ray_data()
+    migrate_step(cfg, rewrite=False, callbacks=(callback,), profile=profile)
 
 
 class TrialEvents(Callback):
@@ -269,19 +271,22 @@ def tune(cfg: TuneConfig, callbacks: tuple = ()) -> dict:
     scheduler = _scheduler(cfg)
     exp_path = storage.join(cfg.storage_path, cfg.name)
     fp_uri = storage.join(cfg.output, "search.json")
-    trainable = rt.with_resources(rt.with_parameters(_trial, search=cfg.model_dump()), {"cpu": TRIAL_ACTOR_CPUS})
     t0 = time.time()
-    if rt.Tuner.can_restore(exp_path):
-        if storage.exists(fp_uri) and storage.read_json(fp_uri) != _fingerprint(cfg):
-            raise PumaError(
-                f"{exp_path}: holds a different search (base, search, scheduler, metric or num_samples "
-                "differ); choose another name or storage_path, or delete it"
-            )
+    resume = rt.Tuner.can_restore(exp_path)
+    if resume and storage.exists(fp_uri) and storage.read_json(fp_uri) != _fingerprint(cfg):
+        raise PumaError(
+            f"{exp_path}: holds a different search (base, search, scheduler, metric or num_samples "
+            "differ); choose another name or storage_path, or delete it"
+        )
+    concurrent = max_concurrent(cfg, ray.cluster_resources())
+    profile = profile_users(cfg.base.data.train, cfg.base.task, storage.join(cfg.output, "profile"))
+    trainable = rt.with_parameters(_trial, search=cfg.model_dump(), profile=profile)
+    trainable = rt.with_resources(trainable, {"cpu": TRIAL_ACTOR_CPUS})
+    if resume:
         say(f"tune: resuming the search at {exp_path}")
         tuner = rt.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         storage.write_json(fp_uri, _fingerprint(cfg))
-        concurrent = max_concurrent(cfg, ray.cluster_resources())
         say(
             f"tune: {expected_trials(cfg)} trial(s), {concurrent} at a time ({trial_cpus(cfg):g} CPUs each), "
             f"scheduler {cfg.scheduler.name}, {cfg.mode} {cfg.metric} -> {exp_path}"
