@@ -34,7 +34,7 @@ from stage1_step import tiny_lm
 
 from puma_ray import config as C
 from puma_ray import storage, trainer
-from puma_ray.data import load_interactions, shard_by_user, shard_rows
+from puma_ray.data import load_interactions, shard_by_user
 from puma_ray.datasets.synthetic import synthesize
 from puma_ray.llm import FrozenLM, store_meta
 from puma_ray.models import build_tiny
@@ -156,7 +156,7 @@ def main() -> None:
     train_adapter(mcfg, src, args.d, users, len(users), callbacks=(epoch_log(log),))
     ray_rate = last_epoch_rate(log)
     shards = shard_by_user(training_rows(mcfg, src.uri, users, len(users)), 1, f"{root}/s2-one", {"stage": 2})
-    rows = shard_rows(shards["train_0"])
+    rows = storage.parquet_rows(shards["train_0"])
     one = AdapterTrainable(mcfg, src.meta.hidden_size, args.d, rows, shards)
     print("train_throughput: stage 2 in one process ...", flush=True)
     one_rate = one_process(one, mcfg, threads=args.workers)

@@ -9,8 +9,9 @@
   offset 0; predictions are clipped to the task's label range. On real ratings it is the bar any
   personalization must clear.
 
-Streamed with Ray Data (joins and groupbys on user_id / item_id); only the offset tables (one row
-per user, one per item) are materialized. A light module: its functions run in Ray tasks.
+Streamed with Ray Data (groupbys and joins on user_id / item_id); only the per-user and per-item
+tables (means, offsets) are materialized, and joined by broadcast while they are small. A light
+module: its functions run in Ray tasks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.aggregate import Count, Sum
 
-from puma_ray.data import shuffle_partitions
+from puma_ray.data import join_on, shuffle_partitions
 from puma_ray.schema import LABEL_RANGE
 
 
@@ -46,12 +47,8 @@ def _user_mean_pred(batch: pa.Table, mu: float) -> pa.Table:
 def user_mean(train, train_rows: int, valid, valid_rows: int, mu: float, task: str, cfg) -> object:
     """Each valid row predicted by its user's mean train label (``mu`` for users without train rows)."""
     means = train.groupby("user_id", num_partitions=shuffle_partitions(train_rows)).mean("label")
-    # one row per user, materialized (as bias's offsets): a groupby feeding a join in one execution
-    # costs Ray Data seconds more, even on tiny inputs
-    means = means.rename_columns({"mean(label)": "user_mean"}).materialize()
-    joined = valid.select_columns(["user_id", "label"]).join(
-        means, join_type="left_outer", num_partitions=shuffle_partitions(valid_rows), on=("user_id",)
-    )
+    means = means.rename_columns({"mean(label)": "user_mean"}).materialize()  # one row per user
+    joined = _with_offset(valid.select_columns(["user_id", "label"]), means, valid_rows, "user_id")
     return joined.map_batches(_user_mean_pred, fn_kwargs={"mu": mu}, batch_format="pyarrow")
 
 
@@ -78,7 +75,8 @@ def _offsets(rows, n: int, key: str, name: str, reg: float):
 
 
 def _with_offset(ds, table, n: int, key: str):
-    return ds.join(table, join_type="left_outer", num_partitions=shuffle_partitions(n), on=(key,))
+    """``ds`` (``n`` rows) with the columns of ``table`` (materialized, one row per ``key``), nulls where absent."""
+    return join_on(ds, table, key, n, side_bytes=table.size_bytes(), how="left_outer")
 
 
 def _bias_pred(batch: pa.Table, mu: float, lo: float, hi: float) -> pa.Table:

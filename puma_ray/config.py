@@ -17,7 +17,18 @@ from puma_ray.errors import PumaError
 Task = Literal["rating", "ctr"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 # User-selection strategies: each name is one function in select.STRATEGIES (a test checks both agree).
-Strategy = Literal["random", "kmeans_variance"]
+Strategy = Literal[
+    "random",
+    "variance_buckets",
+    "loss_buckets",
+    "kmeans",
+    "kmeans_pca",
+    "kmeans_farthest",
+    "kmeans_loss",
+    "kmeans_variance",
+    "ffn_kmeans",
+    "ffn_kmeans_variance",
+]
 # Public data formats `puma-ray data import` reads: one module each in puma_ray.datasets.
 ImportFormat = Literal["movielens", "recbole", "amazon2023", "yelp", "mind"]
 # Baselines scored beside every method (puma_ray.baselines).
@@ -176,13 +187,17 @@ class EvaluateConfig(Strict):
 class SelectConfig(Strict):
     """User selection for adapter training (METHOD.md, "Group-based user selection").
 
-    ``strategy`` names a function in ``puma_ray.select.STRATEGIES``; ``budget`` is a user count
-    (>= 1) or a fraction of the users (0 < budget < 1)."""
+    ``strategy`` names a function in ``puma_ray.select.STRATEGIES`` (its docstring says what each
+    does); ``budget`` is a user count (>= 1) or a fraction of the users (0 < budget < 1). The
+    ``loss`` and ``ffn`` strategies run the source model (LM + the head saved beside the source
+    store) over the users: ``source_model`` names it when the path the store records moved."""
 
     strategy: Strategy = "kmeans_variance"
     budget: float = Field(2000, gt=0)
-    clusters: int = Field(15, ge=1, description="K-means k on the source prompts")
-    variance_groups: int = Field(5, ge=1, description="label-variance quantile groups inside each cluster")
+    clusters: int = Field(15, ge=1, description="K-means k on the source prompts (or their FFN activations)")
+    variance_groups: int = Field(
+        5, ge=1, description="quantile groups (of label variance, or source loss) inside each cluster"
+    )
     gaussian_span: float = Field(
         2.0, gt=0, description="group weights exp(-x^2/2) + floor on x in linspace(-span, span)"
     )
@@ -190,6 +205,14 @@ class SelectConfig(Strict):
     min_per_cluster: int = Field(50, ge=0)
     kmeans_sample: int = Field(100_000, ge=1, description="K-means is fit on at most this many users; all are assigned")
     kmeans_n_init: int = Field(3, ge=1, description="K-means restarts (scikit-learn n_init)")
+    pca_components: int = Field(16, ge=1, description="kmeans_pca: K-means on this many principal components")
+    fps_dims: int = Field(
+        16, ge=1, description="kmeans_farthest: farthest-point sampling in a PCA projection of this many dims"
+    )
+    ffn_layers: int = Field(3, ge=1, description="ffn_*: the source LM's last N decoder layers' MLP outputs")
+    source_model: Optional[ModelConfig] = Field(
+        None, description="loss_*/ffn_*: the source LM (default: the model the source store records)"
+    )
     seed: int = 0
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray.data
 from ray.data import SaveMode
 
@@ -45,6 +46,50 @@ def shuffle_partitions(rows: int, at_least: int = 1) -> int:
     return int(min(max(cap, at_least), max(at_least, -(-rows // ROWS_PER_PARTITION))))
 
 
+# A side table (prompts of the selected users, per-user statistics) of at most this many bytes is
+# joined by broadcast: every task of the other side gets its blocks from the object store and joins
+# locally, with no hash shuffle (whose aggregator actors cost seconds to start, even on tiny inputs).
+BROADCAST_BYTES = 256 << 20
+
+
+def join_on(
+    rows, side, key: str, rows_count: int, side_bytes: int, how: str = "inner", at_least: int = 1, broadcast_bytes=None
+):
+    """``rows`` (a Ray Dataset) joined on column ``key`` with ``side`` (a smaller Ray Dataset; a key
+    may repeat on either side): ``how`` "inner" or "left_outer" (every row kept, the side's columns
+    null where no side row matches). ``side_bytes``: the side's size, known or estimated by the
+    caller (e.g. users x prompt width x 4): up to ``broadcast_bytes`` (default BROADCAST_BYTES) the
+    side is materialized and broadcast (:func:`_join_block`; the rows keep their blocks), else both
+    go through a Ray Data hash join (``rows_count`` sizes its partitions, at least ``at_least``)."""
+    if side_bytes > (BROADCAST_BYTES if broadcast_bytes is None else broadcast_bytes):
+        partitions = shuffle_partitions(rows_count, at_least)
+        return rows.join(side, join_type=how, num_partitions=partitions, on=(key,))
+    side = side.materialize()
+    refs = side.to_arrow_refs()
+    return rows.map_batches(
+        _join_block,
+        fn_kwargs={"refs": refs, "empty": side.schema().base_schema.empty_table(), "key": key, "how": how},
+        batch_format="pyarrow",
+        batch_size=None,  # a whole block per call: the side's key index is built once per block
+    )
+
+
+def _join_block(block: pa.Table, refs: list, empty: pa.Table, key: str, how: str) -> pa.Table:
+    """One block of the rows joined with the whole broadcast side (its Arrow blocks ``refs``): keys
+    matched by pyarrow's hash join on row numbers (its joins take no list columns), columns taken;
+    rows in block order."""
+    side = pa.concat_tables([empty, *ray.get(refs)], promote_options="permissive")
+    left = pa.table({key: block.column(key), "__row": pa.array(np.arange(block.num_rows))})
+    right = pa.table({key: side.column(key), "__side": pa.array(np.arange(side.num_rows))})
+    pairs = left.join(right, key, join_type="inner" if how == "inner" else "left outer")
+    pairs = pairs.sort_by([("__row", "ascending"), ("__side", "ascending")])
+    cols = block.take(pairs.column("__row"))
+    for name in side.column_names:
+        if name != key:
+            cols = cols.append_column(name, side.column(name).take(pairs.column("__side")))
+    return cols
+
+
 def user_hash(ids) -> np.ndarray:
     """(n,) user ids -> (n,) uint64, stable across processes and runs (pandas' hash_array, fixed key)."""
     return pd.util.hash_array(np.asarray(ids, dtype=object))
@@ -55,6 +100,16 @@ def hashed_fraction(ids, fraction: float) -> np.ndarray:
     users in every process, run and trial."""
     h = user_hash(ids)
     return np.ones(len(h), bool) if fraction >= 1 else h < np.uint64(int(fraction * 2**64))
+
+
+def keep_users(batch: pa.Table, users: pa.Array) -> pa.Table:
+    """map_batches: the rows of ``users`` (string ids) only."""
+    return batch.filter(pc.is_in(batch.column("user_id"), value_set=users))
+
+
+def keep_hashed(batch: pa.Table, fraction: float) -> pa.Table:
+    """map_batches: the rows of the users :func:`hashed_fraction` keeps."""
+    return batch.filter(hashed_fraction(batch.column("user_id").to_numpy(zero_copy_only=False), fraction))
 
 
 def _with_shard(table: pa.Table, world: int, split: str) -> pa.Table:
@@ -96,11 +151,6 @@ def shard_by_user(datasets: dict, world: int, out_uri: str, key: dict) -> dict[s
         raise PumaError(f"workers {empty} own no user (too few users for scaling.num_workers={world})")
     storage.write_json(done_uri, {"key": key, "world": world, "shards": shards})
     return shards
-
-
-def shard_rows(uri: str) -> int:
-    """Rows of a shard (a directory of Parquet files), from their footers."""
-    return sum(storage.parquet_file(f).metadata.num_rows for f in storage.list_files(uri, ".parquet"))
 
 
 def iter_shard(uri: str, batch_size: int, seed: int | None = None, buffer_rows: int = 0) -> Iterator[pa.Table]:

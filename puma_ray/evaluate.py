@@ -1,8 +1,9 @@
 """`puma-ray evaluate`: score prompt stores (+ model + head) and the baselines on held-out interactions.
 
-Streamed end to end: valid interactions are hash-joined (Ray Data) with a run's prompt store,
-scored by ``map_batches`` with a callable class (the LM and head load once per actor), and reduced
-to metrics without collecting rows (puma_ray.metrics); the baselines (global_mean, user_mean,
+Streamed end to end: valid interactions are hash-joined (Ray Data) with the prompt stores of all
+runs at once, scored in one ``map_batches`` pass with a callable class (each LM and head loads once
+per actor, whatever the number of runs), and reduced to metrics without collecting rows
+(puma_ray.metrics); the baselines (global_mean, user_mean,
 bias) come from puma_ray.baselines.
 """
 
@@ -13,76 +14,89 @@ import time
 import numpy as np
 import pyarrow as pa
 import torch
+from ray.data.aggregate import Count, Sum
 
 from puma_ray import console, storage
 from puma_ray.baselines import BASELINES
-from puma_ray.config import EvaluateConfig
-from puma_ray.data import load_interactions, shuffle_partitions
+from puma_ray.config import EvaluateConfig, ModelConfig, ScoringConfig
+from puma_ray.data import join_on, load_interactions, shuffle_partitions
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import load_head
-from puma_ray.llm import FrozenLM, model_info
-from puma_ray.metrics import distinct_users, report_metrics
+from puma_ray.llm import FrozenLM, model_info, row_texts
+from puma_ray.metrics import distinct_users, only_run, report_metrics, tag_run
 from puma_ray.runtime import actor_device, actor_pool, actor_pool_size, init_ray
 from puma_ray.schema import decode_prompts, read_store_meta
 
 
 class PromptScorer:
-    """map_batches callable over valid rows joined with their users' prompts:
-    (user_id, label, item_text[, history_text], prompt (l*d)) -> (user_id, label, pred).
+    """map_batches callable over valid rows joined with their users' prompts of every run:
+    (run, user_id, label, item_text[, history_text], prompt) -> (run, user_id, label, pred[, loss]).
 
-    Only the LM and the head live in the actor; prompts arrive in the rows. Rows scored are
-    counted on the driver's console (``relay``: a console.Relay handle, under ``label``)."""
+    ``runs``: name -> {"uri": the run, "model": its model config}. The actor loads each LM once
+    (runs made for the same model share it) and each run's head; prompts arrive in the rows.
+    Rows scored are counted on the driver's console (``relay``: a console.Relay handle, under
+    ``label``)."""
 
     def __init__(
         self,
-        model: dict,
+        runs: dict[str, dict],
         task: str,
-        run_uri: str,
         batch_size: int,
         num_gpus: float = 0,
         relay=None,
         label: str = "",
         total: int | None = None,
+        loss: bool = False,
     ):
-        meta = read_store_meta(storage.join(run_uri, "prompts"))
         self.device = actor_device(num_gpus)
-        self.lm = FrozenLM(
-            model["path"],
-            task,
-            meta.template,
-            meta.prompt_length,
-            model["dtype"],
-            model["attn_implementation"],
-            self.device,
-        )
-        self.head = load_head(run_uri, task, self.lm.fingerprint).to(self.device)
-        self.l, self.d, self.batch_size = meta.prompt_length, meta.hidden_size, batch_size
+        self.loss = loss
+        self.batch_size = batch_size
+        self.runs: dict[str, tuple] = {}
+        lms: dict[tuple, FrozenLM] = {}
+        for name, run in runs.items():
+            meta = read_store_meta(storage.join(run["uri"], "prompts"))
+            m = run["model"]
+            key = (m["path"], m["dtype"], m["attn_implementation"], meta.template, meta.prompt_length)
+            if key not in lms:
+                lms[key] = FrozenLM(m["path"], task, *key[3:], m["dtype"], m["attn_implementation"], self.device)
+            head = load_head(run["uri"], task, lms[key].fingerprint).to(self.device)
+            self.runs[name] = (lms[key], head, meta.prompt_length, meta.hidden_size)
         self.counter = console.RemoteProgress(relay, label, total, "rows", every=0.0)
 
     @torch.no_grad()
-    def __call__(self, batch: dict) -> dict:
-        p = decode_prompts(batch, self.l * self.d)
-        prompts = torch.from_numpy(p).view(len(p), self.l, self.d).to(self.device)
-        pred = np.empty(len(p), dtype=np.float32)
-        hist = batch.get("history_text")
-        for s in range(0, len(p), self.batch_size):
-            rows = slice(s, s + self.batch_size)
-            inputs = self.lm.collate(batch["item_text"][rows], hist[rows] if hist is not None else None)
-            out = self.lm.forward(prompts[rows], inputs, want_hidden=self.head.wants_hidden)
-            pred[rows] = self.head.predict(out).float().cpu().numpy()
-        self.counter.add(len(p))
-        return {"user_id": batch["user_id"], "label": batch["label"], "pred": pred}
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pred = np.empty(batch.num_rows, dtype=np.float32)
+        loss = np.empty(batch.num_rows, dtype=np.float32)
+        run = batch.column("run").to_numpy(zero_copy_only=False)
+        for name in np.unique(run):
+            lm, head, l, d = self.runs[name]
+            where = np.flatnonzero(run == name)
+            rows = batch.take(pa.array(where))
+            prompts = torch.from_numpy(decode_prompts(rows, l * d)).view(len(where), l, d).to(self.device)
+            items, history = row_texts(rows)
+            for s in range(0, len(where), self.batch_size):
+                part = slice(s, s + self.batch_size)
+                inputs = lm.collate(items[part], history[part] if history is not None else None)
+                out = lm.forward(prompts[part], inputs, want_hidden=head.wants_hidden)
+                if self.loss:
+                    label = torch.from_numpy(rows.column("label").to_numpy()[part]).float().to(self.device)
+                    row_loss, p = head.row_loss(out, label)
+                    loss[where[part]] = row_loss.float().cpu().numpy()
+                else:
+                    p = head.predict(out)
+                pred[where[part]] = p.float().cpu().numpy()
+        self.counter.add(batch.num_rows)
+        cols = {"run": batch["run"], "user_id": batch["user_id"], "label": batch["label"], "pred": pred}
+        return pa.table({**cols, "loss": loss} if self.loss else cols)
 
 
-def _run_model(cfg: EvaluateConfig, run_uri: str) -> dict:
-    """The model config to score a run with: cfg.model, or the model its prompt store records.
+def run_model(model: ModelConfig | None, run_uri: str) -> dict:
+    """The model config (a dict) to score a run with: ``model``, or the model its prompt store records.
 
     Raises PumaError when the store was made for a model with another fingerprint."""
     store_uri = storage.join(run_uri, "prompts")
     meta = read_store_meta(store_uri)
-    model = (
-        cfg.model.model_dump() if cfg.model else {"path": meta.model, "dtype": "float32", "attn_implementation": "sdpa"}
-    )
+    model = model.model_dump() if model else {"path": meta.model, "dtype": "float32", "attn_implementation": "sdpa"}
     fingerprint, _ = model_info(model["path"])
     if meta.model_fingerprint != fingerprint:
         raise PumaError(
@@ -92,48 +106,82 @@ def _run_model(cfg: EvaluateConfig, run_uri: str) -> dict:
     return model
 
 
-def _score_run(cfg: EvaluateConfig, name: str, run_uri: str, model: dict, valid_ds, valid_rows: int, relay):
-    """Valid rows of the users with a prompt in ``run_uri`` joined with their prompts and scored
-    by an actor pool (LM + head per actor; rows counted on the console through ``relay``, a
-    console.Relay handle) -> materialized (user_id, label, pred) rows."""
-    sc = cfg.scoring
-    pool = actor_pool_size(sc, "scoring")
-    prompts = storage.ray_read_parquet(storage.join(run_uri, "prompts"), columns=["user_id", "prompt"])
-    partitions = shuffle_partitions(valid_rows, at_least=pool)  # one block per actor at least
-    joined = valid_ds.join(prompts, join_type="inner", num_partitions=partitions, on=("user_id",))
+def score_runs(
+    runs: dict[str, dict],
+    task: str,
+    rows_ds,
+    rows_count: int,
+    sc: ScoringConfig,
+    relay,
+    label: str,
+    loss: bool = False,
+):
+    """Interaction rows joined with the prompts of every run (``runs``: name -> {"uri": the run
+    directory, "model": its model config}) and scored in one pass by an actor pool (the runs' LMs
+    + heads per actor; rows counted on the console through ``relay``, a console.Relay handle,
+    under ``label``) -> materialized (run, user_id, label, pred[, loss]); ``loss``: add each row's
+    training loss (Head.row_loss)."""
+    stores = [
+        storage.ray_read_parquet(storage.join(run["uri"], "prompts"), columns=["user_id", "prompt"]).map_batches(
+            tag_run, fn_kwargs={"run": name}, batch_format="pyarrow"
+        )
+        for name, run in runs.items()
+    ]
+    prompts = stores[0].union(*stores[1:]) if len(stores) > 1 else stores[0]
+    total = rows_count * len(stores)
+    side_bytes = sum(
+        storage.parquet_rows(storage.join(run["uri"], "prompts"))
+        * read_store_meta(storage.join(run["uri"], "prompts")).width
+        * 4
+        for run in runs.values()
+    )
+    joined = join_on(rows_ds, prompts, "user_id", total, side_bytes, at_least=actor_pool_size(sc, "scoring"))
     scorer_args = {
-        "model": model,
-        "task": cfg.task,
-        "run_uri": run_uri,
+        "runs": runs,
+        "task": task,
         "batch_size": sc.batch_size,
         "num_gpus": sc.num_gpus,
         "relay": relay,
-        "label": f"evaluate: scoring {name}",
-        "total": valid_rows,
+        "label": label,
+        "total": total,
+        "loss": loss,
     }
     return joined.map_batches(
         PromptScorer,
         fn_constructor_kwargs=scorer_args,
         batch_size=4 * sc.batch_size,
-        batch_format="numpy",
+        batch_format="pyarrow",
         compute=actor_pool(sc, "scoring"),
         num_gpus=sc.num_gpus,
         num_cpus=sc.cpus_per_actor,
     ).materialize()
 
 
+def _rows_and_users(scored, rows: int) -> dict[str, tuple[int, int]]:
+    """Scored rows and distinct users per run: run -> (rows, users), from two small groupbys."""
+    per_user = (
+        scored.select_columns(["run", "user_id"])
+        .groupby(["run", "user_id"], num_partitions=shuffle_partitions(rows))
+        .count()
+        .materialize()
+    )
+    per_run = per_user.groupby("run").aggregate(Count(alias_name="users"), Sum("count()", alias_name="rows"))
+    return {r["run"]: (int(r["rows"]), int(r["users"])) for r in per_run.take_all()}
+
+
 @user_errors
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Entry: score every run in ``cfg.runs`` and the baselines on ``cfg.data.valid``; print a table.
 
-    Valid rows are joined (Ray Data hash join) with each run's prompt store and scored by an actor
-    pool holding only the LM and head; rows of users without a prompt are counted, not scored."""
+    Valid rows are joined (one Ray Data hash join) with every run's prompt store and scored in one
+    pass by an actor pool holding only the runs' LMs and heads; rows of users without a prompt are
+    counted, not scored."""
     t_start = time.time()
     init_ray(cfg.ray, cfg.storage)
     if not cfg.data.valid:
         raise PumaError("evaluate needs data.valid (the held-out interactions)")
     valid_ds, valid_rows = load_interactions(cfg.data.valid, cfg.task)
-    models = {name: _run_model(cfg, uri) for name, uri in cfg.runs.items()}  # mismatches refused before any work
+    models = {name: run_model(cfg.model, uri) for name, uri in cfg.runs.items()}  # mismatches refused before any work
     subsets = {
         name: storage.read_table(uri, columns=["user_id"]).column("user_id").combine_chunks().cast(pa.string())
         for name, uri in cfg.subsets.items()
@@ -143,26 +191,30 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     console.say(
         f"evaluate: {len(names)} method(s) ({', '.join(names)}) on {valid_rows:,} valid rows of {valid_users:,} users"
     )
-    results = {}
-    with console.Relay() as relay:
-        for name, run_uri in cfg.runs.items():
-            summary_uri = storage.join(run_uri, "summary.json")
-            summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
-            t0 = time.time()
-            scored = _score_run(cfg, name, run_uri, models[name], valid_ds, valid_rows, relay.handle)
-            scoring_s = time.time() - t0
-            rows = scored.count()
-            if rows == 0:
-                raise PumaError(f"{run_uri}: no valid row could be scored (no user of {cfg.data.valid} has a prompt)")
-            results[name] = {
-                **report_metrics(cfg.task, scored, subsets),
-                "scored_rows": rows,
-                "unknown_rows": valid_rows - rows,
-                "unknown_users": valid_users - distinct_users(scored, rows),
-                "lm_sample_passes": summary.get("lm_sample_passes", 0),
-                "wall_s": summary.get("wall_s", 0.0),
-                "scoring_s": scoring_s,
-            }
+    results, scoring_s = {}, 0.0
+    if cfg.runs:
+        t0 = time.time()
+        with console.Relay() as relay:
+            runs = {name: {"uri": uri, "model": models[name]} for name, uri in cfg.runs.items()}
+            label = "evaluate: scoring " + ", ".join(cfg.runs)
+            scored = score_runs(runs, cfg.task, valid_ds, valid_rows, cfg.scoring, relay.handle, label)
+        scoring_s = time.time() - t0
+        counts = _rows_and_users(scored, scored.count())
+    for name, run_uri in cfg.runs.items():
+        rows, users = counts.get(name, (0, 0))
+        if rows == 0:
+            raise PumaError(f"{run_uri}: no valid row could be scored (no user of {cfg.data.valid} has a prompt)")
+        summary_uri = storage.join(run_uri, "summary.json")
+        summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
+        run_rows = scored.map_batches(only_run, fn_kwargs={"run": name}, batch_format="pyarrow")
+        results[name] = {
+            **report_metrics(cfg.task, run_rows, subsets),
+            "scored_rows": rows,
+            "unknown_rows": valid_rows - rows,
+            "unknown_users": valid_users - users,
+            "lm_sample_passes": summary.get("lm_sample_passes", 0),
+            "wall_s": summary.get("wall_s", 0.0),
+        }
     if cfg.baselines:
         train_ds, train_rows = load_interactions(cfg.data.train, cfg.task)
         mu = float(train_ds.mean("label"))
@@ -176,12 +228,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                 "lm_sample_passes": 0,
                 "wall_s": 0.0,
             }
-    scoring = sum(m.get("scoring_s", 0.0) for m in results.values())
     report = {
         "task": cfg.task,
         "valid": cfg.data.valid,
         "methods": results,
-        "timings": {"wall_s": time.time() - t_start, "loop_s": scoring},
+        "timings": {"wall_s": time.time() - t_start, "loop_s": scoring_s},  # loop: the runs' scoring pass
     }
     print(format_table(report))
     if cfg.output:

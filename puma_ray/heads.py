@@ -25,7 +25,11 @@ class Head(Protocol):
     wants_hidden: bool  # forward needs the LM's last hidden state at the answer position
 
     def loss(self, out: LMOutput, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (scalar loss, (B,) predictions); label (B,)."""
+        """-> (scalar loss: the mean of row_loss, (B,) predictions); label (B,)."""
+        ...
+
+    def row_loss(self, out: LMOutput, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ((B,) per-row training loss, (B,) predictions); label (B,)."""
         ...
 
     def predict(self, out: LMOutput) -> torch.Tensor:
@@ -60,11 +64,16 @@ class RatingHead(nn.Module):
         x = out.answer_logits if not self.wants_hidden else torch.cat([out.answer_logits, out.hidden], -1)
         return self.mlp(x).squeeze(-1)
 
+    def row_loss(self, out: LMOutput, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ((B,) mse_weight * squared error + ce_weight * digit CE, (B,) predictions). label: (B,) 1..5."""
+        pred = self.predict(out)
+        ce = F.cross_entropy(out.answer_logits, (label.round().long() - 1).clamp(0, 4), reduction="none")
+        return self.mse_weight * (pred - label) ** 2 + self.ce_weight * ce, pred
+
     def loss(self, out: LMOutput, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (scalar loss, (B,) predictions). label: (B,) ratings 1..5."""
-        pred = self.predict(out)
-        ce = F.cross_entropy(out.answer_logits, (label.round().long() - 1).clamp(0, 4))
-        return self.mse_weight * F.mse_loss(pred, label) + self.ce_weight * ce, pred
+        rows, pred = self.row_loss(out, label)
+        return rows.mean(), pred
 
 
 class CtrHead(nn.Module):
@@ -82,9 +91,13 @@ class CtrHead(nn.Module):
     def predict(self, out: LMOutput) -> torch.Tensor:
         return torch.sigmoid(self.logit(out))
 
-    def loss(self, out: LMOutput, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def row_loss(self, out: LMOutput, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.logit(out)
-        return F.binary_cross_entropy_with_logits(z, label), torch.sigmoid(z)
+        return F.binary_cross_entropy_with_logits(z, label, reduction="none"), torch.sigmoid(z)
+
+    def loss(self, out: LMOutput, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, pred = self.row_loss(out, label)
+        return rows.mean(), pred
 
 
 def build_head(task: str, hidden_size: int, head_cfg) -> Head:

@@ -168,6 +168,22 @@ def dataset_metrics(task: str, ds, groups: tuple[str, ...] = ()) -> dict:
     return out
 
 
+def tag_run(batch: pa.Table, run: str) -> pa.Table:
+    """Prompt-store rows -> (user_id, run, prompt as list<float32>): one schema for stores of any width."""
+    return pa.table(
+        {
+            "user_id": batch.column("user_id"),
+            "run": pa.repeat(pa.scalar(run, pa.string()), batch.num_rows),
+            "prompt": batch.column("prompt").cast(pa.list_(pa.float32())),
+        }
+    )
+
+
+def only_run(batch: pa.Table, run: str) -> pa.Table:
+    """Scored rows of every run -> the rows of ``run``, without the run column."""
+    return batch.filter(pc.equal(batch.column("run"), run)).drop_columns(["run"])
+
+
 def distinct_users(ds, rows: int) -> int:
     """Distinct user_id values of ``ds`` (``rows`` rows), by a groupby."""
     return ds.select_columns(["user_id"]).groupby("user_id", num_partitions=shuffle_partitions(rows)).count().count()

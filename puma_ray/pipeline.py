@@ -21,7 +21,8 @@ from puma_ray.llm import store_meta
 from puma_ray.profile import profile_users
 from puma_ray.rewrite import rewrite_store
 from puma_ray.runtime import init_ray
-from puma_ray.select import read_selected, select_users
+from puma_ray.select import NEEDS_SOURCE_MODEL, read_selected, select_users
+from puma_ray.signals import check_source_model
 from puma_ray.sources import join_sources
 from puma_ray.stage2 import train_adapter
 
@@ -35,6 +36,8 @@ def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()
     else the step profiles the users into cfg.output/profile."""
     t0 = time.time()
     out = cfg.output
+    if cfg.select.strategy in NEEDS_SOURCE_MODEL:
+        check_source_model(cfg.select, cfg.sources)  # before any work
     src = join_sources(cfg.sources, storage.join(out, "source_joined"))
     cfg = cfg.model_copy(update={"prompt_length": src.meta.prompt_length})
     meta = store_meta(cfg.model.path, cfg.task, cfg.template, src.meta.prompt_length, "rewrite")
@@ -42,7 +45,8 @@ def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()
     say(f"migrate: {sources} (d={src.meta.hidden_size}) -> {cfg.model.path} (d={meta.hidden_size})")
 
     profile = profile or profile_users(cfg.data.train, cfg.task, storage.join(out, "profile"))
-    selection = select_users(cfg.select, src.uri, profile["uri"], storage.join(out, "selection"))
+    sel_out = storage.join(out, "selection")
+    selection = select_users(cfg.select, src.uri, profile["uri"], sel_out, cfg.data.train, cfg.task, cfg.scoring)
     users = read_selected(storage.join(out, "selection"))
     trained = train_adapter(cfg, src, meta.hidden_size, users, profile["users"], callbacks)
 

@@ -1,14 +1,23 @@
-"""User selection for adapter training (METHOD.md, "Group-based user selection").
+"""User selection for adapter training (METHOD.md, "Group-based user selection"; the paper's Table 4).
 
 A strategy is one function in :data:`STRATEGIES`::
 
     fn(cand Candidates, budget int, cfg SelectConfig, rng np.random.Generator)
         -> (indices (budget,) int64 unique positions in ``cand``, extra dict)
 
-``cand`` holds the candidates' label variances (N,) and a ``clusters(cfg, rng)`` function that
-returns the K-means cluster of each candidate (N,): fit on a bounded random sample of prompts
-(``cfg.kmeans_sample``), assigned to every user. ``extra`` goes into the selection summary; its
-optional key ``"cluster"`` ((budget,) int, aligned with ``indices``) goes into ``selected.parquet``.
+``cand`` holds the candidates' label variances (N,) and two lazily computed signals:
+``clusters(cfg, rng, space, coords)``, the K-means cluster of each candidate (N,) (fit on a
+bounded random sample, ``cfg.kmeans_sample``, every user assigned) in one of three spaces
+("prompt": the source prompts; "pca": their ``cfg.pca_components`` principal components; "ffn":
+the source LM's FFN activations, puma_ray.signals) plus, when ``coords``, an (N, cfg.fps_dims)
+PCA projection of the prompts; and ``loss()``, each candidate's mean source-model training loss
+(N,). ``extra`` goes into the selection summary; its optional key ``"cluster"`` ((budget,) int,
+aligned with ``indices``) goes into ``selected.parquet``.
+
+Every cluster strategy splits the budget over clusters the same way (a minimum per cluster, the
+rest in proportion to cluster sizes: :func:`_clustered`) and differs only in its space and in how
+it draws inside a cluster (uniform, Gaussian-weighted variance or loss strata, farthest points),
+so a comparison between them measures that one choice.
 
 :func:`select_users` (the stage entry) streams: it reads user ids and the profile (no prompt),
 reads only the K-means sample's prompts, and assigns clusters with Ray Data ``map_batches`` over
@@ -19,38 +28,65 @@ int32; -1 = no cluster) and ``selection.json``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, get_args
+from typing import Callable, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data import SaveMode
 from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.pipeline import make_pipeline
 
 from puma_ray import storage
-from puma_ray.config import SelectConfig, Strategy
+from puma_ray.config import ScoringConfig, SelectConfig, Strategy
 from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
-from puma_ray.schema import check_prompt_values, read_store_meta
+from puma_ray.schema import decode_prompts, read_store_meta
+
+Space = Literal["prompt", "pca", "ffn"]
+Within = Literal["uniform", "variance", "loss", "farthest"]
 
 
 @dataclass
 class Candidates:
-    """The users a strategy chooses from (in user_id order): label variances and a cluster function."""
+    """The users a strategy chooses from (in user_id order): label variances and lazy signals."""
 
     var: np.ndarray  # (N,) float64
-    clusters: Callable[[SelectConfig, np.random.Generator], np.ndarray]  # -> (N,) int64 cluster per candidate
+    # (cfg, rng, space, coords) -> ((N,) int64 cluster per candidate, (N, fps_dims) float32 or None)
+    clusters: Callable[[SelectConfig, np.random.Generator, Space, bool], tuple[np.ndarray, np.ndarray | None]]
+    loss: Callable[[], np.ndarray]  # -> (N,) float64 mean source-model loss per candidate
 
     def __len__(self) -> int:
         return len(self.var)
 
     @classmethod
-    def from_prompts(cls, prompts: np.ndarray, var: np.ndarray) -> "Candidates":
-        """In-memory candidates: prompts (N, w), var (N,) (small inputs and tests)."""
-        return cls(
-            var, lambda cfg, rng: fit_kmeans(prompts[kmeans_sample(len(prompts), cfg, rng)], cfg).predict(prompts)
-        )
+    def from_prompts(
+        cls, prompts: np.ndarray, var: np.ndarray, loss: np.ndarray | None = None, ffn: np.ndarray | None = None
+    ) -> "Candidates":
+        """In-memory candidates (small inputs and tests): prompts (N, w), var (N,), and optionally
+        the source losses (N,) and FFN features (N, f)."""
 
+        def clusters(cfg: SelectConfig, rng: np.random.Generator, space: Space, coords: bool):
+            x = ffn if space == "ffn" else prompts
+            if x is None:
+                raise PumaError("select: no FFN features given")
+            sample = x[kmeans_sample(len(x), cfg, rng)]
+            proj = fit_projection(sample, cfg).transform(x).astype(np.float32) if coords else None
+            return fit_space(sample, cfg, space).predict(x), proj
+
+        def source_loss() -> np.ndarray:
+            if loss is None:
+                raise PumaError("select: no source losses given")
+            return loss
+
+        return cls(var, clusters, source_loss)
+
+
+# Strategies that run the source model (puma_ray.signals): its head and LM on the training rows
+# (loss), or its LM on the prompts (FFN activations).
+NEEDS_LOSS = ("loss_buckets", "kmeans_loss")
+NEEDS_SOURCE_MODEL = (*NEEDS_LOSS, "ffn_kmeans", "ffn_kmeans_variance")
 
 StrategyFn = Callable[[Candidates, int, SelectConfig, np.random.Generator], tuple[np.ndarray, dict]]
 STRATEGIES: dict[str, StrategyFn] = {}
@@ -140,29 +176,78 @@ def fit_kmeans(sample: np.ndarray, cfg: SelectConfig):
     return KMeans(n_clusters=k, n_init=cfg.kmeans_n_init, random_state=cfg.seed).fit(sample)
 
 
-# ---------------------------------------------------------------------------------------------
-# Strategies
+def fit_space(sample: np.ndarray, cfg: SelectConfig, space: Space):
+    """The fitted clustering of ``space`` (anything with ``.predict((N, w)) -> (N,)``): K-means on
+    the rows of ``sample`` (S, w) ("prompt", "ffn"), or on their principal components ("pca")."""
+    if space != "pca":
+        return fit_kmeans(sample, cfg)
+    pca = PCA(n_components=min(cfg.pca_components, *sample.shape), random_state=cfg.seed)
+    k = min(cfg.clusters, len(sample))
+    return make_pipeline(pca, KMeans(n_clusters=k, n_init=cfg.kmeans_n_init, random_state=cfg.seed)).fit(sample)
 
 
-@strategy("random")
-def random_users(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
-    """``budget`` users uniformly at random without replacement (no prompt is read)."""
-    return np.sort(rng.choice(len(cand), size=budget, replace=False)), {}
+def fit_projection(sample: np.ndarray, cfg: SelectConfig) -> PCA:
+    """A PCA to ``cfg.fps_dims`` dims fit on ``sample`` (S, w): the space farthest points are found in."""
+    return PCA(n_components=min(cfg.fps_dims, *sample.shape), random_state=cfg.seed).fit(sample)
 
 
-@strategy("kmeans_variance")
-def kmeans_variance(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
-    """PUMA: K-means diversity x label-variance strata -> (budget,) positions in ``cand``.
+def strata_draw(members: np.ndarray, stat: np.ndarray, take: int, cfg: SelectConfig, rng) -> np.ndarray:
+    """Up to ``take`` of ``members`` (m,) without replacement, from ``cfg.variance_groups``
+    quantile groups of ``stat`` (m,) with probability ~ weight(group) / size(group)
+    (:func:`group_weights`: medium groups favoured); fewer only when zero weights leave too few."""
+    weights = group_weights(cfg)
+    g = variance_groups(stat, cfg.variance_groups, rng)
+    p = weights[g] / np.bincount(g, minlength=cfg.variance_groups)[g]
+    size = min(int(take), int(np.count_nonzero(p)))  # a zero weight (floor 0) can't be drawn
+    return rng.choice(members, size=size, replace=False, p=p / p.sum())
 
-    1. K-means clusters of the prompts (``cand.clusters``: sample fit, every user assigned).
-    2. Per cluster, ``cfg.variance_groups`` variance quantile groups weighted by :func:`group_weights`.
-    3. A minimum of min(cfg.min_per_cluster, size) per cluster (scaled down proportionally when
-       they exceed the budget), the rest in proportion to cluster sizes; inside a cluster, users
-       are drawn without replacement with probability ~ weight(group) / size(group).
+
+def farthest_points(members: np.ndarray, coords: np.ndarray, take: int) -> np.ndarray:
+    """``take`` of ``members`` (m,) by farthest-point sampling over ``coords`` (m, f): the member
+    nearest the mean first, then each time the member farthest from all chosen so far."""
+    first = int(np.argmin(((coords - coords.mean(0)) ** 2).sum(1)))
+    chosen = [first]
+    dist = ((coords - coords[first]) ** 2).sum(1)
+    for _ in range(int(take) - 1):
+        nxt = int(np.argmax(dist))
+        chosen.append(nxt)
+        dist = np.minimum(dist, ((coords - coords[nxt]) ** 2).sum(1))
+    return members[np.array(chosen, np.int64)]
+
+
+def _top_up(picked: np.ndarray, n: int, budget: int, rng) -> tuple[np.ndarray, int]:
+    """``picked`` topped up at random to exactly ``budget`` positions of 0..n-1 -> (sorted, added)."""
+    short = budget - len(picked)
+    if short > 0:
+        rest = np.setdiff1d(np.arange(n), picked)
+        picked = np.concatenate([picked, rng.choice(rest, size=short, replace=False)])
+    return np.sort(picked), int(max(short, 0))
+
+
+def _summary(x: np.ndarray) -> dict:
+    """p10/p50/p90/mean of a per-user statistic (None for no users)."""
+    if len(x) == 0:
+        return {"p10": None, "p50": None, "p90": None, "mean": None}
+    p10, p50, p90 = np.percentile(x, [10, 50, 90])
+    return {"p10": float(p10), "p50": float(p50), "p90": float(p90), "mean": float(np.mean(x))}
+
+
+def _clustered(
+    cand: Candidates, budget: int, cfg: SelectConfig, rng, space: Space = "prompt", within: Within = "uniform"
+):
+    """K-means clusters in ``space`` -> (budget,) positions, drawn inside each cluster by ``within``.
+
+    1. K-means clusters (``cand.clusters``: sample fit, every user assigned).
+    2. A minimum of min(cfg.min_per_cluster, size) per cluster (scaled down proportionally when
+       they exceed the budget), the rest in proportion to cluster sizes.
+    3. Inside a cluster: "uniform" at random; "variance" / "loss": :func:`strata_draw` on the
+       label variance / source loss; "farthest": :func:`farthest_points` in the PCA projection.
     4. A random top-up to exactly ``budget`` (only if the draws above fall short).
     """
-    n, var = len(cand), cand.var
-    cluster = np.asarray(cand.clusters(cfg, rng), np.int64)
+    n = len(cand)
+    cluster, coords = cand.clusters(cfg, rng, space, within == "farthest")
+    cluster = np.asarray(cluster, np.int64)
+    stat = {"variance": cand.var, "loss": cand.loss() if within == "loss" else None}.get(within)
     k = int(cluster.max()) + 1
     sizes = np.bincount(cluster, minlength=k)
 
@@ -171,31 +256,103 @@ def kmeans_variance(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.ra
     extra = apportion(budget - int(base.sum()), sizes, sizes - base, tiebreak=sizes)
     take = base + extra
 
-    weights = group_weights(cfg)
     chosen = []
     for c in range(k):
         members = np.flatnonzero(cluster == c)
         if take[c] == 0:
             continue
-        g = variance_groups(var[members], cfg.variance_groups, rng)
-        p = weights[g] / np.bincount(g, minlength=cfg.variance_groups)[g]
-        size = min(int(take[c]), int(np.count_nonzero(p)))  # a zero weight (floor 0) can't be drawn
-        chosen.append(rng.choice(members, size=size, replace=False, p=p / p.sum()))
+        if stat is not None:
+            chosen.append(strata_draw(members, stat[members], int(take[c]), cfg, rng))
+        elif within == "farthest":
+            chosen.append(farthest_points(members, coords[members], int(take[c])))
+        else:
+            chosen.append(rng.choice(members, size=int(take[c]), replace=False))
     picked = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
-
-    short = budget - len(picked)
-    if short > 0:
-        rest = np.setdiff1d(np.arange(n), picked)
-        picked = np.concatenate([picked, rng.choice(rest, size=short, replace=False)])
-    picked = np.sort(picked)
-    selected_per_cluster = np.bincount(cluster[picked], minlength=k)
-    return picked, {
+    picked, topped_up = _top_up(picked, n, budget, rng)
+    info = {
         "cluster": cluster[picked],
         "cluster_sizes": sizes.tolist(),
-        "cluster_selected": selected_per_cluster.tolist(),
-        "group_weights": weights.tolist(),
-        "topped_up": int(max(short, 0)),
+        "cluster_selected": np.bincount(cluster[picked], minlength=k).tolist(),
+        "topped_up": topped_up,
     }
+    if stat is not None:
+        info["group_weights"] = group_weights(cfg).tolist()
+    if within == "loss":
+        info["loss"] = {"all": _summary(stat), "selected": _summary(stat[picked])}
+    return picked, info
+
+
+def _bucketed(cand: Candidates, budget: int, cfg: SelectConfig, rng, stat: np.ndarray):
+    """No clusters: :func:`strata_draw` over all users on ``stat`` (N,), topped up to ``budget``."""
+    picked = strata_draw(np.arange(len(cand)), stat, budget, cfg, rng)
+    picked, topped_up = _top_up(picked, len(cand), budget, rng)
+    return picked, {"group_weights": group_weights(cfg).tolist(), "topped_up": topped_up}
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies (the paper's Table 4)
+
+
+@strategy("random")
+def random_users(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """``budget`` users uniformly at random without replacement (no prompt is read)."""
+    return np.sort(rng.choice(len(cand), size=budget, replace=False)), {}
+
+
+@strategy("variance_buckets")
+def variance_buckets(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """Label-variance quantile buckets over all users, drawn with the Gaussian group weights."""
+    return _bucketed(cand, budget, cfg, rng, cand.var)
+
+
+@strategy("loss_buckets")
+def loss_buckets(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """Source-loss quantile buckets over all users, drawn with the Gaussian group weights."""
+    loss = cand.loss()
+    picked, info = _bucketed(cand, budget, cfg, rng, loss)
+    return picked, {**info, "loss": {"all": _summary(loss), "selected": _summary(loss[picked])}}
+
+
+@strategy("kmeans")
+def kmeans(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """K-means on the prompts, stratified by cluster size, uniform inside a cluster."""
+    return _clustered(cand, budget, cfg, rng)
+
+
+@strategy("kmeans_pca")
+def kmeans_pca(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """K-means on the prompts' ``cfg.pca_components`` principal components, uniform inside a cluster."""
+    return _clustered(cand, budget, cfg, rng, space="pca")
+
+
+@strategy("kmeans_farthest")
+def kmeans_farthest(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """K-means on the prompts; farthest-point sampling inside a cluster (in a PCA projection)."""
+    return _clustered(cand, budget, cfg, rng, within="farthest")
+
+
+@strategy("kmeans_loss")
+def kmeans_loss(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """K-means on the prompts x source-loss strata inside each cluster."""
+    return _clustered(cand, budget, cfg, rng, within="loss")
+
+
+@strategy("kmeans_variance")
+def kmeans_variance(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """PUMA: K-means on the prompts x label-variance strata inside each cluster."""
+    return _clustered(cand, budget, cfg, rng, within="variance")
+
+
+@strategy("ffn_kmeans")
+def ffn_kmeans(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """K-means on the source LM's FFN activations given the prompt, uniform inside a cluster."""
+    return _clustered(cand, budget, cfg, rng, space="ffn")
+
+
+@strategy("ffn_kmeans_variance")
+def ffn_kmeans_variance(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+    """K-means on the source LM's FFN activations x label-variance strata inside each cluster."""
+    return _clustered(cand, budget, cfg, rng, space="ffn", within="variance")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,52 +377,81 @@ def resolve_budget(budget: float, n_users: int, uri: str) -> int:
     return count
 
 
-def _variance_summary(var: np.ndarray) -> dict:
-    if len(var) == 0:
-        return {"p10": None, "p50": None, "p90": None, "mean": None}
-    p10, p50, p90 = np.percentile(var, [10, 50, 90])
-    return {"p10": float(p10), "p50": float(p50), "p90": float(p90), "mean": float(np.mean(var))}
-
-
-def _assign(batch: pa.Table, km, meta, uri: str) -> pa.Table:
-    """map_batches: (user_id, prompt) rows -> (user_id, cluster int32), prompts validated on the way."""
-    if batch.num_rows == 0:
-        return pa.table({"user_id": pa.array([], pa.string()), "cluster": pa.array([], pa.int32())})
-    x = check_prompt_values(uri, meta, batch)
-    return pa.table({"user_id": batch.column("user_id"), "cluster": pa.array(km.predict(x).astype(np.int32))})
+def _assign(batch: pa.Table, model, proj, width: int, uri: str) -> pa.Table:
+    """map_batches: (user_id, prompt) rows -> (user_id, cluster int32[, coords]), prompts validated."""
+    x = decode_prompts(batch, width, where=uri) if batch.num_rows else np.zeros((0, width), np.float32)
+    cols = {"user_id": batch.column("user_id"), "cluster": pa.array(model.predict(x).astype(np.int32), pa.int32())}
+    if proj is not None:
+        z = proj.transform(x).astype(np.float32)
+        cols["coords"] = pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1)), proj.n_components_)
+    return pa.table(cols)
 
 
 def stream_clusters(
-    store_uri: str, ids: pa.Array, cfg: SelectConfig, rng: np.random.Generator, out_uri: str
-) -> np.ndarray:
-    """K-means over a prompt store without holding it: fit on the prompts of a random sample of
-    ``ids`` (sorted candidate ids, (N,)), assign every store user with Ray Data map_batches into
-    ``out_uri`` (user_id, cluster). Returns (N,) int64 clusters aligned with ``ids``."""
-    meta = read_store_meta(store_uri)
+    uri: str,
+    width: int,
+    ids: pa.Array,
+    cfg: SelectConfig,
+    rng: np.random.Generator,
+    out_uri: str,
+    space: Space = "prompt",
+    coords: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """K-means over a prompt store (or a table of FFN features shaped like one: user_id, prompt
+    (width,)) without holding it: fit on the rows of a random sample of ``ids`` (sorted candidate
+    ids, (N,)), assign every user with Ray Data map_batches into ``out_uri`` (user_id, cluster[,
+    coords]). Returns (N,) int64 clusters aligned with ``ids`` and, when ``coords``, their
+    (N, fps_dims) float32 PCA projection."""
     sample_ids = ids.take(pa.array(kmeans_sample(len(ids), cfg, rng)))
-    sample = storage.read_table(store_uri, filters=pc.field("user_id").isin(sample_ids)).sort_by("user_id")
-    km = fit_kmeans(check_prompt_values(store_uri, meta, sample), cfg)
+    sample = storage.read_table(uri, filters=pc.field("user_id").isin(sample_ids)).sort_by("user_id")
+    x = decode_prompts(sample, width, where=uri)
+    model = fit_space(x, cfg, space)
+    proj = fit_projection(x, cfg) if coords else None
     fs, path = storage.resolve(out_uri)
-    storage.ray_read_parquet(store_uri).map_batches(
+    storage.ray_read_parquet(uri, columns=["user_id", "prompt"]).map_batches(
         _assign,
-        fn_kwargs={"km": km, "meta": meta, "uri": store_uri},
+        fn_kwargs={"model": model, "proj": proj, "width": width, "uri": uri},
         batch_format="pyarrow",
     ).write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE)
-    assigned = storage.read_table(out_uri).cast(pa.schema([("user_id", pa.string()), ("cluster", pa.int32())]))
+    assigned = storage.read_table(out_uri)
+    assigned = assigned.set_column(0, "user_id", assigned.column("user_id").cast(pa.string()))
     assigned = pa.table({"user_id": ids}).join(assigned, "user_id", join_type="inner").sort_by("user_id")
-    return assigned.column("cluster").to_numpy().astype(np.int64)
+    cluster = assigned.column("cluster").to_numpy().astype(np.int64)
+    if not coords:
+        return cluster, None
+    z = decode_prompts(assigned, proj.n_components_, where=out_uri, what="coordinate", column="coords")
+    return cluster, z
 
 
 @user_errors
-def select_users(cfg: SelectConfig, source_store_uri: str, profile_uri: str, out_uri: str) -> dict:
+def select_users(
+    cfg: SelectConfig,
+    source_store_uri: str,
+    profile_uri: str,
+    out_uri: str,
+    train_uri: str | None = None,
+    task: str = "rating",
+    scoring: ScoringConfig | None = None,
+) -> dict:
     """Entry: choose ``cfg.budget`` users of the prompt store that have interactions in the profile.
 
     Writes ``out_uri/selected.parquet`` (user_id, cluster; sorted by user_id),
     ``out_uri/selection.json`` (the returned summary) and, for K-means strategies,
     ``out_uri/clusters/`` (every store user's cluster). Store users without interactions and
-    profile users without a prompt are counted in the summary and noted on stderr.
+    profile users without a prompt are counted in the summary and noted on stderr. The ``loss``
+    strategies score ``train_uri`` (the source's training rows, ``task``) with the source run; the
+    ``ffn`` ones run its LM over the store (``out_uri/ffn_features/``); both with ``scoring``'s
+    actor pool.
     """
     fn = STRATEGIES[cfg.strategy]  # the config accepts only registered names
+    signals, source_model = None, None
+    if cfg.strategy in NEEDS_SOURCE_MODEL:
+        from puma_ray import signals  # noqa: PLC0415 (torch and an LM: for these strategies only)
+
+        source_model = signals.check_source_model(cfg, [source_store_uri])
+        if cfg.strategy in NEEDS_LOSS and train_uri is None:
+            raise PumaError(f"select.strategy {cfg.strategy!r} needs the source's training interactions (data.train)")
+    scoring = scoring or ScoringConfig()
     store_ids = storage.read_table(source_store_uri, columns=["user_id"]).column("user_id").combine_chunks()
     if pc.count_distinct(store_ids).as_py() != len(store_ids):
         raise PumaError(
@@ -291,10 +477,26 @@ def select_users(cfg: SelectConfig, source_store_uri: str, profile_uri: str, out
     ids = cand.column("user_id").combine_chunks()
     var = cand.column("label_var").to_numpy()
     budget = resolve_budget(cfg.budget, len(ids), source_store_uri)
+    say(f"select: {cfg.strategy}, {budget:,} of {len(ids):,} users")
 
+    width = read_store_meta(source_store_uri).width
     clusters_uri = storage.join(out_uri, "clusters")
-    candidates = Candidates(var, lambda c, rng: stream_clusters(source_store_uri, ids, c, rng, clusters_uri))
-    picked, extra = fn(candidates, budget, cfg, np.random.default_rng(cfg.seed))
+
+    def clusters(c: SelectConfig, rng: np.random.Generator, space: Space, coords: bool):
+        uri, w = source_store_uri, width
+        if space == "ffn":
+            uri = storage.join(out_uri, "ffn_features")
+            say(f"select: FFN activations of {source_model['path']} for every user")
+            w = signals.ffn_features(source_store_uri, source_model, task, c.ffn_layers, scoring, uri)
+        return stream_clusters(uri, w, ids, c, rng, clusters_uri, space, coords)
+
+    def loss() -> np.ndarray:
+        say(f"select: source loss of every candidate on {train_uri}")
+        table = signals.source_losses(source_store_uri, source_model, train_uri, task, scoring)
+        aligned = pa.table({"user_id": ids}).join(table, "user_id", join_type="left outer").sort_by("user_id")
+        return aligned.column("loss").fill_null(np.nan).to_numpy()
+
+    picked, extra = fn(Candidates(var, clusters, loss), budget, cfg, np.random.default_rng(cfg.seed))
     picked = np.asarray(picked, np.int64)
     if len(picked) != budget or len(np.unique(picked)) != budget:
         raise RuntimeError(
@@ -316,7 +518,7 @@ def select_users(cfg: SelectConfig, source_store_uri: str, profile_uri: str, out
         "skipped_no_prompt": no_prompt,
         "selected": budget,
         "seed": cfg.seed,
-        "variance": {"all": _variance_summary(var), "selected": _variance_summary(var[picked])},
+        "variance": {"all": _summary(var), "selected": _summary(var[picked])},
         **extra,
     }
     storage.write_json(storage.join(out_uri, "selection.json"), summary)

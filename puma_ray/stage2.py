@@ -15,17 +15,16 @@ import hashlib
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from puma_ray import storage
 from puma_ray.adapter import MigrationAdapter
 from puma_ray.config import MigrateConfig
 from puma_ray.console import say
-from puma_ray.data import hashed_fraction, load_interactions, shard_by_user, shard_rows, shuffle_partitions
+from puma_ray.data import join_on, keep_hashed, keep_users, load_interactions, shard_by_user
 from puma_ray.heads import build_head
 from puma_ray.llm import FrozenLM, row_texts
-from puma_ray.schema import decode_prompts
+from puma_ray.schema import decode_prompts, read_store_meta
 from puma_ray.sources import Sources
 from puma_ray.trainer import Batch, TaskModel, Trained, Worker, fit
 
@@ -68,14 +67,16 @@ def training_rows(cfg: MigrateConfig, src_uri: str, users: pa.Array, all_users: 
     prompts. "train" holds the selected ``users``' rows; "valid" the users ``cfg.validation`` names
     (a fixed hashed sample of all ``all_users`` users, or the selected ones). -> {split: Ray Dataset}."""
 
-    def selected(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(batch.column("user_id"), value_set=users))
-
-    def sampled(batch: pa.Table) -> pa.Table:
-        ids = batch.column("user_id").to_numpy(zero_copy_only=False)
-        return batch.filter(hashed_fraction(ids, cfg.validation.sample_users / max(1, all_users)))
-
+    # Filters as (function, arguments) of the light puma_ray.data module: Ray Data's tasks import
+    # the module of their function, and this one imports torch and transformers (seconds per worker)
+    selected = (keep_users, {"users": users})
+    sampled = (keep_hashed, {"fraction": cfg.validation.sample_users / max(1, all_users)})
     keep = {"train": selected, "valid": selected if cfg.validation.users == "selected" else sampled}
+    side_users = {
+        "train": len(users),
+        "valid": len(users) if keep["valid"] is selected else cfg.validation.sample_users,
+    }
+    width = read_store_meta(src_uri).width
     out = {}
     for split in ("train", "valid"):
         uri = getattr(cfg.data, split)
@@ -83,11 +84,13 @@ def training_rows(cfg: MigrateConfig, src_uri: str, users: pa.Array, all_users: 
             continue
         ds, rows = load_interactions(uri, cfg.task)
         prompts = storage.ray_read_parquet(src_uri, columns=["user_id", "prompt"])
-        out[split] = ds.map_batches(keep[split], batch_format="pyarrow").join(
-            prompts.map_batches(keep[split], batch_format="pyarrow"),
-            join_type="inner",
-            num_partitions=shuffle_partitions(rows),
-            on=("user_id",),
+        fn, args = keep[split]
+        out[split] = join_on(
+            ds.map_batches(fn, fn_kwargs=args, batch_format="pyarrow"),
+            prompts.map_batches(fn, fn_kwargs=args, batch_format="pyarrow"),
+            "user_id",
+            rows,
+            side_bytes=side_users[split] * width * 4,  # float32 prompts of the split's users
         )
     return out
 
@@ -106,7 +109,7 @@ def train_adapter(
     }
     world = cfg.scaling.num_workers
     shards = shard_by_user(datasets, world, storage.join(cfg.run.storage_path, f"{cfg.run.name}-rows"), key)
-    rows = sum(shard_rows(uri) for name, uri in shards.items() if name.startswith("train_"))
+    rows = sum(storage.parquet_rows(uri) for name, uri in shards.items() if name.startswith("train_"))
     say(
         f"adapter: training on {len(users):,} selected users ({rows:,} interactions), "
         f"d {src.meta.hidden_size} -> {d_tgt}, {cfg.train.epochs} epoch(s) on {world} worker(s)"

@@ -258,6 +258,12 @@ def parquet_file(uri: str) -> pq.ParquetFile:
         return pq.ParquetFile(fs.open_input_file(path))
 
 
+def parquet_rows(uri: str) -> int:
+    """Rows of the Parquet file(s) at ``uri`` (a file or a directory), from their footers."""
+    files = [uri] if uri.endswith(".parquet") else list_files(uri, ".parquet")
+    return sum(parquet_file(f).metadata.num_rows for f in files)
+
+
 def write_table(uri: str, table: pa.Table) -> None:
     with parquet_writer(uri, table.schema) as w:
         w.write_table(table)

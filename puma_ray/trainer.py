@@ -38,7 +38,7 @@ from torch import nn
 
 from puma_ray import console, storage, weights
 from puma_ray.config import MigrateConfig, PromptsConfig, TrainConfig
-from puma_ray.data import iter_shard, shard_rows
+from puma_ray.data import iter_shard
 from puma_ray.errors import PumaError
 from puma_ray.heads import Head
 from puma_ray.llm import FrozenLM, row_texts
@@ -203,7 +203,7 @@ def _worker(trainable: Trainable, rank: int, world: int, device: torch.device) -
     read from its shard's user_id column only."""
     train, valid = trainable.shards[f"train_{rank}"], trainable.shards.get(f"valid_{rank}")
     if not trainable.has_local:
-        return Worker(rank, world, device, train, valid, shard_rows(train))
+        return Worker(rank, world, device, train, valid, storage.parquet_rows(train))
     ids = storage.read_table(train, columns=["user_id"]).column("user_id")
     users = tuple(sorted(pc.unique(ids).to_pylist()))
     return Worker(rank, world, device, train, valid, len(ids), users, {u: i for i, u in enumerate(users)})

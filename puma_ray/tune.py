@@ -260,6 +260,9 @@ def tune(cfg: TuneConfig, callbacks: tuple = ()) -> dict:
     ``callbacks``: extra Ray Tune callbacks (tests use one to interrupt a search). Returns the
     results.json content."""
     init_ray(cfg.base.ray, cfg.base.storage)
+    # Tune's newer console output prints its own tables even at verbose=0; the search's story is
+    # TrialEvents' lines (the legacy output at verbose=0 prints nothing)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     cfg = cfg.model_copy(
         update={
             "base": _absolute(cfg.base),

@@ -12,10 +12,12 @@ import pytest
 import ray
 from moto.server import ThreadedMotoServer
 
+from puma_ray import config as C
 from puma_ray.config import RayConfig
 from puma_ray.datasets.synthetic import synthesize
 from puma_ray.models import build_tiny
 from puma_ray.runtime import init_ray
+from puma_ray.stage1 import train_prompts
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before any tokenizer runs (Ray forks workers)
 
@@ -37,6 +39,38 @@ def ctr_data(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("ctr"))
     synthesize(out, users=40, task="ctr", seed=4, items=200, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def stage1_cfg(tiny_models, rating_data):
+    """Builds the stage-1 tests' config: ``root``/out and ``root``/runs, Llama on the rating data (or
+    ``data_dir``), 2 epochs, l = 2, 2 workers with ZeRO-1; ``over`` is merged in."""
+
+    def make(root, data_dir: str = rating_data, task: str = "rating", **over) -> C.PromptsConfig:
+        base = {
+            "task": task,
+            "model": {"path": tiny_models["llama"]},
+            "data": {"train": f"{data_dir}/train", "valid": f"{data_dir}/valid"},
+            "output": str(root / "out"),
+            "prompt_length": 2,
+            "train": {"epochs": 2, "batch_size": 64, "lr": 3e-3, "prompt_lr": 3e-2},
+            "scaling": {"num_workers": 2, "zero_stage": 1},
+            "run": {"name": f"t-{root.name}", "storage_path": str(root / "runs")},
+        }
+        return C.build(C.PromptsConfig, C.deep_merge(base, over))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def stage1_runs(tmp_path_factory, stage1_cfg, ray_session) -> dict[int, tuple]:
+    """That config trained once for the whole suite on 1 and on 2 workers: {workers: (cfg, summary)}.
+    The tests that only read a trained run share these instead of training their own."""
+    runs = {}
+    for workers in (1, 2):
+        cfg = stage1_cfg(tmp_path_factory.mktemp(f"stage1-w{workers}"), scaling={"num_workers": workers})
+        runs[workers] = (cfg, train_prompts(cfg))
+    return runs
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ from puma_ray.heads import build_head, save_head
 from puma_ray.llm import FrozenLM
 from puma_ray.metrics import dataset_metrics, sorted_auc
 from puma_ray.schema import StoreMeta, write_prompt_store
-from puma_ray.stage1 import train_prompts
 
 
 def test_rating_metrics_by_hand(ray_session):
@@ -74,22 +73,11 @@ def test_sorted_auc_is_exact_with_ties_across_batches(batch):
     assert sorted_auc(batches) == pytest.approx(roc_auc_score(label, pred), abs=1e-12)
 
 
-def test_evaluate_runs_and_reports_unknown_users(tmp_path, tiny_models, rating_data, ray_session, capsys):
-    """A stage-1 output scored against baselines; valid rows of users without a prompt are counted."""
+def test_evaluate_runs_and_reports_unknown_users(tmp_path, tiny_models, rating_data, stage1_runs, capsys):
+    """A stage-1 output (the suite's 1-worker run) scored against baselines; valid rows of users
+    without a prompt are counted."""
 
-    out = str(tmp_path / "run")
-    train_prompts(
-        C.build(
-            C.PromptsConfig,
-            {
-                "model": {"path": tiny_models["llama"]},
-                "data": {"train": f"{rating_data}/train"},
-                "output": out,
-                "train": {"epochs": 1, "batch_size": 128},
-                "run": {"name": "ev", "storage_path": str(tmp_path / "runs")},
-            },
-        )
-    )
+    out = stage1_runs[1][0].output
     valid = pq.read_table(f"{rating_data}/valid")
     extra = valid.slice(0, 3).set_column(0, "user_id", pa.array(["stranger"] * 3)).cast(valid.schema)
     storage.write_table(str(tmp_path / "valid/part-0.parquet"), pa.concat_tables([valid, extra]))

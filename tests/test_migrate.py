@@ -19,7 +19,12 @@ from puma_ray.rewrite import rewrite
 from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
 from puma_ray.stage2 import training_rows
 
-FAST = {"adapter": {"width": 32}, "train": {"epochs": 1, "batch_size": 64, "lr": 3e-3}, "rewrite": {"batch_size": 16}}
+FAST = {
+    "adapter": {"width": 32},
+    "train": {"epochs": 1, "batch_size": 64, "lr": 3e-3},
+    "scaling": {"num_workers": 1},  # 2 workers: test_s3_migrate, test_fault_tolerance, test_cluster_job
+    "rewrite": {"batch_size": 16},
+}
 
 
 def make_store(uri, model_path, users, seed=0, l=1, task="rating"):

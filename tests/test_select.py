@@ -11,9 +11,11 @@ from puma_ray.errors import PumaError
 from puma_ray.profile import PROFILE_SCHEMA
 from puma_ray.schema import StoreMeta, write_prompt_store
 from puma_ray.select import (
+    NEEDS_SOURCE_MODEL,
     STRATEGIES,
     Candidates,
     apportion,
+    farthest_points,
     fit_kmeans,
     group_weights,
     kmeans_sample,
@@ -34,9 +36,13 @@ def blobs(sizes=SIZES, dim=8, seed=0):
     return x, np.repeat(np.arange(len(sizes)), sizes)
 
 
-def run(name, prompts, var, budget, seed=0, **cfg):
+ALL = list(get_args(Strategy))
+
+
+def run(name, prompts, var, budget, seed=0, loss=None, ffn=None, **cfg):
     cfg = SelectConfig(seed=seed, **{"clusters": len(SIZES), "min_per_cluster": 20, **cfg})
-    return STRATEGIES[name](Candidates.from_prompts(prompts, var), budget, cfg, np.random.default_rng(seed))
+    cand = Candidates.from_prompts(prompts, var, loss=loss, ffn=ffn)
+    return STRATEGIES[name](cand, budget, cfg, np.random.default_rng(seed))
 
 
 @pytest.fixture(scope="module")
@@ -46,27 +52,99 @@ def data():
     return x, var, blob
 
 
+def signals(x):
+    """Stand-ins for the source model's signals: a loss (N,) and FFN features (N, 12) of the prompts."""
+    loss = np.abs(x[:, 0]) / 10 + np.random.default_rng(2).random(len(x))
+    ffn = np.tanh(x @ np.random.default_rng(3).normal(size=(x.shape[1], 12)) / 10).astype(np.float32)
+    return {"loss": loss, "ffn": ffn}
+
+
 def test_registry():
-    assert {"random", "kmeans_variance"} <= set(STRATEGIES)
+    """Every strategy of the paper's Table 4 is registered."""
+    assert set(STRATEGIES) == {
+        "random",
+        "variance_buckets",
+        "loss_buckets",
+        "kmeans",
+        "kmeans_pca",
+        "kmeans_farthest",
+        "kmeans_loss",
+        "kmeans_variance",
+        "ffn_kmeans",
+        "ffn_kmeans_variance",
+    }
 
 
-@pytest.mark.parametrize("name", ["random", "kmeans_variance"])
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("budget", [1, 7, 50, 79, 80, 300, 759, 760])  # 4 clusters * min 20 = 80
 def test_exact_budget_unique(data, name, budget):
     x, var, _ = data
-    idx, _ = run(name, x, var, budget)
+    idx, _ = run(name, x, var, budget, **signals(x))
     assert len(idx) == budget and len(np.unique(idx)) == budget
     assert idx.min() >= 0 and idx.max() < len(x)
 
 
-@pytest.mark.parametrize("name", ["random", "kmeans_variance"])
+@pytest.mark.parametrize("name", ALL)
 def test_deterministic_per_seed(data, name):
     x, var, _ = data
-    a, _ = run(name, x, var, 100, seed=5)
-    b, _ = run(name, x, var, 100, seed=5)
-    c, _ = run(name, x, var, 100, seed=6)
+    a, _ = run(name, x, var, 100, seed=5, **signals(x))
+    b, _ = run(name, x, var, 100, seed=5, **signals(x))
+    c, _ = run(name, x, var, 100, seed=6, **signals(x))
     np.testing.assert_array_equal(a, b)
-    assert set(a) != set(c)
+    if name != "kmeans_farthest":  # farthest points depend on the seed only through the clusters
+        assert set(a) != set(c)
+
+
+@pytest.mark.parametrize("name", ["kmeans", "kmeans_pca", "kmeans_farthest", "kmeans_loss", "ffn_kmeans"])
+def test_cluster_strategies_split_the_budget_like_puma(data, name):
+    """All cluster strategies share PUMA's split over clusters (minimum, then proportional); on
+    well-separated blobs the clusters are the blobs in every space."""
+    x, var, blob = data
+    _, puma = run("kmeans_variance", x, var, 300)
+    idx, extra = run(name, x, var, 300, **signals(x))
+    assert sorted(extra["cluster_selected"]) == sorted(puma["cluster_selected"])
+    assert sorted(np.bincount(blob[idx], minlength=len(SIZES))) == sorted(puma["cluster_selected"])
+
+
+def test_farthest_points_take_the_extremes():
+    line = np.linspace(0, 1, 101)[:, None]
+    got = farthest_points(np.arange(101) + 1000, line, 3)
+    assert got.tolist() == [1050, 1000, 1100]  # the middle, then both ends
+
+
+def test_kmeans_farthest_spreads_wider_than_uniform(data):
+    x, var, _ = data
+    spread = {}
+    for name in ("kmeans", "kmeans_farthest"):
+        idx, extra = run(name, x, var, 120)
+        c = extra["cluster"]
+        spread[name] = np.mean([np.linalg.norm(x[idx][c == k] - x[idx][c == k].mean(0), axis=1).mean() for k in set(c)])
+    assert spread["kmeans_farthest"] > 1.2 * spread["kmeans"]
+
+
+@pytest.mark.parametrize("name, key", [("loss_buckets", "loss"), ("variance_buckets", "var")])
+def test_buckets_favour_the_middle_strata(name, key):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(5000, 4)).astype(np.float32)
+    stat = rng.random(5000)
+    idx, extra = run(name, x, stat if key == "var" else np.zeros(5000), 500, loss=stat)
+    share = np.bincount(np.minimum((stat[idx] * 5).astype(int), 4), minlength=5) / len(idx)
+    # numpy draws weighted samples one by one without replacement: close to the weights, a bit flatter
+    np.testing.assert_allclose(share, extra["group_weights"], atol=0.05)
+    assert share[2] > 2 * max(share[0], share[4])
+    if name == "loss_buckets":
+        assert extra["loss"]["selected"]["mean"] == pytest.approx(stat[idx].mean())
+
+
+def test_signals_are_computed_only_when_asked(data):
+    """A strategy reads only what it needs: no loss for the variance ones, no FFN features for prompt K-means."""
+    x, var, _ = data
+    for name in ("random", "variance_buckets", "kmeans", "kmeans_pca", "kmeans_farthest", "kmeans_variance"):
+        run(name, x, var, 50)  # from_prompts raises when a missing signal is asked for
+    with pytest.raises(PumaError, match="no source losses"):
+        run("kmeans_loss", x, var, 50)
+    with pytest.raises(PumaError, match="no FFN features"):
+        run("ffn_kmeans", x, var, 50)
 
 
 def test_kmeans_minimum_then_proportional(data):
@@ -222,10 +300,21 @@ def test_select_users_random_fraction(tmp_path, inputs, ray_session):
     assert set(storage.read_table(f"{out}/selected.parquet").column("cluster").to_pylist()) == {-1}
 
 
-def test_select_users_errors(tmp_path, inputs, ray_session):
+@pytest.mark.parametrize("name", [n for n in ALL if n not in NEEDS_SOURCE_MODEL])
+def test_select_users_errors(tmp_path, inputs, name, ray_session):
+    """A budget no strategy can fill is one line, before anything is written (the strategies that
+    run the source model are refused earlier when it is missing: tests/test_signals.py)."""
     store, profile, _, _ = inputs
     with pytest.raises(PumaError, match="budget 36 exceeds the 35 users with interactions"):
-        select_users(SelectConfig(budget=36), store, profile, str(tmp_path / "a"))
+        select_users(SelectConfig(strategy=name, budget=36), store, profile, str(tmp_path / "a"))
+    assert not storage.exists(str(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("name", NEEDS_SOURCE_MODEL)
+def test_source_model_strategies_refuse_a_bare_store(tmp_path, inputs, name):
+    store, profile, _, _ = inputs
+    with pytest.raises(PumaError, match="must be the prompts/ of a `prompts train` or `migrate` output directory"):
+        select_users(SelectConfig(strategy=name), store, profile, str(tmp_path / "a"), "train")
     assert not storage.exists(str(tmp_path / "a"))
 
 
@@ -233,7 +322,9 @@ def test_strategies_are_one_registry_validated_by_the_config():
     """config.Strategy names exactly the registered functions; an unknown name is refused when the
     config is read (one line), before any work, by every command that takes one (migrate, tune)."""
     assert set(STRATEGIES) == set(get_args(Strategy))
-    with pytest.raises(PumaError, match=r"select.strategy: Input should be 'random' or 'kmeans_variance'"):
+    with pytest.raises(
+        PumaError, match=r"select.strategy: Input should be 'random', 'variance_buckets', .* or 'ffn_kmeans_variance'"
+    ):
         build(
             MigrateConfig,
             {

@@ -1,6 +1,8 @@
 """Stage 1 integration: Ray Train TorchTrainer, 2 workers, DeepSpeed engine on CPU (gloo)."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,22 +21,8 @@ from puma_ray.stage1 import PromptTable, train_prompts
 from puma_ray.trainer import lr_schedule
 
 
-def _cfg(tmp_path, models, data_dir, task="rating", **over):
-    base = {
-        "task": task,
-        "model": {"path": models["llama"]},
-        "data": {"train": f"{data_dir}/train", "valid": f"{data_dir}/valid"},
-        "output": str(tmp_path / "out"),
-        "train": {"epochs": 2, "batch_size": 64, "lr": 3e-3, "prompt_lr": 3e-2},
-        "scaling": {"num_workers": 2, "zero_stage": 1},
-        "run": {"name": f"t-{tmp_path.name}", "storage_path": str(tmp_path / "runs")},
-    }
-    return C.build(C.PromptsConfig, C.deep_merge(base, over))
-
-
-def test_stage1_two_workers_deepspeed(tmp_path, tiny_models, rating_data, ray_session):
-    cfg = _cfg(tmp_path, tiny_models, rating_data, prompt_length=2)
-    summary = train_prompts(cfg)
+def test_stage1_two_workers_deepspeed(stage1_runs, tiny_models, rating_data):
+    cfg, summary = stage1_runs[2]
     train = pq.read_table(f"{rating_data}/train")
     users = sorted(set(train.column("user_id").to_pylist()))
 
@@ -44,7 +32,8 @@ def test_stage1_two_workers_deepspeed(tmp_path, tiny_models, rating_data, ray_se
     assert meta.stage == "prompts" and meta.model == tiny_models["llama"]
     assert np.abs(prompts).max() > 0.1  # moved away from the uniform(-0.1, 0.1) init
     # every epoch reported a checkpoint (2 kept), each epoch pushed ~all rows through the LM
-    ckpts = [d for d in (tmp_path / "runs" / cfg.run.name).iterdir() if d.is_dir() and d.name.startswith("checkpoint_")]
+    runs = os.path.join(cfg.run.storage_path, cfg.run.name)
+    ckpts = [d for d in os.listdir(runs) if os.path.isdir(os.path.join(runs, d)) and d.startswith("checkpoint_")]
     assert len(ckpts) == 2
     n = train.num_rows
     assert 2 * (n - 2) <= summary["lm_sample_passes"] <= 2 * n
@@ -55,14 +44,9 @@ def test_stage1_two_workers_deepspeed(tmp_path, tiny_models, rating_data, ray_se
     )
 
 
-def test_random_init_keeps_prompts_and_ctr_task(tmp_path, tiny_models, ctr_data, ray_session):
-    cfg = _cfg(
-        tmp_path,
-        tiny_models,
-        ctr_data,
-        task="ctr",
-        train={"epochs": 1, "train_prompts": False},
-        scaling={"zero_stage": 0},
+def test_random_init_keeps_prompts_and_ctr_task(tmp_path, stage1_cfg, ctr_data, ray_session):
+    cfg = stage1_cfg(
+        tmp_path, ctr_data, task="ctr", train={"epochs": 1, "train_prompts": False}, scaling={"zero_stage": 0}
     )
     summary = train_prompts(cfg)
     _, _, prompts = read_prompt_store(f"{cfg.output}/prompts")
@@ -70,28 +54,29 @@ def test_random_init_keeps_prompts_and_ctr_task(tmp_path, tiny_models, ctr_data,
     assert 0.0 <= summary["final_metrics"]["val_auc"] <= 1.0
 
 
-def test_bad_labels_fail_before_training(tmp_path, tiny_models, rating_data, ray_session):
+def test_bad_labels_fail_before_training(tmp_path, stage1_cfg, rating_data, ray_session):
     t = pq.read_table(f"{rating_data}/train")
     t = t.set_column(
         t.schema.get_field_index("label"), "label", pc.add(t.column("label"), pa.scalar(3.0, pa.float32()))
     )
     storage.write_table(str(tmp_path / "bad/part-0.parquet"), t)
-    cfg = _cfg(tmp_path, tiny_models, rating_data, data={"train": str(tmp_path / "bad"), "valid": None})
+    cfg = stage1_cfg(tmp_path, data={"train": str(tmp_path / "bad"), "valid": None})
     with pytest.raises(PumaError, match=r"bad: \d+ label\(s\) outside the rating range 1..5"):
         train_prompts(cfg)
 
 
-def test_empty_interactions(tmp_path, tiny_models, rating_data, ray_session):
+def test_empty_interactions(tmp_path, stage1_cfg, rating_data, ray_session):
     t = pq.read_table(f"{rating_data}/train").slice(0, 0)
     storage.write_table(str(tmp_path / "empty/part-0.parquet"), t)
-    cfg = _cfg(tmp_path, tiny_models, rating_data, data={"train": str(tmp_path / "empty"), "valid": None})
+    cfg = stage1_cfg(tmp_path, data={"train": str(tmp_path / "empty"), "valid": None})
     with pytest.raises(PumaError, match="empty input"):
         train_prompts(cfg)
 
 
-def _last_checkpoint_state(runs_dir) -> list[dict]:
+def _last_checkpoint_state(cfg) -> list[dict]:
     """The run's last checkpoint (by time): each rank's local state (prompt table + its optimizer
     state), then the shared module's optimizer state."""
+    runs_dir = Path(cfg.run.storage_path, cfg.run.name)
     last = max(d for d in runs_dir.iterdir() if d.is_dir() and d.name.startswith("checkpoint_"))
     return [load(f.read_bytes()) for f in sorted(last.glob("local-*.safetensors"))] + [
         load((last / "optimizer-00000.safetensors").read_bytes())
@@ -109,19 +94,18 @@ def stop_after_first_epoch():
     return StopAfterFirstEpoch()
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_state(tmp_path, tiny_models, rating_data, ray_session):
+def test_interrupted_run_resumes_to_the_uninterrupted_state(tmp_path, stage1_cfg, stage1_runs):
     """A run interrupted after its first epoch and run again (same run.name) resumes from that
     checkpoint and ends with the table, the per-row optimizer state and the store of an
-    uninterrupted run; its LM sample-passes count both runs' epochs once."""
-    cfg = _cfg(tmp_path, tiny_models, rating_data, data={"valid": None})
+    uninterrupted run of the same config (the suite's 2-worker stage-1 run); its LM sample-passes
+    count both runs' epochs once."""
+    cfg = stage1_cfg(tmp_path)
     with pytest.raises(Exception, match="interrupted after epoch 1"):
         train_prompts(cfg, callbacks=(stop_after_first_epoch(),))
     resumed = train_prompts(cfg)
-    straight = _cfg(tmp_path / "straight", tiny_models, rating_data, data={"valid": None})
-    uninterrupted = train_prompts(straight)
+    straight, uninterrupted = stage1_runs[2]
     assert resumed["lm_sample_passes"] == uninterrupted["lm_sample_passes"] and resumed["final_metrics"]["epoch"] == 1
-    states = [_last_checkpoint_state(tmp_path / "runs" / cfg.run.name)]
-    states.append(_last_checkpoint_state(tmp_path / "straight" / "runs" / straight.run.name))
+    states = [_last_checkpoint_state(cfg), _last_checkpoint_state(straight)]
     assert len(states[0]) == len(states[1]) == 3
     for a, b in zip(*states):
         assert set(a) == set(b) and len(a) >= 3
@@ -166,7 +150,7 @@ def test_row_wise_adamw_is_adamw_on_the_rows_it_touches(weight_decay):
         assert changed.tolist() == [False, False, True, False], k
 
 
-def test_workers_hold_only_their_users(tmp_path, tiny_models, rating_data, ray_session):
+def test_workers_hold_only_their_users(stage1_runs, rating_data):
     """Stage 1 partitions users: each worker's prompt table holds only its users (disjoint, all
     covered), every worker writes its own store file, and the table per worker shrinks as workers
     are added."""
@@ -174,14 +158,7 @@ def test_workers_hold_only_their_users(tmp_path, tiny_models, rating_data, ray_s
     users = sorted(set(pq.read_table(f"{rating_data}/train", columns=["user_id"]).column("user_id").to_pylist()))
     per_worker = {}
     for w in (1, 2):
-        cfg = _cfg(
-            tmp_path / f"w{w}",
-            tiny_models,
-            rating_data,
-            train={"epochs": 1},
-            scaling={"num_workers": w, "zero_stage": 0},
-        )
-        summary = train_prompts(cfg)
+        cfg, summary = stage1_runs[w]
         fm = summary["final_metrics"]
         assert sum(summary["worker_users"]) == len(users) and len(summary["worker_users"]) == w
         files = storage.list_files(f"{cfg.output}/prompts", ".parquet")

@@ -1,0 +1,199 @@
+"""The paper's selection study (Table 4, METHOD.md "Group-based user selection") on one test bed.
+
+One stage-1 run on the source model, then one PUMA migration per (strategy, budget, seed): every
+strategy at ``--budget`` (the paper's ratio: 2,000 of ~30k users, ~7%) x ``--seeds`` seeds, plus
+``random`` and ``kmeans_variance`` at each of ``--sweep`` budgets. The seed sets both the
+selection and the adapter's training, so the spread is the whole run-to-run noise. All migrated
+stores are scored in ONE evaluation pass (the target LM loads once). Prints, per (strategy,
+budget): mean and standard deviation of the migrated RMSE (AUC for CTR) over the seeds, the cost
+(selected users, LM sample-passes, wall s), and which differences to ``random`` at the same budget
+exceed twice the larger of their standard deviations; writes ``study.json`` and ``study.png``.
+
+Test beds (``--data``): ``movielens`` (MovieLens-100k from the recbole wheel, as
+benchmarks/real_quality.py) or ``synthetic`` (the quickstart's data, ``--users``); models: the
+quickstart's tiny random-init LMs (Llama d=64 -> Qwen2 d=96).
+
+    python benchmarks/selection_study.py --data movielens --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import get_args
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
+from puma_ray import config as C
+from puma_ray import storage
+from puma_ray.console import say
+from puma_ray.datasets.synthetic import synthesize
+from puma_ray.evaluate import evaluate
+from puma_ray.models import build_tiny
+from puma_ray.pipeline import migrate_step
+from puma_ray.profile import profile_users
+from puma_ray.quickstart import DEFAULTS
+from puma_ray.runtime import init_ray
+from puma_ray.stage1 import train_prompts
+
+sys.path.insert(0, os.path.dirname(__file__))
+from real_quality import movielens_100k  # noqa: E402 (a sibling script)
+
+matplotlib.use("Agg")
+
+PAPER = "paper (Amazon, 2k of 30k users): kmeans_variance 0.9315, random 0.9419, random at 6k users 0.9320"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", choices=["movielens", "synthetic"], default="movielens")
+    ap.add_argument("--users", type=int, default=2000, help="synthetic: users")
+    ap.add_argument("--budget", type=float, default=0.07, help="every strategy at this fraction of the users")
+    ap.add_argument("--sweep", type=float, nargs="*", default=[0.05, 0.10, 0.20], help="random/kmeans_variance")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--strategies", nargs="*", default=None, help="default: all of config.Strategy")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--work", default="/tmp/bench/selection_study")
+    ap.add_argument("--cache", default=os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE)))
+    args = ap.parse_args()
+    strategies = args.strategies or list(get_args(C.Strategy))
+    unknown = sorted(set(strategies) - set(get_args(C.Strategy)))
+    if unknown:
+        sys.exit(f"selection_study: unknown strategies {unknown}; choose from {list(get_args(C.Strategy))}")
+    t0 = time.time()
+    if args.data == "movielens":
+        data = movielens_100k(args.work, args.cache)
+    else:
+        data = os.path.join(args.work, f"synthetic-{args.users}")
+        if not storage.exists(os.path.join(data, "meta.json")):
+            synthesize(data, users=args.users, task="rating", seed=0)
+    models = build_tiny(os.path.join(args.work, "models"), [DEFAULTS["source"], DEFAULTS["target"]])
+    source, target = models[DEFAULTS["source"]], models[DEFAULTS["target"]]
+    out = os.path.join(args.work, f"run-{args.data}")
+    storage.delete_dir(out)
+    init_ray(C.RayConfig())
+    splits = {"train": os.path.join(data, "train"), "valid": os.path.join(data, "valid")}
+    common = {"task": "rating", "data": splits, "scaling": {"num_workers": args.workers}}
+    ray_runs = os.path.join(out, "ray_runs")
+
+    say(f"selection study: stage 1 on {os.path.basename(source)}")
+    s1 = C.build(
+        C.PromptsConfig,
+        {
+            **common,
+            "model": {"path": source},
+            "train": DEFAULTS["train"],
+            "output": os.path.join(out, "source"),
+            "run": {"name": "study-source", "storage_path": ray_runs},
+        },
+    )
+    s1_summary = train_prompts(s1)
+    profile = profile_users(splits["train"], "rating", os.path.join(out, "profile"))
+
+    cells = [(name, args.budget) for name in strategies]
+    cells += [(name, b) for b in args.sweep for name in ("random", "kmeans_variance") if b != args.budget]
+    m = DEFAULTS["migrate"]
+    runs, costs = {}, {}
+    for i, (name, budget) in enumerate(cells):
+        for seed in range(args.seeds):
+            key = f"{name}@{budget:g}#s{seed}"
+            say(f"selection study: migration {i * args.seeds + seed + 1} of {len(cells) * args.seeds}: {key}")
+            cfg = C.build(
+                C.MigrateConfig,
+                {
+                    **common,
+                    "model": {"path": target},
+                    "sources": [os.path.join(s1.output, "prompts")],
+                    "output": os.path.join(out, "migrations", key.replace("@", "_").replace("#", "_")),
+                    "select": {**m["select"], "strategy": name, "budget": budget, "seed": seed},
+                    "adapter": m["adapter"],
+                    "train": {**m["train"], "seed": seed},
+                    "evaluate": False,
+                    "run": {"name": f"study-{i}-{seed}", "storage_path": ray_runs},
+                },
+            )
+            summary = migrate_step(cfg, profile=profile)
+            runs[key] = cfg.output
+            costs[key] = {
+                "selected_users": summary["selected_users"],
+                "lm_sample_passes": summary["lm_sample_passes"],
+                "wall_s": summary["wall_s"],
+            }
+
+    say(f"selection study: scoring {len(runs)} migrated stores in one pass")
+    report = evaluate(
+        C.build(
+            C.EvaluateConfig,
+            {"task": "rating", "data": splits, "runs": runs, "baselines": ["user_mean", "bias"]},
+        )
+    )
+    rows = []
+    for name, budget in cells:
+        keys = [f"{name}@{budget:g}#s{s}" for s in range(args.seeds)]
+        rmse = np.array([report["methods"][k]["rmse"] for k in keys])
+        rows.append(
+            {
+                "strategy": name,
+                "budget": budget,
+                "rmse_mean": float(rmse.mean()),
+                "rmse_std": float(rmse.std(ddof=1)) if len(rmse) > 1 else 0.0,
+                "rmse": rmse.tolist(),
+                **{c: float(np.mean([costs[k][c] for k in keys])) for c in ("selected_users", "lm_sample_passes")},
+                "wall_s": float(np.mean([costs[k]["wall_s"] for k in keys])),
+            }
+        )
+    random_at = {r["budget"]: r for r in rows if r["strategy"] == "random"}
+    print(f"\nSelection study on {args.data} ({args.seeds} seeds; tiny Llama d=64 -> Qwen2 d=96)")
+    print("| strategy | budget | users | RMSE mean | RMSE std | vs random (same budget) | LM sample-passes | wall s |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|")
+    for r in rows:
+        ref = random_at.get(r["budget"])
+        verdict = ""
+        if ref is not None and r is not ref:
+            diff = r["rmse_mean"] - ref["rmse_mean"]
+            noise = 2 * max(r["rmse_std"], ref["rmse_std"])
+            verdict = f"{diff:+.4f} ({'beyond' if abs(diff) > noise else 'within'} 2 std)"
+        print(
+            f"| {r['strategy']} | {r['budget']:g} | {r['selected_users']:.0f} | {r['rmse_mean']:.4f} | "
+            f"{r['rmse_std']:.4f} | {verdict} | {r['lm_sample_passes']:,.0f} | {r['wall_s']:.1f} |"
+        )
+    for base in ("user_mean", "bias"):
+        print(f"{base}: RMSE {report['methods'][base]['rmse']:.4f}")
+    print(PAPER)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    for name in sorted({r["strategy"] for r in rows}):
+        mine = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["budget"])
+        ax.errorbar(
+            [r["selected_users"] for r in mine],
+            [r["rmse_mean"] for r in mine],
+            yerr=[r["rmse_std"] for r in mine],
+            marker="o",
+            capsize=3,
+            label=name,
+            linestyle="-" if len(mine) > 1 else "none",
+        )
+    ax.set_xlabel("users selected for adapter training")
+    ax.set_ylabel("migrated RMSE (mean, std over seeds)")
+    ax.set_title(f"Selection strategies on {args.data}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "study.png"))
+    result = {
+        "data": args.data,
+        "seeds": args.seeds,
+        "rows": rows,
+        "baselines": {b: report["methods"][b]["rmse"] for b in ("user_mean", "bias")},
+        "source_stage1_wall_s": s1_summary["wall_s"],
+        "wall_s": time.time() - t0,
+    }
+    storage.write_json(os.path.join(out, "study.json"), result)
+    print(f"\n{time.time() - t0:.0f} s; {out}/study.json, {out}/study.png")
+
+
+if __name__ == "__main__":
+    main()
