@@ -31,17 +31,14 @@ import numpy as np
 from puma_ray import config as C
 from puma_ray import storage
 from puma_ray.console import say
-from puma_ray.datasets.synthetic import synthesize
 from puma_ray.evaluate import evaluate
-from puma_ray.models import build_tiny
 from puma_ray.pipeline import migrate_step
 from puma_ray.profile import profile_users
 from puma_ray.quickstart import DEFAULTS
-from puma_ray.runtime import init_ray
 from puma_ray.stage1 import train_prompts
 
 sys.path.insert(0, os.path.dirname(__file__))
-from real_quality import movielens_100k  # noqa: E402 (a sibling script)
+from _testbed import MODELS, add_options, test_bed  # noqa: E402 (a sibling module)
 
 matplotlib.use("Agg")
 
@@ -50,33 +47,19 @@ PAPER = "paper (Amazon, 2k of 30k users): kmeans_variance 0.9315, random 0.9419,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", choices=["movielens", "synthetic"], default="movielens")
-    ap.add_argument("--users", type=int, default=2000, help="synthetic: users")
     ap.add_argument("--budget", type=float, default=0.07, help="every strategy at this fraction of the users")
     ap.add_argument("--sweep", type=float, nargs="*", default=[0.05, 0.10, 0.20], help="random/kmeans_variance")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--strategies", nargs="*", default=None, help="default: all of config.Strategy")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--work", default="/tmp/bench/selection_study")
-    ap.add_argument("--cache", default=os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE)))
+    add_options(ap, "/tmp/bench/selection_study")
     args = ap.parse_args()
     strategies = args.strategies or list(get_args(C.Strategy))
     unknown = sorted(set(strategies) - set(get_args(C.Strategy)))
     if unknown:
         sys.exit(f"selection_study: unknown strategies {unknown}; choose from {list(get_args(C.Strategy))}")
     t0 = time.time()
-    if args.data == "movielens":
-        data = movielens_100k(args.work, args.cache)
-    else:
-        data = os.path.join(args.work, f"synthetic-{args.users}")
-        if not storage.exists(os.path.join(data, "meta.json")):
-            synthesize(data, users=args.users, task="rating", seed=0)
-    models = build_tiny(os.path.join(args.work, "models"), [DEFAULTS["source"], DEFAULTS["target"]])
-    source, target = models[DEFAULTS["source"]], models[DEFAULTS["target"]]
-    out = os.path.join(args.work, f"run-{args.data}")
-    storage.delete_dir(out)
-    init_ray(C.RayConfig())
-    splits = {"train": os.path.join(data, "train"), "valid": os.path.join(data, "valid")}
+    bed = test_bed(args)
+    source, target, out, splits = bed.source, bed.target, bed.out, bed.splits
     common = {"task": "rating", "data": splits, "scaling": {"num_workers": args.workers}}
     ray_runs = os.path.join(out, "ray_runs")
 
@@ -109,7 +92,13 @@ def main() -> None:
                     "model": {"path": target},
                     "sources": [os.path.join(s1.output, "prompts")],
                     "output": os.path.join(out, "migrations", key.replace("@", "_").replace("#", "_")),
-                    "select": {**m["select"], "strategy": name, "budget": budget, "seed": seed},
+                    "select": {
+                        "strategy": name,
+                        "budget": budget,
+                        "seed": seed,
+                        # the paper's 50 of 2,000 per cluster, scaled to this budget
+                        "min_per_cluster": max(1, round(budget * profile["users"] * 50 / 2000)),
+                    },
                     "adapter": m["adapter"],
                     "train": {**m["train"], "seed": seed},
                     "evaluate": False,
@@ -147,7 +136,7 @@ def main() -> None:
             }
         )
     random_at = {r["budget"]: r for r in rows if r["strategy"] == "random"}
-    print(f"\nSelection study on {args.data} ({args.seeds} seeds; tiny Llama d=64 -> Qwen2 d=96)")
+    print(f"\nSelection study on {args.data} ({args.seeds} seeds; {MODELS})")
     print("| strategy | budget | users | RMSE mean | RMSE std | vs random (same budget) | LM sample-passes | wall s |")
     print("|---|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:

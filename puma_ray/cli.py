@@ -17,12 +17,14 @@ VERBOSE_HELP = "print the Ray/DeepSpeed worker logs here instead of only in the 
 
 # command -> (module, entry function, config class). Stage modules import torch, Ray and transformers
 # (seconds), so each is imported only when its command runs: `puma-ray --help` and `data synth` stay fast.
+# Keys: (command, subcommand or None).
 STAGES = {
-    "prompts": ("puma_ray.stage1", "train_prompts", C.PromptsConfig),
-    "evaluate": ("puma_ray.evaluate", "evaluate", C.EvaluateConfig),
-    "migrate": ("puma_ray.pipeline", "migrate", C.MigrateConfig),
-    "rewrite": ("puma_ray.rewrite", "rewrite", C.RewriteJobConfig),
-    "tune": ("puma_ray.tune", "tune", C.TuneConfig),
+    ("prompts", "train"): ("puma_ray.stage1", "train_prompts", C.PromptsConfig),
+    ("prompts", "coldstart"): ("puma_ray.coldstart", "cold_start", C.ColdStartConfig),
+    ("evaluate", None): ("puma_ray.evaluate", "evaluate", C.EvaluateConfig),
+    ("migrate", None): ("puma_ray.pipeline", "migrate", C.MigrateConfig),
+    ("rewrite", None): ("puma_ray.rewrite", "rewrite", C.RewriteJobConfig),
+    ("tune", None): ("puma_ray.tune", "tune", C.TuneConfig),
 }
 TOOLS = {  # (command, subcommand) -> (module, function): the commands without a config file
     ("data", "synth"): ("puma_ray.datasets.synthetic", "synthesize"),
@@ -159,7 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         "train one soft prompt per user through a frozen LM",
         "Ray Train (TorchTrainer) + DeepSpeed; writes OUTPUT/prompts (store), head.safetensors/json, summary.json.\n"
-        "Run it on the target model for the 'full retraining' baseline.",
+        "Run it on the target model for the 'full retraining' baseline; with `init_head` (a migrated run),\n"
+        "`train.head_lr=0` and the new users' interactions, it trains only users who arrived after a migration.",
+    )
+    _config_cmd(
+        prompts,
+        "coldstart",
+        "prompts for users who arrived after a migration, without training: their best cluster centroid",
+        "K-means on the migrated prompts; each new user (interactions in data.train, no prompt in `run`) gets\n"
+        "the centroid under which the migrated model's loss on its interactions is lowest.\n"
+        "Writes OUTPUT/prompts (the new users), head.* (the migrated head), summary.json.",
     )
     _config_cmd(
         sub,
@@ -209,9 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _stage(args: argparse.Namespace) -> tuple[str, str | None]:
+    return args.cmd, getattr(args, "sub", None)
+
+
 def run(args: argparse.Namespace) -> None:
-    if args.cmd in STAGES:
-        module, entry, cls = STAGES[args.cmd]
+    if _stage(args) in STAGES:
+        module, entry, cls = STAGES[_stage(args)]
         verbose = [("base.ray.verbose" if args.cmd == "tune" else "ray.verbose") + "=true"] if args.verbose else []
         cfg = C.load(cls, args.config, [*args.overrides, *verbose])
         _entry(module, entry)(cfg)
@@ -257,7 +272,7 @@ def main(argv: list[str] | None = None, native_to_log: bool = False) -> int:
     ``native_to_log``: the process is the user's terminal session (the ``puma-ray`` script): what
     native code writes to fd 2 (Ray's C++ core worker logs its own errors there) goes to a log file."""
     args = build_parser().parse_args(argv)
-    if native_to_log and (args.cmd in STAGES or args.cmd == "quickstart") and not args.verbose:
+    if native_to_log and (_stage(args) in STAGES or args.cmd == "quickstart") and not args.verbose:
         console.logs_to_file()
     try:
         run(args)

@@ -63,6 +63,9 @@ class TrainConfig(Strict):
     batch_size: int = Field(64, ge=1, description="micro-batch per worker")
     lr: float = Field(5e-4, gt=0, description="learning rate of the head (and adapter)")
     prompt_lr: Optional[float] = Field(None, gt=0, description="learning rate of the prompt table (default: lr)")
+    head_lr: Optional[float] = Field(
+        None, ge=0, description="learning rate of the task head (default: lr; 0 keeps the head as it starts)"
+    )
     weight_decay: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_frac: float = Field(0.0, ge=0, lt=1)
@@ -125,6 +128,16 @@ class PromptsConfig(Strict):
     prompt_length: int = Field(1, ge=1)
     template: Optional[str] = Field(None, description="template id (default: the task's built-in one)")
     head: HeadConfig = HeadConfig()
+    init_head: Optional[str] = Field(
+        None,
+        description="a run directory whose head (head.safetensors/json, made for this model) training starts from; "
+        "with train.head_lr=0 it stays fixed: users who arrive after a migration, trained on the migrated head",
+    )
+    init_prompts: Optional[str] = Field(
+        None,
+        description="a prompt store (made for this model) whose prompts its users start from; the others start "
+        "uniform (e.g. `puma-ray prompts coldstart`'s cluster centroids)",
+    )
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     ray: RayConfig = RayConfig()
@@ -150,6 +163,24 @@ class ScoringConfig(ActorPoolConfig):
     on GPU clusters set ``num_gpus`` per actor and a bigger ``batch_size``."""
 
     batch_size: int = Field(256, ge=1, description="rows per LM forward")
+
+
+class ColdStartConfig(Strict):
+    """``puma-ray prompts coldstart``: target prompts for users who arrived after a migration, without
+    training anyone: each new user gets the centroid (of ``clusters`` K-means clusters of the migrated
+    prompts) under which the migrated model's loss on the user's interactions is lowest."""
+
+    task: Task = "rating"
+    run: str = Field(description="the migrated run directory (prompts/ + head.*)")
+    model: Optional[ModelConfig] = Field(None, description="the target LM (default: the model the store records)")
+    data: DataConfig = Field(description="train: the new users' interactions (valid is not read)")
+    output: str = Field(description="URI: a run directory: prompts/ (the new users only), head.*, summary.json")
+    clusters: int = Field(15, ge=1)
+    kmeans_sample: int = Field(100_000, ge=1, description="K-means is fit on at most this many migrated prompts")
+    seed: int = 0
+    scoring: ScoringConfig = ScoringConfig()
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
 
 
 class EvaluateConfig(Strict):

@@ -16,18 +16,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import nn
 
 from puma_ray import storage
-from puma_ray.config import PromptsConfig, TrainConfig
+from puma_ray.config import HeadConfig, PromptsConfig, TrainConfig
 from puma_ray.console import say
 from puma_ray.data import load_interactions, shard_by_user
-from puma_ray.errors import user_errors
-from puma_ray.heads import build_head, save_head
+from puma_ray.errors import PumaError, user_errors
+from puma_ray.heads import build_head, load_head, save_head
 from puma_ray.llm import FrozenLM, row_texts, store_meta
 from puma_ray.runtime import init_ray
-from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table
+from puma_ray.schema import StoreMeta, decode_prompts, prompt_store_schema, prompt_table, read_store_meta
 from puma_ray.trainer import VAL_METRICS, Batch, TaskModel, Worker, fit
 
 
@@ -113,10 +114,20 @@ class PromptsTrainable:
     has_local: bool = True
 
     def local(self, worker: Worker) -> PromptTable:
+        """The worker's users' prompts: uniform(-init_range, init_range), or ``cfg.init_prompts``'s
+        rows for the users that store holds."""
         t = self.cfg.train
-        return PromptTable(len(worker.users), self.cfg.prompt_length, self.hidden_size, t.init_range, t.train_prompts)
+        table = PromptTable(len(worker.users), self.cfg.prompt_length, self.hidden_size, t.init_range, t.train_prompts)
+        if self.cfg.init_prompts:
+            users = pa.array(worker.users, pa.string())
+            init = storage.read_table(self.cfg.init_prompts, filters=pc.field("user_id").isin(users))
+            rows = [worker.index[u] for u in init.column("user_id").to_pylist()]
+            table.weight[rows] = torch.from_numpy(decode_prompts(init, self.meta.width, self.cfg.init_prompts))
+        return table
 
     def shared(self) -> TaskModel:
+        if self.cfg.init_head:
+            return TaskModel(load_head(self.cfg.init_head, self.cfg.task, self.meta.model_fingerprint).train())
         return TaskModel(build_head(self.cfg.task, self.hidden_size, self.cfg.head))
 
     def batch(self, rows: pa.Table, lm: FrozenLM, worker: Worker) -> Batch | None:
@@ -141,6 +152,23 @@ class PromptsTrainable:
                 w.write_table(prompt_table(self.meta, list(worker.users[i : i + chunk]), rows))
 
 
+def _check_inits(cfg: PromptsConfig, meta: StoreMeta) -> PromptsConfig:
+    """Refuse (one line, before any work) an ``init_head`` or ``init_prompts`` made for another model
+    or shape; with ``init_head`` the config's head becomes the one it holds (it is saved as such)."""
+    if cfg.init_head:
+        load_head(cfg.init_head, cfg.task, meta.model_fingerprint)  # refuses another task or model
+        saved = storage.read_json(storage.join(cfg.init_head, "head.json"))["head"]
+        cfg = cfg.model_copy(update={"head": HeadConfig(**saved)})
+    if cfg.init_prompts:
+        init = read_store_meta(cfg.init_prompts)
+        if (init.model_fingerprint, init.width) != (meta.model_fingerprint, meta.width):
+            raise PumaError(
+                f"{cfg.init_prompts}: init_prompts were made for model {init.model!r} with width {init.width}; "
+                f"this run trains {meta.model!r} (fingerprint {meta.model_fingerprint}) with width {meta.width}"
+            )
+    return cfg
+
+
 @user_errors
 def train_prompts(cfg: PromptsConfig, callbacks: tuple = ()) -> dict:
     """Stage 1 entry: train per-user prompts + head; write the store, head and summary to ``cfg.output``.
@@ -152,6 +180,7 @@ def train_prompts(cfg: PromptsConfig, callbacks: tuple = ()) -> dict:
     if cfg.data.valid:
         datasets["valid"], _ = load_interactions(cfg.data.valid, cfg.task)
     meta = store_meta(cfg.model.path, cfg.task, cfg.template, cfg.prompt_length, "prompts")
+    cfg = _check_inits(cfg, meta)
     world = cfg.scaling.num_workers
     say(
         f"prompts: {train_rows:,} training rows on {cfg.model.path} (d={meta.hidden_size}), "

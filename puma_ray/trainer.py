@@ -232,10 +232,17 @@ def epoch_line(label: str, metrics: dict, seconds: float, rows: float) -> str:
 
 
 def _engine(shared: TaskModel, cfg, schedule):
-    """The DeepSpeed engine over the shared module: AdamW at ``train.lr`` on ``schedule``."""
+    """The DeepSpeed engine over the shared module: AdamW at ``train.lr`` on ``schedule`` (the head
+    in its own group at ``train.head_lr`` when that is set; 0 leaves it exactly as it starts)."""
     import deepspeed  # noqa: PLC0415 -- reads the accelerator setup_worker chose (DS_ACCELERATOR) at import
 
-    optimizer = torch.optim.AdamW(shared.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    t = cfg.train
+    params = shared.parameters()
+    if t.head_lr is not None:
+        head = list(shared.head.parameters())
+        rest = [p for p in shared.parameters() if all(p is not h for h in head)]
+        params = [{"params": head, "lr": t.head_lr}, *([{"params": rest}] if rest else [])]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ds_config = deepspeed_config(cfg.scaling, cfg.train, cfg.model.dtype)
     engine, *_ = deepspeed.initialize(model=shared, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)

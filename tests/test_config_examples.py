@@ -13,6 +13,7 @@ CLASSES = {
     "migrate": C.MigrateConfig,
     "rewrite": C.RewriteJobConfig,
     "tune": C.TuneConfig,
+    "coldstart": C.ColdStartConfig,
 }
 
 
