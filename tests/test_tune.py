@@ -234,7 +234,7 @@ def test_config_defaults_and_mistakes():
     for search, msg in [
         ({"adapter.widht": {"choice": [64]}}, r"search.adapter.widht=64: .*widht"),
         ({"adapter.width": {"choice": [64, 0]}}, r"search.adapter.width=0: .*greater than or equal to 1"),
-        ({"select.strategy": {"choice": ["random", "kmeans"]}}, r"search.select.strategy='kmeans': .*'random' or"),
+        ({"select.strategy": {"choice": ["random", "kmean"]}}, r"search.select.strategy='kmean': .*'random', "),
         ({"train.epochs": {"choice": [1, 2]}}, "train.epochs is the scheduler's budget"),
         ({"adapter": {"choice": [1]}}, "search.adapter"),
     ]:
