@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="rows per step and worker")
     ap.add_argument("--d", type=int, default=576, help="the target LM's width")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--stages", nargs="*", choices=["1", "2"], default=["1", "2"])
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="train-throughput-")
     init_ray(C.RayConfig())
@@ -121,48 +122,58 @@ def main() -> None:
         "load_at_start": os.getloadavg(),
     }
 
-    # stage 1
-    log = os.path.join(root, "stage1.jsonl")
-    cfg = C.build(
-        C.PromptsConfig,
-        {**common, "output": f"{root}/s1", "run": {"name": "s1", "storage_path": f"{root}/ray"}},
-    )
-    print("train_throughput: stage 1 on Ray Train ...", flush=True)
-    train_prompts(cfg, callbacks=(epoch_log(log),))
-    ray_rate = last_epoch_rate(log)
-    train_ds, rows = load_interactions(cfg.data.train, cfg.task)
-    shards = shard_by_user({"train": train_ds}, 1, f"{root}/s1-one", {"stage": 1})
-    meta = store_meta(target, "rating", None, 1, "prompts")
-    one = PromptsTrainable(cfg, meta.hidden_size, rows, shards, f"{root}/s1-one-store", meta)
-    print("train_throughput: stage 1 in one process ...", flush=True)
-    one_rate = one_process(one, cfg, threads=args.workers)
-    out["stage1"] = {"ray_train": round(ray_rate, 1), "one_process": round(one_rate, 1), "ratio": ray_rate / one_rate}
+    if "1" in args.stages:
+        log = os.path.join(root, "stage1.jsonl")
+        cfg = C.build(
+            C.PromptsConfig,
+            {**common, "output": f"{root}/s1", "run": {"name": "s1", "storage_path": f"{root}/ray"}},
+        )
+        print("train_throughput: stage 1 on Ray Train ...", flush=True)
+        train_prompts(cfg, callbacks=(epoch_log(log),))
+        ray_rate = last_epoch_rate(log)
+        train_ds, rows = load_interactions(cfg.data.train, cfg.task)
+        shards = shard_by_user({"train": train_ds}, 1, f"{root}/s1-one", {"stage": 1})
+        meta = store_meta(target, "rating", None, 1, "prompts")
+        one = PromptsTrainable(cfg, meta.hidden_size, rows, shards, f"{root}/s1-one-store", meta)
+        print("train_throughput: stage 1 in one process ...", flush=True)
+        one_rate = one_process(one, cfg, threads=args.workers)
+        out["stage1"] = {
+            "ray_train": round(ray_rate, 1),
+            "one_process": round(one_rate, 1),
+            "ratio": ray_rate / one_rate,
+        }
 
-    # stage 2: every user's rows (the adapter's training subset = all users), source prompts d = 64
-    src = join_sources([f"{data}/prompts"], f"{root}/joined")
-    users = pc.unique(storage.read_table(f"{data}/train", columns=["user_id"]).column("user_id")).combine_chunks()
-    mcfg = C.build(
-        C.MigrateConfig,
-        {
-            **common,
-            "sources": [src.uri],
-            "output": f"{root}/s2",
-            "adapter": {"width": 256},
-            "run": {"name": "s2", "storage_path": f"{root}/ray"},
-        },
-    )
-    log = os.path.join(root, "stage2.jsonl")
-    print("train_throughput: stage 2 on Ray Train ...", flush=True)
-    train_adapter(mcfg, src, args.d, users, len(users), callbacks=(epoch_log(log),))
-    ray_rate = last_epoch_rate(log)
-    shards = shard_by_user(training_rows(mcfg, src.uri, users, len(users)), 1, f"{root}/s2-one", {"stage": 2})
-    rows = storage.parquet_rows(shards["train_0"])
-    one = AdapterTrainable(mcfg, src.meta.hidden_size, args.d, rows, shards)
-    print("train_throughput: stage 2 in one process ...", flush=True)
-    one_rate = one_process(one, mcfg, threads=args.workers)
-    out["stage2"] = {"ray_train": round(ray_rate, 1), "one_process": round(one_rate, 1), "ratio": ray_rate / one_rate}
+    if "2" in args.stages:
+        # stage 2: every user's rows (the adapter's training subset = all users), source prompts d = 64
+        src = join_sources([f"{data}/prompts"], f"{root}/joined")
+        users = pc.unique(storage.read_table(f"{data}/train", columns=["user_id"]).column("user_id"))
+        mcfg = C.build(
+            C.MigrateConfig,
+            {
+                **common,
+                "sources": [src.uri],
+                "output": f"{root}/s2",
+                "adapter": {"width": 256},
+                "run": {"name": "s2", "storage_path": f"{root}/ray"},
+            },
+        )
+        mcfg = mcfg.model_copy(update={"prompt_length": src.meta.prompt_length})  # what migrate_step sets
+        log = os.path.join(root, "stage2.jsonl")
+        print("train_throughput: stage 2 on Ray Train ...", flush=True)
+        train_adapter(mcfg, src, args.d, users, len(users), callbacks=(epoch_log(log),))
+        ray_rate = last_epoch_rate(log)
+        shards = shard_by_user(training_rows(mcfg, src.uri, users, len(users)), 1, f"{root}/s2-one", {"stage": 2})
+        rows = storage.parquet_rows(shards["train_0"])
+        one = AdapterTrainable(mcfg, src.meta.hidden_size, args.d, rows, shards)
+        print("train_throughput: stage 2 in one process ...", flush=True)
+        one_rate = one_process(one, mcfg, threads=args.workers)
+        out["stage2"] = {
+            "ray_train": round(ray_rate, 1),
+            "one_process": round(one_rate, 1),
+            "ratio": ray_rate / one_rate,
+        }
     out["load_at_end"] = os.getloadavg()
-    for stage in ("stage1", "stage2"):
+    for stage in (f"stage{k}" for k in args.stages):
         r = out[stage]
         print(
             f"train_throughput: {stage}: Ray Train {r['ray_train']:,.1f} samples/s, one process {r['one_process']:,.1f}"
