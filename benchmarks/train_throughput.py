@@ -61,6 +61,10 @@ def last_epoch_rate(path: str) -> float:
     return (last["lm_sample_passes"] - before["lm_sample_passes"]) / (last["wall_s"] - before["wall_s"])
 
 
+def rates(ray_rate: float, one_rate: float) -> dict:
+    return {"ray_train": round(ray_rate, 1), "one_process": round(one_rate, 1), "ratio": ray_rate / one_rate}
+
+
 def one_process(trainable, cfg, threads: int) -> float:
     """The stage's step in this process (no Ray Train, no DeepSpeed): samples/s of the last epoch."""
     torch.set_num_threads(threads)
@@ -137,11 +141,7 @@ def main() -> None:
         one = PromptsTrainable(cfg, meta.hidden_size, rows, shards, f"{root}/s1-one-store", meta)
         print("train_throughput: stage 1 in one process ...", flush=True)
         one_rate = one_process(one, cfg, threads=args.workers)
-        out["stage1"] = {
-            "ray_train": round(ray_rate, 1),
-            "one_process": round(one_rate, 1),
-            "ratio": ray_rate / one_rate,
-        }
+        out["stage1"] = rates(ray_rate, one_rate)
 
     if "2" in args.stages:
         # stage 2: every user's rows (the adapter's training subset = all users), source prompts d = 64
@@ -167,11 +167,7 @@ def main() -> None:
         one = AdapterTrainable(mcfg, src.meta.hidden_size, args.d, rows, shards)
         print("train_throughput: stage 2 in one process ...", flush=True)
         one_rate = one_process(one, mcfg, threads=args.workers)
-        out["stage2"] = {
-            "ray_train": round(ray_rate, 1),
-            "one_process": round(one_rate, 1),
-            "ratio": ray_rate / one_rate,
-        }
+        out["stage2"] = rates(ray_rate, one_rate)
     out["load_at_end"] = os.getloadavg()
     for stage in (f"stage{k}" for k in args.stages):
         r = out[stage]

@@ -35,11 +35,6 @@ from puma_ray.select import fit_kmeans, kmeans_sample
 HEAD_FILES = ("head.safetensors", "head.json")
 
 
-def _copy_head(run: str, out: str) -> None:
-    for name in HEAD_FILES:
-        storage.write_bytes(storage.join(out, name), storage.read_bytes(storage.join(run, name)))
-
-
 @user_errors
 def cold_start(cfg: ColdStartConfig) -> dict:
     """Entry: a centroid prompt for every user of ``cfg.data.train`` without a prompt in ``cfg.run``.
@@ -70,14 +65,13 @@ def cold_start(cfg: ColdStartConfig) -> dict:
     sample = storage.read_table(store, filters=pc.field("user_id").isin(sample_ids)).sort_by("user_id")
     centroids = fit_kmeans(check_prompt_values(store, meta, sample), sel).cluster_centers_.astype(np.float32)
 
-    work = storage.join(cfg.output, "candidates")
+    work = storage.join(cfg.output, "candidates")  # one store per centroid: every new user holds it
     storage.delete_dir(work)
     runs = {}
     for j, c in enumerate(centroids):
-        run = storage.join(work, f"c{j:03d}")
-        write_prompt_store(storage.join(run, "prompts"), meta, new.to_pylist(), np.repeat(c[None], len(new), 0))
-        _copy_head(cfg.run, run)
-        runs[f"c{j:03d}"] = {"uri": run, "model": model}
+        store_j = storage.join(work, f"c{j:03d}")
+        write_prompt_store(store_j, meta, new.to_pylist(), np.repeat(c[None], len(new), 0))
+        runs[f"c{j:03d}"] = {"uri": cfg.run, "prompts": store_j, "model": model}  # scored with the migrated head
     new_rows = rows.map_batches(keep_users, fn_kwargs={"users": new}, batch_format="pyarrow").materialize()
     n_new_rows = new_rows.count()
     with console.Relay() as relay:
@@ -92,7 +86,8 @@ def cold_start(cfg: ColdStartConfig) -> dict:
     out_meta = dataclasses.replace(meta, stage="coldstart")
     storage.delete_dir(storage.join(cfg.output, "prompts"))
     write_prompt_store(storage.join(cfg.output, "prompts"), out_meta, new.to_pylist(), centroids[pick])
-    _copy_head(cfg.run, cfg.output)
+    for name in HEAD_FILES:  # the output is a run directory: the migrated head beside its prompts
+        storage.write_bytes(storage.join(cfg.output, name), storage.read_bytes(storage.join(cfg.run, name)))
     storage.delete_dir(work)
     summary = {
         "stage": "coldstart",

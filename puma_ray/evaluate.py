@@ -32,7 +32,8 @@ class PromptScorer:
     """map_batches callable over valid rows joined with their users' prompts of every run:
     (run, user_id, label, item_text[, history_text], prompt) -> (run, user_id, label, pred[, loss]).
 
-    ``runs``: name -> {"uri": the run, "model": its model config}. The actor loads each LM once
+    ``runs``: name -> {"uri": the run, "model": its model config[, "prompts": a store to use
+    instead of the run's prompts/ (scored with the run's head)]}. The actor loads each LM once
     (runs made for the same model share it) and each run's head; prompts arrive in the rows.
     Rows scored are counted on the driver's console (``relay``: a console.Relay handle, under
     ``label``)."""
@@ -54,7 +55,7 @@ class PromptScorer:
         self.runs: dict[str, tuple] = {}
         lms: dict[tuple, FrozenLM] = {}
         for name, run in runs.items():
-            meta = read_store_meta(storage.join(run["uri"], "prompts"))
+            meta = read_store_meta(run_store(run))
             m = run["model"]
             key = (m["path"], m["dtype"], m["attn_implementation"], meta.template, meta.prompt_length)
             if key not in lms:
@@ -74,13 +75,13 @@ class PromptScorer:
             rows = batch.take(pa.array(where))
             prompts = torch.from_numpy(decode_prompts(rows, l * d)).view(len(where), l, d).to(self.device)
             items, history = row_texts(rows)
+            labels = torch.from_numpy(rows.column("label").to_numpy()).float().to(self.device) if self.loss else None
             for s in range(0, len(where), self.batch_size):
                 part = slice(s, s + self.batch_size)
                 inputs = lm.collate(items[part], history[part] if history is not None else None)
                 out = lm.forward(prompts[part], inputs, want_hidden=head.wants_hidden)
                 if self.loss:
-                    label = torch.from_numpy(rows.column("label").to_numpy()[part]).float().to(self.device)
-                    row_loss, p = head.row_loss(out, label)
+                    row_loss, p = head.row_loss(out, labels[part])
                     loss[where[part]] = row_loss.float().cpu().numpy()
                 else:
                     p = head.predict(out)
@@ -88,6 +89,11 @@ class PromptScorer:
         self.counter.add(batch.num_rows)
         cols = {"run": batch["run"], "user_id": batch["user_id"], "label": batch["label"], "pred": pred}
         return pa.table({**cols, "loss": loss} if self.loss else cols)
+
+
+def run_store(run: dict) -> str:
+    """The prompt store a scored run reads: its "prompts" entry, else the run directory's prompts/."""
+    return run.get("prompts") or storage.join(run["uri"], "prompts")
 
 
 def run_model(model: ModelConfig | None, run_uri: str) -> dict:
@@ -116,13 +122,13 @@ def score_runs(
     label: str,
     loss: bool = False,
 ):
-    """Interaction rows joined with the prompts of every run (``runs``: name -> {"uri": the run
-    directory, "model": its model config}) and scored in one pass by an actor pool (the runs' LMs
+    """Interaction rows joined with the prompts of every run (``runs``: as :class:`PromptScorer`
+    takes them) and scored in one pass by an actor pool (the runs' LMs
     + heads per actor; rows counted on the console through ``relay``, a console.Relay handle,
     under ``label``) -> materialized (run, user_id, label, pred[, loss]); ``loss``: add each row's
     training loss (Head.row_loss)."""
     stores = [
-        storage.ray_read_parquet(storage.join(run["uri"], "prompts"), columns=["user_id", "prompt"]).map_batches(
+        storage.ray_read_parquet(run_store(run), columns=["user_id", "prompt"]).map_batches(
             tag_run, fn_kwargs={"run": name}, batch_format="pyarrow"
         )
         for name, run in runs.items()
@@ -130,10 +136,7 @@ def score_runs(
     prompts = stores[0].union(*stores[1:]) if len(stores) > 1 else stores[0]
     total = rows_count * len(stores)
     side_bytes = sum(
-        storage.parquet_rows(storage.join(run["uri"], "prompts"))
-        * read_store_meta(storage.join(run["uri"], "prompts")).width
-        * 4
-        for run in runs.values()
+        storage.parquet_rows(run_store(run)) * read_store_meta(run_store(run)).width * 4 for run in runs.values()
     )
     joined = join_on(rows_ds, prompts, "user_id", total, side_bytes, at_least=actor_pool_size(sc, "scoring"))
     scorer_args = {

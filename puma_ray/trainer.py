@@ -239,9 +239,9 @@ def _engine(shared: TaskModel, cfg, schedule):
     t = cfg.train
     params = shared.parameters()
     if t.head_lr is not None:
-        head = list(shared.head.parameters())
-        rest = [p for p in shared.parameters() if all(p is not h for h in head)]
-        params = [{"params": head, "lr": t.head_lr}, *([{"params": rest}] if rest else [])]
+        params = [{"params": shared.head.parameters(), "lr": t.head_lr}]
+        if shared.adapter is not None:
+            params.append({"params": shared.adapter.parameters()})
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ds_config = deepspeed_config(cfg.scaling, cfg.train, cfg.model.dtype)
