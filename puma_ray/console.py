@@ -11,6 +11,8 @@ the driver.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import re
 import sys
@@ -84,7 +86,8 @@ class Progress:
     """A periodic counter: ``rewrite: 480,000/1,600,000 users (30%), 9,650 users/s, ETA 1 min 56 s``.
 
     Prints at most every ``every`` seconds, so a loop shorter than that prints nothing; ``close``
-    prints a last line only when a periodic one was printed (the reader then sees the end)."""
+    prints a last line only when a periodic one was printed (the reader then sees the end) and it
+    was not already the end."""
 
     def __init__(self, label: str, total: int | None = None, unit: str = "rows", every: float = 5.0):
         self.label = label
@@ -95,7 +98,7 @@ class Progress:
         self.detail = ""
         self.t0 = time.monotonic()
         self.last = self.t0
-        self.printed = False
+        self.printed: int | None = None  # the count on the last line printed
 
     def add(self, n: int, detail: str | None = None) -> None:
         """Count ``n`` more units done (``detail``: text shown after the rate, e.g. counts by reason)."""
@@ -110,7 +113,7 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= self.every:
             self.last = now
-            self.printed = True
+            self.printed = done
             say(self.line())
 
     def line(self) -> str:
@@ -128,7 +131,7 @@ class Progress:
 
     def close(self) -> float:
         """Ends the counter; returns the seconds it ran."""
-        if self.printed:
+        if self.printed is not None and self.printed != self.done:
             say(self.line())
         return time.monotonic() - self.t0
 
@@ -148,13 +151,30 @@ class _RelayActor:
         return items
 
 
+@dataclasses.dataclass(frozen=True)
+class RelayHandle:
+    """What a worker holds (in its config) to reach one :class:`Relay`: the job's relay actor and the
+    relay's token. Items carry the token, so one that arrives after its relay closed is dropped by
+    the next relay instead of showing up in another stage's story."""
+
+    actor: object
+    token: int
+
+    def send(self, item: tuple, wait: bool = False) -> None:
+        """Sends ``item``; with ``wait``, returns once the actor holds it and everything this
+        process sent before it (Ray runs one caller's calls to an actor in order)."""
+        ref = self.actor.put.remote((self.token, *item))
+        if wait:
+            ray.get(ref)
+
+
 class Relay:
     """Driver side of the worker -> terminal channel. ``with Relay() as relay:`` give
-    ``relay.handle`` to workers (in their config); they call :func:`tell` / :func:`count`, and a
-    driver thread prints their lines and progress counters twice a second."""
+    ``relay.handle`` to workers (in their config); they call :func:`tell` and :class:`RemoteProgress`,
+    and a driver thread prints their lines and progress counters twice a second."""
 
     def __enter__(self) -> Relay:
-        self.handle = _relay_actor()
+        self.handle = RelayHandle(_relay_actor(), next(_tokens))
         self.counters: dict[str, Progress] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -166,7 +186,9 @@ class Relay:
             self._drain()
 
     def _drain(self) -> None:
-        for kind, label, *rest in ray.get(self.handle.take.remote()):
+        for token, kind, label, *rest in ray.get(self.handle.actor.take.remote()):
+            if token != self.handle.token:  # a late item from an earlier relay
+                continue
             if kind == "line":
                 say(label)
                 continue
@@ -186,6 +208,7 @@ class Relay:
 
 
 _relays: dict[str, object] = {}  # Ray job id -> this process's relay actor
+_tokens = itertools.count()
 
 
 def _relay_actor():
@@ -198,20 +221,24 @@ def _relay_actor():
     return _relays[job]
 
 
-def tell(handle, line: str) -> None:
-    """Inside a worker: print ``line`` on the driver's console (here, without a relay)."""
+def tell(handle: RelayHandle | None, line: str) -> None:
+    """Inside a worker: print ``line`` on the driver's console (here, without a relay). Returns once
+    the relay holds the line, so a worker's last line is never lost to its stage ending."""
     if handle is None:
         say(line)
     else:
-        handle.put.remote(("line", line))
+        handle.send(("line", line), wait=True)
 
 
 class RemoteProgress:
     """Inside a worker: a :class:`Progress` counter shown by the driver, sent at most every
     ``every`` seconds. ``update(done)`` when this worker is the only sender (the whole count);
-    ``add(n)`` when several workers add to one counter (e.g. an actor pool's rows)."""
+    ``add(n)`` when several workers add to one counter (e.g. an actor pool's rows). ``close()``
+    sends what is pending and waits until the relay holds it."""
 
-    def __init__(self, handle, label: str, total: int | None = None, unit: str = "rows", every: float = 5.0):
+    def __init__(
+        self, handle: RelayHandle | None, label: str, total: int | None = None, unit: str = "rows", every: float = 5.0
+    ):
         self.handle = handle
         self.label = label
         self.total = total
@@ -231,14 +258,19 @@ class RemoteProgress:
     def update(self, done: int) -> None:
         if self._due(done == self.total):
             elapsed = time.monotonic() - self.t0
-            self.handle.put.remote(("set", self.label, done, self.total, self.unit, elapsed))
+            self.handle.send(("set", self.label, done, self.total, self.unit, elapsed))
 
     def add(self, n: int) -> None:
         self.pending += n
         if self._due(False):
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
         if self.handle is not None and self.pending:
-            self.handle.put.remote(("add", self.label, self.pending, self.total, self.unit, None))
+            self.handle.send(("add", self.label, self.pending, self.total, self.unit, None), wait)
+            self.pending = 0
+
+    def close(self) -> None:
+        if self.handle is not None:  # waits even with nothing pending: earlier sends went unawaited
+            self.handle.send(("add", self.label, self.pending, self.total, self.unit, None), wait=True)
             self.pending = 0

@@ -17,6 +17,7 @@ attribute); rows are left-padded so the answer position is the last one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -79,6 +80,19 @@ def model_info(path: str, gguf_file: str | None = None) -> tuple[str, int]:
     """
     if gguf_file is None and path.endswith(".gguf"):
         gguf_file = path  # AutoConfig reads a local file named as both the path and the GGUF
+    config_file = os.path.join(path, gguf_file) if gguf_file else os.path.join(path, "config.json")
+    try:
+        st = os.stat(config_file)
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = None  # not a local file: read every time
+    return _config_info(path, gguf_file, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _config_info(path: str, gguf_file: str | None, stamp: tuple | None) -> tuple[str, int]:
+    """:func:`model_info`, once per process for a local config file as it is now (``stamp``: its
+    mtime and size): a command asks several times, and a GGUF takes seconds to parse."""
     try:
         config = AutoConfig.from_pretrained(path, gguf_file=gguf_file)
     except (OSError, ValueError) as exc:

@@ -5,6 +5,7 @@ Device choice lives here and only here, so CPU tests run the same code paths as 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -106,6 +107,16 @@ def setup_worker(scaling) -> torch.device:
         device = torch.device("cpu")
     torch.set_num_threads(int(scaling.torch_threads or max(1, round(scaling.cpus_per_worker))))
     return device
+
+
+def skip_inference_comm_op() -> None:
+    """Inside a worker, after importing deepspeed: on CPU, DeepSpeed's torch backend JIT-compiles a
+    shared-memory C++ op when it starts (about a minute with g++ on a machine's first run, then a
+    .so load per worker). Only ``deepspeed.comm.inference_all_reduce`` uses it; training's
+    all-reduces go through torch.distributed (gloo), so the op is not built."""
+    backend = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm's own name "torch" is torch)
+    if hasattr(backend, "build_shm_op"):
+        backend.build_shm_op = lambda: None
 
 
 def actor_device(num_gpus: float) -> torch.device:

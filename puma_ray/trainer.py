@@ -42,7 +42,7 @@ from puma_ray.data import iter_shard
 from puma_ray.errors import PumaError
 from puma_ray.heads import Head
 from puma_ray.llm import FrozenLM, row_texts
-from puma_ray.runtime import deepspeed_config, setup_worker
+from puma_ray.runtime import deepspeed_config, setup_worker, skip_inference_comm_op
 
 
 @dataclass
@@ -236,6 +236,7 @@ def _engine(shared: TaskModel, cfg, schedule):
     in its own group at ``train.head_lr`` when that is set; 0 leaves it exactly as it starts)."""
     import deepspeed  # noqa: PLC0415 -- reads the accelerator setup_worker chose (DS_ACCELERATOR) at import
 
+    skip_inference_comm_op()
     t = cfg.train
     params = shared.parameters()
     if t.head_lr is not None:

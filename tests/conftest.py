@@ -82,7 +82,7 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -91,7 +91,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real HTTP S3 endpoint (moto server mode) on loopback, with dummy credentials in the env."""
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -26,6 +26,16 @@ def test_progress_prints_rate_and_eta_only_when_due(capsys, monkeypatch):
     assert capsys.readouterr().err.splitlines()[-1] == "rewrite: 1,000/1,000 users (100%), 50 users/s"
 
 
+def test_a_counter_that_printed_its_end_closes_without_repeating_it(capsys, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    p = console.Progress("rewrite", total=40, unit="users", every=5.0)
+    now[0] += 8
+    p.add(40)
+    p.close()
+    assert capsys.readouterr().err.splitlines() == ["rewrite: 40/40 users (100%), 5.0 users/s"]
+
+
 def test_quiet_progress_closes_silently(capsys):
     p = console.Progress("scoring", total=10)
     p.add(10)
@@ -39,6 +49,7 @@ def _worker(handle) -> None:
     counter = console.RemoteProgress(handle, "evaluate: scoring puma", total=30, every=0.0)
     for _ in range(3):
         counter.add(10)
+    counter.close()
 
 
 def test_relay_prints_worker_lines_and_counts_on_the_driver(capsys, ray_session):
@@ -46,3 +57,12 @@ def test_relay_prints_worker_lines_and_counts_on_the_driver(capsys, ray_session)
         ray.get(_worker.remote(relay.handle))
     assert "adapter: epoch 1/2 train_loss=0.5000" in capsys.readouterr().err.splitlines()
     assert relay.counters["evaluate: scoring puma"].done == 30
+
+
+def test_a_late_item_from_a_closed_relay_is_dropped(capsys, ray_session):
+    with console.Relay() as first:
+        pass
+    first.handle.send(("line", "evaluate: a line sent after its stage ended"), wait=True)
+    with console.Relay() as second:
+        console.tell(second.handle, "train: this stage's line")
+    assert capsys.readouterr().err.splitlines() == ["train: this stage's line"]

@@ -1,10 +1,12 @@
 """One test per model family: loads through from_pretrained; forward + backward reach the prompt only."""
 
+import json
 import shutil
 
 import pytest
 import torch
 
+from puma_ray import llm
 from puma_ray.errors import PumaError
 from puma_ray.llm import FrozenLM, answer_token_id
 from puma_ray.models import FAMILIES
@@ -122,3 +124,17 @@ def test_fingerprints_differ_by_family_not_by_path(tiny_models, tmp_path):
     assert len(set(fps.values())) == len(fps)
     shutil.copytree(tiny_models["llama"], tmp_path / "copy")
     assert FrozenLM(str(tmp_path / "copy"), "rating").fingerprint == fps["llama"]
+
+
+def test_model_info_reads_a_config_once_until_it_changes(tiny_models, tmp_path, monkeypatch):
+    shutil.copytree(tiny_models["qwen2"], tmp_path / "m")
+    path = str(tmp_path / "m")
+    reads = []
+    real = llm.AutoConfig.from_pretrained
+    monkeypatch.setattr(llm.AutoConfig, "from_pretrained", lambda *a, **k: reads.append(a) or real(*a, **k))
+    first = llm.model_info(path)
+    assert llm.model_info(path) == first and len(reads) == 1
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["hidden_size"] = 1024  # (a longer file, too: a coarse mtime cannot hide it)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))  # another model at the same path
+    assert llm.model_info(path)[1] == 1024 and len(reads) == 2

@@ -79,37 +79,34 @@ def test_migrate_ctr(tmp_path, tiny_models, ctr_data, ray_session):
 
 
 def test_chain_and_aggregate(tmp_path, tiny_models, rating_data, ray_session):
+    """One chain whose first step aggregates two sources: [A;B] -> qwen2 -> phi3."""
     users = users_of(rating_data)
     a = make_store(str(tmp_path / "a"), tiny_models["llama"], users)
     b = make_store(str(tmp_path / "b"), tiny_models["gemma3"], users[3:], seed=1)  # 3 users lack a B prompt
-    agg = migrate(mcfg(tmp_path, rating_data, tiny_models["qwen2"], [a, b], "agg", evaluate=False))
-    assert agg["summary"]["missing_in_sources"] == {a: 0, b: 3}
-    _, ids, _ = read_prompt_store(str(tmp_path / "agg" / "prompts"))
-    assert sorted(ids) == users[3:]
-    adapter = storage.read_json(str(tmp_path / "agg" / "adapter" / "adapter.json"))
-    assert adapter["arch"]["d_in"] == 64 + 80 and [s["hidden_size"] for s in adapter["sources"]] == [64, 80]
-
     chain = migrate(
         mcfg(
             tmp_path,
             rating_data,
             tiny_models["phi3"],
-            [a],
+            [a, b],
             "chain",
             chain=[{"path": tiny_models["qwen2"]}],
             evaluate=False,
         )
     )
-    step0 = storage.read_json(str(tmp_path / "chain" / "chain-0" / "adapter" / "adapter.json"))
+    step0 = tmp_path / "chain" / "chain-0"
+    assert storage.read_json(str(step0 / "summary.json"))["missing_in_sources"] == {a: 0, b: 3}
+    _, ids, _ = read_prompt_store(str(step0 / "prompts"))
+    assert sorted(ids) == users[3:]  # aggregation keeps the users every source has
+    adapter0 = storage.read_json(str(step0 / "adapter" / "adapter.json"))
+    assert (adapter0["arch"]["d_in"], adapter0["arch"]["d_out"]) == (64 + 80, 96)
+    assert [s["hidden_size"] for s in adapter0["sources"]] == [64, 80]
     final = storage.read_json(str(tmp_path / "chain" / "adapter" / "adapter.json"))
-    assert (step0["arch"]["d_in"], step0["arch"]["d_out"]) == (64, 96) and (
-        final["arch"]["d_in"],
-        final["arch"]["d_out"],
-    ) == (96, 112)
-    assert final["sources"][0]["model"] == tiny_models["qwen2"]  # step 2 only saw step 1's output store
+    assert (final["arch"]["d_in"], final["arch"]["d_out"]) == (96, 112)
+    assert [s["model"] for s in final["sources"]] == [tiny_models["qwen2"]]  # step 2 only saw step 1's output
     assert [s["model"] for s in chain["summary"]["chain"]] == [tiny_models["qwen2"], tiny_models["phi3"]]
     _, ids, p = read_prompt_store(str(tmp_path / "chain" / "prompts"))
-    assert sorted(ids) == users and p.shape[1] == 112
+    assert sorted(ids) == users[3:] and p.shape[1] == 112
 
 
 def test_rewrite_command_and_bad_pairings(tmp_path, tiny_models, rating_data, ray_session):
