@@ -6,7 +6,8 @@ Output (Parquet directory): one row per user with interactions:
 Computed in two distributed steps: every block of (user_id, label) rows becomes per-user partial
 sums (n, sum, sum of squares; a pyarrow group_by inside a Ray Data map_batches), and a Ray Data
 groupby merges the partials, which are about one row per user per block instead of one per
-interaction. Only the two columns are read; the interactions are never collected in one process.
+interaction (the merge's hash partitions are sized by the partial rows). Only the two columns
+are read; the interactions are never collected in one process.
 """
 
 from __future__ import annotations
@@ -72,9 +73,11 @@ def profile_users(interactions_uri: str, task: str, out_uri: str) -> dict:
     """
     _check_target(out_uri)
     ds, rows = load_interactions(interactions_uri, task, columns=["user_id", "label"])
-    partials = ds.map_batches(_partials, batch_format="pyarrow", batch_size=None)  # a whole block at a time
+    # a whole block at a time; materialized, so the merge is sized by the partial rows (about one per
+    # user per block), not by the interactions: a hash partition costs an aggregator process
+    partials = ds.map_batches(_partials, batch_format="pyarrow", batch_size=None).materialize()
     stats = (
-        partials.groupby("user_id", num_partitions=shuffle_partitions(rows))
+        partials.groupby("user_id", num_partitions=shuffle_partitions(partials.count()))
         .aggregate(Sum("n", alias_name="n"), Sum("s", alias_name="s"), Sum("ss", alias_name="ss"))
         .map_batches(_to_profile, batch_format="pyarrow")
         .materialize()

@@ -414,8 +414,9 @@ def stream_clusters(
         batch_format="pyarrow",
     ).write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE)
     assigned = storage.read_table(out_uri)
-    assigned = assigned.set_column(0, "user_id", assigned.column("user_id").cast(pa.string()))
-    assigned = pa.table({"user_id": ids}).join(assigned, "user_id", join_type="inner").sort_by("user_id")
+    keys = pa.table({"user_id": assigned.column("user_id").cast(pa.string()), "row": np.arange(assigned.num_rows)})
+    rows = pa.table({"user_id": ids}).join(keys, "user_id", join_type="inner").sort_by("user_id")
+    assigned = assigned.take(rows.column("row"))  # (a join cannot carry the fixed-size coords column)
     cluster = assigned.column("cluster").to_numpy().astype(np.int64)
     if not coords:
         return cluster, None

@@ -291,6 +291,17 @@ def test_select_users_end_to_end(tmp_path, inputs, capsys, ray_session):
     assert read_selected(str(tmp_path / "sel2")).to_pylist() == chosen and again == summary
 
 
+@pytest.mark.parametrize("name", ["kmeans_farthest", "kmeans_pca"])
+def test_select_users_streamed_coordinates(tmp_path, inputs, ray_session, name):
+    """The strategies whose clusters stream with PCA coordinates (farthest points) or in PCA space."""
+    store, profile, ids, _ = inputs
+    cfg = SelectConfig(strategy=name, budget=10, clusters=3, min_per_cluster=2, seed=7, fps_dims=2)
+    summary = select_users(cfg, store, profile, str(tmp_path / "sel"))
+    chosen = read_selected(str(tmp_path / "sel")).to_pylist()
+    assert summary["selected"] == len(set(chosen)) == 10 and set(chosen) <= set(ids[:35])
+    assert sum(summary["cluster_selected"]) == 10 and sum(summary["cluster_sizes"]) == 35
+
+
 def test_select_users_random_fraction(tmp_path, inputs, ray_session):
     store, profile, _, _ = inputs
     out = str(tmp_path / "sel")
