@@ -8,8 +8,6 @@ stores are scored in ONE evaluation pass (the target LM loads once). Prints, per
 budget): mean and standard deviation of the migrated RMSE (AUC for CTR) over the seeds, the cost
 (selected users, LM sample-passes, wall s), and which differences to ``random`` at the same budget
 exceed twice the larger of their standard deviations; writes ``study.json`` and ``study.png``.
-A rerun in the same ``--work`` continues where it stopped: a migration whose summary.json exists
-(written last) is reused with its measured cost.
 
 Test beds (``--data``): ``movielens`` (MovieLens-100k from the recbole wheel, as
 benchmarks/real_quality.py) or ``synthetic`` (the quickstart's data, ``--users``); models: the
@@ -107,12 +105,7 @@ def main() -> None:
                     "run": {"name": f"study-{i}-{seed}", "storage_path": ray_runs},
                 },
             )
-            done = os.path.join(cfg.output, "summary.json")  # written last: the migration finished
-            if os.path.exists(done) and storage.read_json(done)["selection"]["seed"] == seed:
-                say(f"selection study: {key} already done (its summary and cost are reused)")
-                summary = storage.read_json(done)
-            else:
-                summary = migrate_step(cfg, profile=profile)
+            summary = migrate_step(cfg, profile=profile)
             runs[key] = cfg.output
             costs[key] = {
                 "selected_users": summary["selected_users"],
