@@ -265,9 +265,9 @@ class RemoteProgress:
         if self._due(False):
             self.flush()
 
-    def flush(self, wait: bool = False) -> None:
+    def flush(self) -> None:
         if self.handle is not None and self.pending:
-            self.handle.send(("add", self.label, self.pending, self.total, self.unit, None), wait)
+            self.handle.send(("add", self.label, self.pending, self.total, self.unit, None))
             self.pending = 0
 
     def close(self) -> None:
