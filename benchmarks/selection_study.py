@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from typing import get_args
@@ -43,6 +44,11 @@ from _testbed import MODELS, add_options, test_bed  # noqa: E402 (a sibling modu
 matplotlib.use("Agg")
 
 PAPER = "paper (Amazon, 2k of 30k users): kmeans_variance 0.9315, random 0.9419, random at 6k users 0.9320"
+
+
+def _method(key: str) -> str:
+    """An evaluation method name (letters, digits and _) for a cell key like ``random@0.07#s0``."""
+    return re.sub(r"\W", "_", key)
 
 
 def main() -> None:
@@ -106,7 +112,7 @@ def main() -> None:
                 },
             )
             summary = migrate_step(cfg, profile=profile)
-            runs[key] = cfg.output
+            runs[_method(key)] = cfg.output
             costs[key] = {
                 "selected_users": summary["selected_users"],
                 "lm_sample_passes": summary["lm_sample_passes"],
@@ -123,7 +129,7 @@ def main() -> None:
     rows = []
     for name, budget in cells:
         keys = [f"{name}@{budget:g}#s{s}" for s in range(args.seeds)]
-        rmse = np.array([report["methods"][k]["rmse"] for k in keys])
+        rmse = np.array([report["methods"][_method(k)]["rmse"] for k in keys])
         rows.append(
             {
                 "strategy": name,
