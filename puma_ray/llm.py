@@ -83,10 +83,9 @@ def model_info(path: str, gguf_file: str | None = None) -> tuple[str, int]:
     config_file = os.path.join(path, gguf_file) if gguf_file else os.path.join(path, "config.json")
     try:
         st = os.stat(config_file)
-        stamp = (st.st_mtime_ns, st.st_size)
-    except OSError:
-        stamp = None  # not a local file: read every time
-    return _config_info(path, gguf_file, stamp)
+    except OSError:  # not a local file (e.g. a hub id): read every time
+        return _config_info.__wrapped__(path, gguf_file, None)
+    return _config_info(path, gguf_file, (st.st_mtime_ns, st.st_size))
 
 
 @functools.lru_cache(maxsize=64)
