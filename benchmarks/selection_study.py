@@ -5,9 +5,10 @@ strategy at ``--budget`` (the paper's ratio: 2,000 of ~30k users, ~7%) x ``--see
 ``random`` and ``kmeans_variance`` at each of ``--sweep`` budgets. The seed sets both the
 selection and the adapter's training, so the spread is the whole run-to-run noise. All migrated
 stores are scored in ONE evaluation pass (the target LM loads once). Prints, per (strategy,
-budget): mean and standard deviation of the migrated RMSE (AUC for CTR) over the seeds, the cost
-(selected users, LM sample-passes, wall s), and which differences to ``random`` at the same budget
-exceed twice the larger of their standard deviations; writes ``study.json`` and ``study.png``.
+budget): mean and standard deviation of the migrated RMSE (rating task) over the seeds, the cost
+(selected users, LM sample-passes, wall s), which differences to ``random`` at the same budget
+exceed twice the larger of their standard deviations, and Welch's t-test p-value over the seeds;
+writes ``study.json`` and ``study.png`` (``--report study.json`` prints and draws them again).
 
 Test beds (``--data``): ``movielens`` (MovieLens-100k from the recbole wheel, as
 benchmarks/real_quality.py) or ``synthetic`` (the quickstart's data, ``--users``); models: the
@@ -28,6 +29,7 @@ from typing import get_args
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+from scipy.stats import ttest_ind
 
 from puma_ray import config as C
 from puma_ray import storage
@@ -51,14 +53,85 @@ def _method(key: str) -> str:
     return re.sub(r"\W", "_", key)
 
 
+def table(result: dict) -> str:
+    """The study as a Markdown table: per (strategy, budget) the RMSE's mean and std over the seeds,
+    the difference to ``random`` at the same budget, whether it exceeds twice the larger of the two
+    stds, and Welch's t-test p-value (two-sided) over the seeds' RMSEs; then the baselines."""
+    rows = result["rows"]
+    random_at = {r["budget"]: r for r in rows if r["strategy"] == "random"}
+    lines = [
+        f"Selection study on {result['data']} ({result['seeds']} seeds; {MODELS})",
+        "| strategy | budget | users | RMSE mean | RMSE std | vs random (same budget) | Welch p | LM sample-passes"
+        " | wall s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        ref = random_at.get(r["budget"])
+        verdict, p = "", ""
+        if ref is not None and r is not ref:
+            diff = r["rmse_mean"] - ref["rmse_mean"]
+            noise = 2 * max(r["rmse_std"], ref["rmse_std"])
+            verdict = f"{diff:+.4f} ({'beyond' if abs(diff) > noise else 'within'} 2 std)"
+            p = f"{ttest_ind(r['rmse'], ref['rmse'], equal_var=False).pvalue:.2f}"
+        lines.append(
+            f"| {r['strategy']} | {r['budget']:g} | {r['selected_users']:.0f} | {r['rmse_mean']:.4f} | "
+            f"{r['rmse_std']:.4f} | {verdict} | {p} | {r['lm_sample_passes']:,.0f} | {r['wall_s']:.1f} |"
+        )
+    lines += [f"{name}: RMSE {rmse:.4f}" for name, rmse in result["baselines"].items()]
+    lines.append(PAPER)
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """study.png: left, every strategy at the common budget (mean and std over seeds, random's
+    mean +- 2 std shaded); right, migrated RMSE against the users selected, per swept strategy."""
+    rows = result["rows"]
+    budget = result["budget"]
+    at = sorted((r for r in rows if r["budget"] == budget), key=lambda r: r["rmse_mean"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, gridspec_kw={"width_ratios": [1.2, 1]})
+    ref = next(r for r in at if r["strategy"] == "random")
+    left.axvspan(ref["rmse_mean"] - 2 * ref["rmse_std"], ref["rmse_mean"] + 2 * ref["rmse_std"], color="0.9")
+    left.axvline(ref["rmse_mean"], color="0.6", linestyle="--", linewidth=1)
+    y = np.arange(len(at))
+    left.errorbar([r["rmse_mean"] for r in at], y, xerr=[r["rmse_std"] for r in at], fmt="o", capsize=3)
+    for k, r in enumerate(at):
+        left.plot(r["rmse"], [k] * len(r["rmse"]), "x", color="0.4", markersize=4)
+    left.set_yticks(y, [r["strategy"] for r in at], fontsize=8)
+    left.set_xlabel(f"migrated RMSE at {budget:g} of the users (o mean +- std, x seeds; shade: random +- 2 std)")
+    left.tick_params(axis="x", labelsize=8)
+    for name in ("random", "kmeans_variance"):
+        mine = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["budget"])
+        right.errorbar(
+            [r["selected_users"] for r in mine],
+            [r["rmse_mean"] for r in mine],
+            yerr=[r["rmse_std"] for r in mine],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+    right.set_xlabel("users selected for adapter training")
+    right.set_ylabel("migrated RMSE (mean +- std over seeds)")
+    right.legend(fontsize=8)
+    fig.suptitle(f"Selection strategies on {result['data']} ({result['seeds']} seeds, {MODELS})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=0.07, help="every strategy at this fraction of the users")
     ap.add_argument("--sweep", type=float, nargs="*", default=[0.05, 0.10, 0.20], help="random/kmeans_variance")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--strategies", nargs="*", default=None, help="default: all of config.Strategy")
+    ap.add_argument("--report", metavar="STUDY_JSON", help="only print the table and redraw study.png of a study.json")
     add_options(ap, "/tmp/bench/selection_study")
     args = ap.parse_args()
+    if args.report:
+        result = storage.read_json(args.report)
+        print(table(result))
+        plot(result, os.path.join(os.path.dirname(os.path.abspath(args.report)), "study.png"))
+        return
     strategies = args.strategies or list(get_args(C.Strategy))
     unknown = sorted(set(strategies) - set(get_args(C.Strategy)))
     if unknown:
@@ -141,52 +214,19 @@ def main() -> None:
                 "wall_s": float(np.mean([costs[k]["wall_s"] for k in keys])),
             }
         )
-    random_at = {r["budget"]: r for r in rows if r["strategy"] == "random"}
-    print(f"\nSelection study on {args.data} ({args.seeds} seeds; {MODELS})")
-    print("| strategy | budget | users | RMSE mean | RMSE std | vs random (same budget) | LM sample-passes | wall s |")
-    print("|---|---:|---:|---:|---:|---|---:|---:|")
-    for r in rows:
-        ref = random_at.get(r["budget"])
-        verdict = ""
-        if ref is not None and r is not ref:
-            diff = r["rmse_mean"] - ref["rmse_mean"]
-            noise = 2 * max(r["rmse_std"], ref["rmse_std"])
-            verdict = f"{diff:+.4f} ({'beyond' if abs(diff) > noise else 'within'} 2 std)"
-        print(
-            f"| {r['strategy']} | {r['budget']:g} | {r['selected_users']:.0f} | {r['rmse_mean']:.4f} | "
-            f"{r['rmse_std']:.4f} | {verdict} | {r['lm_sample_passes']:,.0f} | {r['wall_s']:.1f} |"
-        )
-    for base in ("user_mean", "bias"):
-        print(f"{base}: RMSE {report['methods'][base]['rmse']:.4f}")
-    print(PAPER)
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
-    for name in sorted({r["strategy"] for r in rows}):
-        mine = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["budget"])
-        ax.errorbar(
-            [r["selected_users"] for r in mine],
-            [r["rmse_mean"] for r in mine],
-            yerr=[r["rmse_std"] for r in mine],
-            marker="o",
-            capsize=3,
-            label=name,
-            linestyle="-" if len(mine) > 1 else "none",
-        )
-    ax.set_xlabel("users selected for adapter training")
-    ax.set_ylabel("migrated RMSE (mean, std over seeds)")
-    ax.set_title(f"Selection strategies on {args.data}")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "study.png"))
     result = {
         "data": args.data,
         "seeds": args.seeds,
+        "budget": args.budget,
         "rows": rows,
         "baselines": {b: report["methods"][b]["rmse"] for b in ("user_mean", "bias")},
         "source_stage1_wall_s": s1_summary["wall_s"],
         "wall_s": time.time() - t0,
     }
     storage.write_json(os.path.join(out, "study.json"), result)
+    print(table(result))
+    plot(result, os.path.join(out, "study.png"))
     print(f"\n{time.time() - t0:.0f} s; {out}/study.json, {out}/study.png")
 
 

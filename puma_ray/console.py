@@ -72,6 +72,14 @@ def logs_to_file() -> str:
     return native_log
 
 
+def listing(names, at_most: int = 8) -> str:
+    """Names for a console line: all of them, or the first ``at_most`` and how many more."""
+    names = list(names)
+    if len(names) <= at_most:
+        return ", ".join(names)
+    return f"{', '.join(names[:at_most])} and {len(names) - at_most} more"
+
+
 def duration(seconds: float) -> str:
     """``8 s``, ``2 min 10 s``, ``1 h 05 min``."""
     s = int(round(seconds))

@@ -28,11 +28,16 @@ def _checked(batch: pa.Table, uri: str, task: str) -> pa.Table:
     return batch
 
 
-def load_interactions(uri: str, task: str, columns: list[str] | None = None):
+def load_interactions(uri: str, task: str, columns: list[str] | None = None, blocks: int | None = None):
     """-> (ray.data.Dataset of validated interactions, row count). Streams; nothing is collected.
-    ``columns``: read only these (their values are checked; the schema check covers them all)."""
+    ``columns``: read only these (their values are checked; the schema check covers them all).
+    ``blocks``: read blocks (Ray's default: at least 200, for parallelism; a cheap per-row pass
+    wants fewer, e.g. one per file)."""
     schema.check_interactions_schema(uri, storage.read_schema(uri))
-    ds = storage.ray_read_parquet(uri, **({"columns": columns} if columns else {}))
+    kwargs = {"columns": columns} if columns else {}
+    if blocks:
+        kwargs["override_num_blocks"] = blocks
+    ds = storage.ray_read_parquet(uri, **kwargs)
     rows = ds.count()
     if rows == 0:
         raise PumaError(f"{uri}: empty input (0 interactions)")

@@ -191,15 +191,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     }
     valid_users = distinct_users(valid_ds, valid_rows)
     names = [*cfg.runs, *cfg.baselines]
-    console.say(
-        f"evaluate: {len(names)} method(s) ({', '.join(names)}) on {valid_rows:,} valid rows of {valid_users:,} users"
-    )
+    rows_of = f"{valid_rows:,} valid rows of {valid_users:,} users"
+    console.say(f"evaluate: {len(names)} method(s) ({console.listing(names)}) on {rows_of}")
     results, scoring_s = {}, 0.0
     if cfg.runs:
         t0 = time.time()
         with console.Relay() as relay:
             runs = {name: {"uri": uri, "model": models[name]} for name, uri in cfg.runs.items()}
-            label = "evaluate: scoring " + ", ".join(cfg.runs)
+            label = "evaluate: scoring " + console.listing(cfg.runs)
             scored = score_runs(runs, cfg.task, valid_ds, valid_rows, cfg.scoring, relay.handle, label)
         scoring_s = time.time() - t0
         counts = _rows_and_users(scored, scored.count())

@@ -4,10 +4,13 @@ Output (Parquet directory): one row per user with interactions:
     user_id string, n int64 (records), label_mean float64, label_var float64 (population variance, ddof=0)
 
 Computed in two distributed steps: every block of (user_id, label) rows becomes per-user partial
-sums (n, sum, sum of squares; a pyarrow group_by inside a Ray Data map_batches), and a Ray Data
-groupby merges the partials, which are about one row per user per block instead of one per
-interaction (the merge's hash partitions are sized by the partial rows). Only the two columns
-are read; the interactions are never collected in one process.
+sums (n, sum, sum of squares; a pyarrow group_by inside a Ray Data map_batches), and the partials,
+about one row per user per block instead of one per interaction, are merged: in ONE task when they
+fit a hash partition (ROWS_PER_PARTITION rows; a pyarrow group_by again), else by a Ray Data
+groupby sized by the partial rows. The read uses one block per file (at least two per CPU), not
+Ray's default of at least 200: the per-row work is tiny, so per-block overheads dominated
+(measured, benchmarks/profile_speed.py). Only the two columns are read; the interactions are never
+collected in one process.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 from ray.data import SaveMode
 from ray.data.aggregate import Sum
 
@@ -39,6 +43,12 @@ def _partials(batch: pa.Table) -> pa.Table:
     rows = pa.table({"user_id": batch.column("user_id").cast(pa.string()), "s": label, "ss": pc.multiply(label, label)})
     g = rows.group_by("user_id").aggregate([("s", "count"), ("s", "sum"), ("ss", "sum")])
     return pa.table({"user_id": g["user_id"], "n": g["s_count"], "s": g["s_sum"], "ss": g["ss_sum"]})
+
+
+def _merge(batch: pa.Table) -> pa.Table:
+    """Partial sums (user_id, n, s, ss), a user on several rows -> PROFILE_SCHEMA, one row per user."""
+    g = batch.group_by("user_id").aggregate([("n", "sum"), ("s", "sum"), ("ss", "sum")])
+    return _to_profile(pa.table({"user_id": g["user_id"], "n": g["n_sum"], "s": g["s_sum"], "ss": g["ss_sum"]}))
 
 
 def _to_profile(batch: pa.Table) -> pa.Table:
@@ -72,16 +82,21 @@ def profile_users(interactions_uri: str, task: str, out_uri: str) -> dict:
     A previous profile at ``out_uri`` is replaced.
     """
     _check_target(out_uri)
-    ds, rows = load_interactions(interactions_uri, task, columns=["user_id", "label"])
+    blocks = max(len(storage.parquet_files(interactions_uri)), 2 * int(ray.cluster_resources().get("CPU", 1)))
+    ds, rows = load_interactions(interactions_uri, task, columns=["user_id", "label"], blocks=blocks)
     # a whole block at a time; materialized, so the merge is sized by the partial rows (about one per
     # user per block), not by the interactions: a hash partition costs an aggregator process
     partials = ds.map_batches(_partials, batch_format="pyarrow", batch_size=None).materialize()
-    stats = (
-        partials.groupby("user_id", num_partitions=shuffle_partitions(partials.count()))
-        .aggregate(Sum("n", alias_name="n"), Sum("s", alias_name="s"), Sum("ss", alias_name="ss"))
-        .map_batches(_to_profile, batch_format="pyarrow")
-        .materialize()
-    )
+    partitions = shuffle_partitions(partials.count())
+    if partitions == 1:
+        merged = partials.repartition(1).map_batches(_merge, batch_format="pyarrow", batch_size=None)
+    else:
+        merged = (
+            partials.groupby("user_id", num_partitions=partitions)
+            .aggregate(Sum("n", alias_name="n"), Sum("s", alias_name="s"), Sum("ss", alias_name="ss"))
+            .map_batches(_to_profile, batch_format="pyarrow")
+        )
+    stats = merged.materialize()
     users = stats.count()
     fs, path = storage.resolve(out_uri)
     stats.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE)

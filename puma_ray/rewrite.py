@@ -58,7 +58,7 @@ def plan_units(source_uri: str, rcfg: RewriteConfig) -> list[dict]:
     """Cut the source store into units from footers only: [{"unit", "file", "row_groups", "rows", "size", "mtime"}]
     (size and mtime make a changed input a different plan, so a resume never mixes inputs)."""
     units = []
-    for f in storage.list_files(source_uri, ".parquet") if not source_uri.endswith(".parquet") else [source_uri]:
+    for f in storage.parquet_files(source_uri):
         md = storage.parquet_file(f).metadata
         group, rows = [], 0
         for rg in range(md.num_row_groups):

@@ -258,10 +258,14 @@ def parquet_file(uri: str) -> pq.ParquetFile:
         return pq.ParquetFile(fs.open_input_file(path))
 
 
+def parquet_files(uri: str) -> list[str]:
+    """The Parquet file(s) at ``uri``: the file itself, or those under a directory."""
+    return [uri] if uri.endswith(".parquet") else list_files(uri, ".parquet")
+
+
 def parquet_rows(uri: str) -> int:
     """Rows of the Parquet file(s) at ``uri`` (a file or a directory), from their footers."""
-    files = [uri] if uri.endswith(".parquet") else list_files(uri, ".parquet")
-    return sum(parquet_file(f).metadata.num_rows for f in files)
+    return sum(parquet_file(f).metadata.num_rows for f in parquet_files(uri))
 
 
 def write_table(uri: str, table: pa.Table) -> None:

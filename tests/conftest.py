@@ -63,14 +63,11 @@ def stage1_cfg(tiny_models, rating_data):
 
 
 @pytest.fixture(scope="session")
-def stage1_runs(tmp_path_factory, stage1_cfg, ray_session) -> dict[int, tuple]:
-    """That config trained once for the whole suite on 1 and on 2 workers: {workers: (cfg, summary)}.
-    The tests that only read a trained run share these instead of training their own."""
-    runs = {}
-    for workers in (1, 2):
-        cfg = stage1_cfg(tmp_path_factory.mktemp(f"stage1-w{workers}"), scaling={"num_workers": workers})
-        runs[workers] = (cfg, train_prompts(cfg))
-    return runs
+def stage1_run(tmp_path_factory, stage1_cfg, ray_session) -> tuple:
+    """That config trained once (2 workers) for the whole suite: (cfg, summary). The tests that only
+    read a trained run share it instead of training their own."""
+    cfg = stage1_cfg(tmp_path_factory.mktemp("stage1"))
+    return cfg, train_prompts(cfg)
 
 
 @pytest.fixture(scope="session")

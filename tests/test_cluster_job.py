@@ -7,10 +7,12 @@ Ray Jobs API with the repo as working_dir, every input and output lives in a rea
 This test process never joins the cluster (no ray.init here): it speaks to the dashboard's HTTP
 API only, so the suite's in-process Ray (fixture ray_session) and this cluster stay apart.
 
-Covered: migrate end to end (output store + manifest in the bucket, Ray Train checkpoints in the
-bucket, work spread over both nodes, no secret in the logs); a rewrite job stopped mid-way and
-submitted again resumes and ends with every user exactly once; `cluster/local.sh stop` leaves no
-process behind.
+Covered: migrate end to end, rating task (interactions, source store, profile, selection, adapter,
+target store + manifest, evaluation and the Ray Train checkpoints all in the bucket; every user
+rewritten exactly once; stage 2 saw only the selected users; work spread over both nodes; no
+secret in the logs), and the same job submitted again resumes its finished training instead of
+starting over; a rewrite job stopped mid-way and submitted again resumes and ends with every user
+exactly once; `cluster/local.sh stop` leaves no process behind.
 """
 
 from __future__ import annotations
@@ -191,26 +193,39 @@ def test_jobs_on_a_local_multi_node_cluster(local_cluster, s3_bucket, tiny_model
         "select": {"budget": 20, "clusters": 3, "min_per_cluster": 2},
         "adapter": {"width": 32},
         "train": {"epochs": 3, "batch_size": 64, "lr": 3e-3},
-        "evaluate": False,
+        "rewrite": {"batch_size": 16},
         "run": {"name": "cluster-migrate", "storage_path": f"{b}/ray"},
     }
     storage.write_bytes(f"{b}/configs/migrate.yaml", yaml.safe_dump(cfg).encode())
 
     # 1. migrate, config from the bucket plus key=value overrides
-    job = submit(client, "migrate", f"{b}/configs/migrate.yaml", "train.epochs=1", "scaling.num_workers=2")
+    overrides = ("train.epochs=2", "scaling.num_workers=2")
+    job = submit(client, "migrate", f"{b}/configs/migrate.yaml", *overrides)
     wait(client, job, {JobStatus.SUCCEEDED}, timeout=600)
     logs = client.get_job_logs(job)
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in logs
     out = f"{b}/out/migrate"
-    manifest = storage.read_json(f"{out}/manifest.json")
+    manifest = storage.read_json(f"{out}/manifest.json")  # every user rewritten exactly once, with checksums
     assert manifest["input"]["rows"] == manifest["output"]["rows"] == len(users)
+    assert all(f["uri"].startswith(f"{out}/prompts/") and len(f["sha256"]) == 64 for f in manifest["output"]["files"])
     meta, ids, prompts = read_prompt_store(f"{out}/prompts", expect_fingerprint=model_info(tiny_models["qwen2"])[0])
-    assert sorted(ids) == users and prompts.shape == (len(users), 96)
+    assert sorted(ids) == users and len(ids) == len(set(ids)) and prompts.shape == (len(users), 96)
+    assert meta.stage == "rewrite"
+    for part in ("profile", "selection/selected.parquet", "selection/clusters", "adapter/adapter.safetensors"):
+        assert storage.exists(f"{out}/{part}"), part
     summary = storage.read_json(f"{out}/summary.json")
-    assert summary["final_metrics"]["epoch"] == 0  # the override train.epochs=1 won over the file's 3
-    assert storage.list_files(f"{b}/ray/cluster-migrate", "trainable.safetensors"), (
-        "no Ray Train checkpoint in the bucket"
-    )
+    assert summary["final_metrics"]["epoch"] == 1  # the override train.epochs=2 won over the file's 3
+    ckpts = {u.split("/cluster-migrate/")[1].split("/")[0] for u in storage.list_files(f"{b}/ray/cluster-migrate")}
+    assert len([c for c in ckpts if c.startswith("checkpoint_") and not c.endswith(".json")]) == 2, ckpts
+    assert storage.list_files(f"{b}/ray/cluster-migrate", "trainable.safetensors"), ckpts
+    # stage 2 saw only the selected users' interactions (2 epochs)
+    sel = set(storage.read_table(f"{out}/selection/selected.parquet").column("user_id").to_pylist())
+    assert summary["selected_users"] == len(sel) == 20
+    train_users = storage.read_table(f"{b}/data/train", columns=["user_id"]).column("user_id").to_pylist()
+    rows = sum(1 for u in train_users if u in sel)
+    assert 2 * (rows - 2) <= summary["lm_sample_passes"] <= 2 * rows
+    puma = storage.read_json(f"{out}/evaluation.json")["methods"]["puma"]
+    assert puma["unknown_rows"] == 0 and "rmse_in_adapter_users" in puma and "rmse_out_adapter_users" in puma
     job_id = client.get_job_info(job).job_id
     actors = [
         a
@@ -224,6 +239,11 @@ def test_jobs_on_a_local_multi_node_cluster(local_cluster, s3_bucket, tiny_model
     )
     used = {x["node_id"] for x in actors + tasks if x.get("node_id")}
     assert len(used) == 2, f"the job ran on {len(used)} node(s)"
+    # the same run name again resumes the finished training (no epoch retrained) instead of starting over
+    job = submit(client, "migrate", f"{b}/configs/migrate.yaml", *overrides, "evaluate=false")
+    wait(client, job, {JobStatus.SUCCEEDED}, timeout=600)
+    again = storage.read_json(f"{out}/summary.json")
+    assert again["lm_sample_passes"] == summary["lm_sample_passes"] and again["train_wall_s"] == summary["train_wall_s"]
     t_migrate = time.time() - t0
 
     # 2. a rewrite job stopped half-way, then submitted again: resumes, every user exactly once

@@ -23,10 +23,10 @@ NEW = 5
 
 
 @pytest.fixture(scope="module")
-def arrivals(stage1_runs, tmp_path_factory):
-    """The 1-worker stage-1 run as the "migrated" run, and interactions of NEW users it has no
+def arrivals(stage1_run, tmp_path_factory):
+    """The suite's stage-1 run as the "migrated" run, and interactions of NEW users it has no
     prompt for (other users' rows under new ids) plus 2 users it knows."""
-    cfg, _ = stage1_runs[1]
+    cfg, _ = stage1_run
     root = tmp_path_factory.mktemp("arrivals")
     out = {}
     for split in ("train", "valid"):

@@ -10,6 +10,11 @@ def test_duration():
     assert [console.duration(s) for s in (8.4, 130, 3900)] == ["8 s", "2 min 10 s", "1 h 05 min"]
 
 
+def test_listing_names_a_few_and_counts_the_rest():
+    assert console.listing(["a", "b"]) == "a, b"
+    assert console.listing([f"m{i}" for i in range(48)], at_most=2) == "m0, m1 and 46 more"
+
+
 def test_progress_prints_rate_and_eta_only_when_due(capsys, monkeypatch):
     now = [100.0]
     monkeypatch.setattr(console.time, "monotonic", lambda: now[0])

@@ -73,11 +73,11 @@ def test_sorted_auc_is_exact_with_ties_across_batches(batch):
     assert sorted_auc(batches) == pytest.approx(roc_auc_score(label, pred), abs=1e-12)
 
 
-def test_evaluate_runs_and_reports_unknown_users(tmp_path, tiny_models, rating_data, stage1_runs, capsys):
-    """A stage-1 output (the suite's 1-worker run) scored against baselines; valid rows of users
+def test_evaluate_runs_and_reports_unknown_users(tmp_path, tiny_models, rating_data, stage1_run, capsys):
+    """A stage-1 output (the suite's stage-1 run) scored against baselines; valid rows of users
     without a prompt are counted."""
 
-    out = stage1_runs[1][0].output
+    out = stage1_run[0].output
     valid = pq.read_table(f"{rating_data}/valid")
     extra = valid.slice(0, 3).set_column(0, "user_id", pa.array(["stranger"] * 3)).cast(valid.schema)
     storage.write_table(str(tmp_path / "valid/part-0.parquet"), pa.concat_tables([valid, extra]))

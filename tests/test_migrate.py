@@ -1,4 +1,4 @@
-"""PUMA end to end on tiny models: migrate (CTR; rating runs on S3 in test_s3_migrate.py), the
+"""PUMA end to end on tiny models: migrate (CTR; rating runs on S3 in test_cluster_job.py), the
 rewrite command, chain, aggregate, and the bad inputs of a migration. Source stores are written
 directly (random prompts tagged with the source model's fingerprint): the machinery is under test
 here, not prompt quality."""
@@ -22,7 +22,7 @@ from puma_ray.stage2 import training_rows
 FAST = {
     "adapter": {"width": 32},
     "train": {"epochs": 1, "batch_size": 64, "lr": 3e-3},
-    "scaling": {"num_workers": 1},  # 2 workers: test_s3_migrate, test_fault_tolerance, test_cluster_job
+    "scaling": {"num_workers": 1},  # 2 workers: test_fault_tolerance, test_cluster_job
     "rewrite": {"batch_size": 16},
 }
 

@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from puma_ray import storage
+from puma_ray import data, storage
 from puma_ray.errors import PumaError
 from puma_ray.profile import profile_users, read_profile
 
@@ -53,8 +53,12 @@ def test_read_profile_rejects_other_tables(tmp_path):
         read_profile(str(tmp_path / "x.parquet"))
 
 
-def test_profile_merges_users_spread_over_many_blocks(tmp_path, rating_data, ray_session):
-    """Rows shuffled over 17 files: every user's partial sums come from several blocks and are merged."""
+@pytest.mark.parametrize("merge", ["one task", "hash groupby"])
+def test_profile_merges_users_spread_over_many_blocks(merge, tmp_path, rating_data, ray_session, monkeypatch):
+    """Rows shuffled over 17 files: every user's partial sums come from several blocks and are merged,
+    in one task (partials that fit a hash partition) or by a Ray Data groupby (partitions of 400 rows: 2-3 of them)."""
+    if merge == "hash groupby":
+        monkeypatch.setattr(data, "ROWS_PER_PARTITION", 400)
     train = storage.read_table(f"{rating_data}/train")
     rows = train.take(np.random.default_rng(0).permutation(train.num_rows))
     for i, start in enumerate(range(0, rows.num_rows, -(-rows.num_rows // 17))):

@@ -23,10 +23,10 @@ SCORING = ScoringConfig(batch_size=64)
 
 
 @pytest.fixture(scope="module")
-def source(stage1_runs, tmp_path_factory, ray_session):
-    """The 1-worker stage-1 run: its dir, store, model, train rows, a profile, and its users' ids,
+def source(stage1_run, tmp_path_factory, ray_session):
+    """The suite's stage-1 run: its dir, store, model, train rows, a profile, and its users' ids,
     prompts (N, w) and label variances (N,) in id order."""
-    cfg, _ = stage1_runs[1]
+    cfg, _ = stage1_run
     run, train = cfg.output, cfg.data.train
     profile = profile_users(train, "rating", str(tmp_path_factory.mktemp("profile") / "p"))["uri"]
     meta, ids, prompts = read_prompt_store(f"{run}/prompts")

@@ -211,7 +211,7 @@ def test_streams_one_file_per_chunk(tmp_path, capsys):
         assert _files(os.path.join(out, split)) == [f"part-{i:05d}.parquet" for i in range(3)]
     assert pq.read_table(os.path.join(out, "users")).num_rows == 1200
     err = capsys.readouterr().err
-    assert err.count("synth: ") == 3 and "1200/1200 users" in err
+    assert err.count("synth: ") == 3 and "1,200/1,200 users" in err
     # Rerunning over its own output replaces it (no stale parts); foreign data is refused.
     synthetic.synthesize(out, 400, chunk_users=500, seed=1, progress=False)
     assert _files(os.path.join(out, "train")) == ["part-00000.parquet"]

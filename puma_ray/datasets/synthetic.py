@@ -266,7 +266,7 @@ def synthesize(
                 w.write_table(schema.prompt_table(pmeta, truth["user_id"], prompts))
         if progress:
             done = min(users, u0 + chunk_users)
-            print(f"synth: {done}/{users} users, {(rows['train'] + rows['valid']) / 1e6:.1f}M rows", file=sys.stderr)
+            print(f"synth: {done:,}/{users:,} users, {rows['train'] + rows['valid']:,} rows", file=sys.stderr)
     meta = {
         "task": task,
         "users": users,
