@@ -4,14 +4,15 @@ group_by over the same rows, in one run: rows per CPU-second of each, and their 
 - ``pyarrow``: this process reads the interactions' user_id and label columns (pyarrow.dataset) and
   runs one ``Table.group_by(...).aggregate(count, mean, variance)``: the single-core reference.
 - ``puma-ray``: ``profile.profile_users`` on a local Ray: per-block partial aggregates (n, sum, sum of
-  squares) by Ray Data map_batches, merged in one task (or a Ray Data groupby when the partials
-  exceed a hash partition), written as the profile. Run twice in the same session: ``cold`` (the
-  session's first Ray Data execution: Ray Data starts its actors and workers, ~4-5 CPU-s here) and
-  ``warm`` (the same call again).
+  squares) by Ray Data map_batches (one task per core on a local Ray), merged in one task (or a Ray
+  Data groupby when the partials exceed a hash partition), written as the profile. Run twice in the
+  same session: ``cold`` (the session's first Ray Data execution: Ray Data starts its own actors and
+  its workers import their modules) and ``warm`` (the same call again).
 
-CPU seconds are user + system of this process and every process under it (a local Ray's workers),
-so the two are compared on the work done, not on how busy the machine was. The data: ``--data`` (an
-interactions directory) or ``puma-ray data synth --users N`` written to ``--work`` first.
+CPU seconds are user + system of this process and every process under it (a local Ray's workers
+and its own daemons: raylet, GCS, dashboard), so the two are compared on the work done, not on how
+busy the machine was. The data: ``--data`` (an interactions directory) or ``puma-ray data synth
+--users N`` written to ``--work`` first.
 
     python benchmarks/profile_speed.py [--users 1000000] [--data DIR] [--work /tmp/bench/profile]
 """
@@ -61,7 +62,7 @@ def main() -> None:
     runs = {}
     for run in ("cold", "warm"):  # cold: the session's first Ray Data execution (its actors start); warm: again
         shutil.rmtree(out, ignore_errors=True)
-        with TreeMemory() as tree:
+        with TreeMemory(memory=False) as tree:  # CPU only: the memory sampler's own cost is not the profile's
             t0 = time.perf_counter()
             done = profile_users(data, "rating", out)
             ray_wall = time.perf_counter() - t0

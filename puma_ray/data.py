@@ -28,20 +28,24 @@ def _checked(batch: pa.Table, uri: str, task: str) -> pa.Table:
     return batch
 
 
-def load_interactions(uri: str, task: str, columns: list[str] | None = None, blocks: int | None = None):
+def load_interactions(
+    uri: str, task: str, columns: list[str] | None = None, blocks: int | None = None, concurrency: int | None = None
+):
     """-> (ray.data.Dataset of validated interactions, row count). Streams; nothing is collected.
     ``columns``: read only these (their values are checked; the schema check covers them all).
     ``blocks``: read blocks (Ray's default: at least 200, for parallelism; a cheap per-row pass
-    wants fewer, e.g. one per file)."""
+    wants fewer, e.g. one per file). ``concurrency``: at most this many read tasks at once (a map
+    after it with the same ``concurrency`` fuses with the read; ``runtime.task_concurrency``)."""
     schema.check_interactions_schema(uri, storage.read_schema(uri))
     kwargs = {"columns": columns} if columns else {}
     if blocks:
         kwargs["override_num_blocks"] = blocks
-    ds = storage.ray_read_parquet(uri, **kwargs)
-    rows = ds.count()
+    rows = storage.parquet_rows(uri)  # footers only (Dataset.count() would run a pass over the files)
     if rows == 0:
         raise PumaError(f"{uri}: empty input (0 interactions)")
-    return ds.map_batches(functools.partial(_checked, uri=uri, task=task), batch_format="pyarrow"), rows
+    ds = storage.ray_read_parquet(uri, concurrency=concurrency, **kwargs)
+    check = functools.partial(_checked, uri=uri, task=task)
+    return ds.map_batches(check, batch_format="pyarrow", concurrency=concurrency), rows
 
 
 def shuffle_partitions(rows: int, at_least: int = 1) -> int:

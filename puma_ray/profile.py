@@ -7,10 +7,10 @@ Computed in two distributed steps: every block of (user_id, label) rows becomes 
 sums (n, sum, sum of squares; a pyarrow group_by inside a Ray Data map_batches), and the partials,
 about one row per user per block instead of one per interaction, are merged: in ONE task when they
 fit a hash partition (ROWS_PER_PARTITION rows; a pyarrow group_by again), else by a Ray Data
-groupby sized by the partial rows. The read uses one block per file (at least two per CPU), not
-Ray's default of at least 200: the per-row work is tiny, so per-block overheads dominated
-(measured, benchmarks/profile_speed.py). Only the two columns are read; the interactions are never
-collected in one process.
+groupby sized by the partial rows. The read uses one block per file (at least two per core), not
+Ray's default of at least 200, and on a local Ray one task per core: the per-row work is tiny, so
+per-block and per-process overheads dominated (measured, benchmarks/profile_speed.py). Only the
+two columns are read; the interactions are never collected in one process.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 from ray.data import SaveMode
 from ray.data.aggregate import Sum
 
@@ -81,12 +80,21 @@ def profile_users(interactions_uri: str, task: str, out_uri: str) -> dict:
     Returns {"users": number of users, "rows": number of interactions, "uri": out_uri}.
     A previous profile at ``out_uri`` is replaced.
     """
+    # the driver's only: Ray Data workers import this module for _partials, and runtime imports torch
+    from puma_ray.runtime import cores, task_concurrency  # noqa: PLC0415
+
     _check_target(out_uri)
-    blocks = max(len(storage.parquet_files(interactions_uri)), 2 * int(ray.cluster_resources().get("CPU", 1)))
-    ds, rows = load_interactions(interactions_uri, task, columns=["user_id", "label"], blocks=blocks)
+    files = len(storage.parquet_files(interactions_uri))
+    blocks = max(files, 2 * cores())
+    # read, check and partial sums fuse into one task per file; fewer files than the limit need none
+    # (there are no more tasks than files) and Ray warns of an unused one
+    limit = task_concurrency()
+    concurrency = limit if limit and files > limit else None
+    ds, rows = load_interactions(interactions_uri, task, ["user_id", "label"], blocks, concurrency)
     # a whole block at a time; materialized, so the merge is sized by the partial rows (about one per
     # user per block), not by the interactions: a hash partition costs an aggregator process
-    partials = ds.map_batches(_partials, batch_format="pyarrow", batch_size=None).materialize()
+    partials = ds.map_batches(_partials, batch_format="pyarrow", batch_size=None, concurrency=concurrency)
+    partials = partials.materialize()
     partitions = shuffle_partitions(partials.count())
     if partitions == 1:
         merged = partials.repartition(1).map_batches(_merge, batch_format="pyarrow", batch_size=None)

@@ -77,11 +77,23 @@ def actor_pool_size(pool, section: str) -> int:
         )
     if pool.actors:
         return pool.actors
-    if pool.num_gpus:
-        n = have.get("GPU", 0) / pool.num_gpus
-    else:
-        n = min(have.get("CPU", 1), have.get(CORES, float("inf"))) / pool.cpus_per_actor
+    n = have.get("GPU", 0) / pool.num_gpus if pool.num_gpus else cores() / pool.cpus_per_actor
     return max(1, int(n))
+
+
+def cores() -> int:
+    """CPU cores of the Ray cluster: its CPUs, or on a local Ray that puma-ray started its real cores
+    (the CORES resource; its logical CPUs overcommit them, see :func:`init_ray`)."""
+    have = ray.cluster_resources()
+    return max(1, int(min(have.get("CPU", 1), have.get(CORES, float("inf")))))
+
+
+def task_concurrency() -> int | None:
+    """Concurrent tasks of a CPU-bound Ray Data pass (``concurrency=``): on a local Ray that puma-ray
+    started, its real cores (a task beyond them only starts one more worker process, seconds of
+    imports, and competes for the same cores); on a cluster None (Ray's default, which also lets
+    an autoscaler add nodes)."""
+    return cores() if CORES in ray.cluster_resources() else None
 
 
 def actor_pool(pool, section: str, limit: int | None = None) -> ray.data.ActorPoolStrategy:

@@ -20,7 +20,7 @@ from puma_ray.config import RewriteConfig, RewriteJobConfig, ScoringConfig, buil
 from puma_ray.errors import PumaError
 from puma_ray.llm import model_info
 from puma_ray.rewrite import plan_units, rewrite
-from puma_ray.runtime import CORES, actor_pool_size
+from puma_ray.runtime import CORES, actor_pool_size, cores, task_concurrency
 from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table
 
 
@@ -87,6 +87,7 @@ def test_actor_pool_defaults_to_the_cluster(ray_session):
     without GPUs are refused, not left pending forever."""
     cpus = int(min(ray.cluster_resources()["CPU"], os.cpu_count()))  # a local Ray's logical CPUs overcommit the cores
     assert ray.cluster_resources()[CORES] == os.cpu_count()
+    assert cores() == cpus and task_concurrency() == cpus  # CPU-bound Ray Data tasks: one per core here
 
     def pool_size(cfg):
         return actor_pool_size(cfg, "rewrite")
