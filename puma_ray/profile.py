@@ -86,10 +86,7 @@ def profile_users(interactions_uri: str, task: str, out_uri: str) -> dict:
     _check_target(out_uri)
     files = len(storage.parquet_files(interactions_uri))
     blocks = max(files, 2 * cores())
-    # read, check and partial sums fuse into one task per file; fewer files than the limit need none
-    # (there are no more tasks than files) and Ray warns of an unused one
-    limit = task_concurrency()
-    concurrency = limit if limit and files > limit else None
+    concurrency = task_concurrency(files)  # read, check and partial sums fuse into one task per file
     ds, rows = load_interactions(interactions_uri, task, ["user_id", "label"], blocks, concurrency)
     # a whole block at a time; materialized, so the merge is sized by the partial rows (about one per
     # user per block), not by the interactions: a hash partition costs an aggregator process

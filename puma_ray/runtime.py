@@ -88,12 +88,14 @@ def cores() -> int:
     return max(1, int(min(have.get("CPU", 1), have.get(CORES, float("inf")))))
 
 
-def task_concurrency() -> int | None:
-    """Concurrent tasks of a CPU-bound Ray Data pass (``concurrency=``): on a local Ray that puma-ray
-    started, its real cores (a task beyond them only starts one more worker process, seconds of
-    imports, and competes for the same cores); on a cluster None (Ray's default, which also lets
-    an autoscaler add nodes)."""
-    return cores() if CORES in ray.cluster_resources() else None
+def task_concurrency(tasks: int) -> int | None:
+    """Concurrent tasks of a CPU-bound Ray Data pass of ``tasks`` tasks (its ``concurrency=``): on a
+    local Ray that puma-ray started, its real cores when there are more tasks than that (a task
+    beyond them only starts one more worker process, seconds of imports, and competes for the same
+    cores); else None: no cap (no more tasks than cores, where Ray warns of an unused cap, or a
+    cluster, whose autoscaler may add nodes)."""
+    n = cores()
+    return n if CORES in ray.cluster_resources() and tasks > n else None
 
 
 def actor_pool(pool, section: str, limit: int | None = None) -> ray.data.ActorPoolStrategy:

@@ -87,7 +87,8 @@ def test_actor_pool_defaults_to_the_cluster(ray_session):
     without GPUs are refused, not left pending forever."""
     cpus = int(min(ray.cluster_resources()["CPU"], os.cpu_count()))  # a local Ray's logical CPUs overcommit the cores
     assert ray.cluster_resources()[CORES] == os.cpu_count()
-    assert cores() == cpus and task_concurrency() == cpus  # CPU-bound Ray Data tasks: one per core here
+    assert cores() == cpus and task_concurrency(cpus + 1) == cpus  # CPU-bound Ray Data tasks: one per core here
+    assert task_concurrency(cpus) is None  # no more tasks than cores: no cap
 
     def pool_size(cfg):
         return actor_pool_size(cfg, "rewrite")
