@@ -2,9 +2,9 @@
 
 Streamed end to end: valid interactions are hash-joined (Ray Data) with the prompt stores of all
 runs at once, scored in one ``map_batches`` pass with a callable class (each LM and head loads once
-per actor, whatever the number of runs), and reduced to metrics without collecting rows
-(puma_ray.metrics); the baselines (global_mean, user_mean,
-bias) come from puma_ray.baselines.
+per actor, whatever the number of runs); the baselines (global_mean, user_mean, bias) come from
+puma_ray.baselines. The rows of every method, runs and baselines together, are reduced to metrics
+in one set of passes without collecting rows (puma_ray.metrics.run_metrics).
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ import time
 import numpy as np
 import pyarrow as pa
 import torch
-from ray.data.aggregate import Count, Sum
 
 from puma_ray import console, storage
 from puma_ray.baselines import BASELINES
 from puma_ray.config import EvaluateConfig, ModelConfig, ScoringConfig
-from puma_ray.data import join_on, load_interactions, shuffle_partitions
+from puma_ray.data import join_on, load_interactions
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import load_head
 from puma_ray.llm import FrozenLM, model_info, row_texts
-from puma_ray.metrics import distinct_users, only_run, report_metrics, tag_run
+from puma_ray.metrics import as_run, distinct_users, report_metrics, tag_run
 from puma_ray.runtime import actor_device, actor_pool, actor_pool_size, init_ray
 from puma_ray.schema import decode_prompts, read_store_meta
 
@@ -160,18 +159,6 @@ def score_runs(
     ).materialize()
 
 
-def _rows_and_users(scored, rows: int) -> dict[str, tuple[int, int]]:
-    """Scored rows and distinct users per run: run -> (rows, users), from two small groupbys."""
-    per_user = (
-        scored.select_columns(["run", "user_id"])
-        .groupby(["run", "user_id"], num_partitions=shuffle_partitions(rows))
-        .count()
-        .materialize()
-    )
-    per_run = per_user.groupby("run").aggregate(Count(alias_name="users"), Sum("count()", alias_name="rows"))
-    return {r["run"]: (int(r["rows"]), int(r["users"])) for r in per_run.take_all()}
-
-
 @user_errors
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Entry: score every run in ``cfg.runs`` and the baselines on ``cfg.data.valid``; print a table.
@@ -193,43 +180,40 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     names = [*cfg.runs, *cfg.baselines]
     rows_of = f"{valid_rows:,} valid rows of {valid_users:,} users"
     console.say(f"evaluate: {len(names)} method(s) ({console.listing(names)}) on {rows_of}")
-    results, scoring_s = {}, 0.0
+    scored, scoring_s = [], 0.0
     if cfg.runs:
         t0 = time.time()
         with console.Relay() as relay:
             runs = {name: {"uri": uri, "model": models[name]} for name, uri in cfg.runs.items()}
             label = "evaluate: scoring " + console.listing(cfg.runs)
-            scored = score_runs(runs, cfg.task, valid_ds, valid_rows, cfg.scoring, relay.handle, label)
+            scored.append(score_runs(runs, cfg.task, valid_ds, valid_rows, cfg.scoring, relay.handle, label))
         scoring_s = time.time() - t0
-        counts = _rows_and_users(scored, scored.count())
-    for name, run_uri in cfg.runs.items():
-        rows, users = counts.get(name, (0, 0))
-        if rows == 0:
-            raise PumaError(f"{run_uri}: no valid row could be scored (no user of {cfg.data.valid} has a prompt)")
-        summary_uri = storage.join(run_uri, "summary.json")
-        summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
-        run_rows = scored.map_batches(only_run, fn_kwargs={"run": name}, batch_format="pyarrow")
-        results[name] = {
-            **report_metrics(cfg.task, run_rows, subsets),
-            "scored_rows": rows,
-            "unknown_rows": valid_rows - rows,
-            "unknown_users": valid_users - users,
-            "lm_sample_passes": summary.get("lm_sample_passes", 0),
-            "wall_s": summary.get("wall_s", 0.0),
-        }
+        scored[0] = scored[0].map_batches(as_run, batch_format="pyarrow")
     if cfg.baselines:
         train_ds, train_rows = load_interactions(cfg.data.train, cfg.task)
         mu = float(train_ds.mean("label"))
         for name in cfg.baselines:
-            scored = BASELINES[name](train_ds, train_rows, valid_ds, valid_rows, mu, cfg.task, cfg)
-            results[name] = {
-                **report_metrics(cfg.task, scored, subsets),
-                "scored_rows": valid_rows,
-                "unknown_rows": 0,
-                "unknown_users": 0,
-                "lm_sample_passes": 0,
-                "wall_s": 0.0,
-            }
+            rows = BASELINES[name](train_ds, train_rows, valid_ds, valid_rows, mu, cfg.task, cfg)
+            scored.append(rows.map_batches(as_run, fn_kwargs={"run": name}, batch_format="pyarrow"))
+    every = scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0] if scored else None
+    measured = report_metrics(cfg.task, every, subsets) if every is not None else {}
+    results = {}
+    for name in names:  # every method measured in one set of passes (puma_ray.metrics.run_metrics)
+        m = measured.get(name, {"rows": 0, "users": 0})
+        if m["rows"] == 0:
+            raise PumaError(
+                f"{cfg.runs.get(name, name)}: no valid row could be scored (no user of {cfg.data.valid} has a prompt)"
+            )
+        summary_uri = storage.join(cfg.runs[name], "summary.json") if name in cfg.runs else None
+        summary = storage.read_json(summary_uri) if summary_uri and storage.exists(summary_uri) else {}
+        results[name] = {
+            **{k: v for k, v in m.items() if k not in ("rows", "users")},
+            "scored_rows": m["rows"],
+            "unknown_rows": valid_rows - m["rows"],
+            "unknown_users": valid_users - m["users"],
+            "lm_sample_passes": summary.get("lm_sample_passes", 0),
+            "wall_s": summary.get("wall_s", 0.0),
+        }
     report = {
         "task": cfg.task,
         "valid": cfg.data.valid,

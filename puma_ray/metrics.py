@@ -1,9 +1,10 @@
-"""Metrics of scored rows (label, pred[, user_id][, in_<subset>...]) as Ray Datasets, streamed.
+"""Metrics of scored rows (run, user_id, label, pred[, in_<subset>...]) as Ray Datasets, streamed,
+every run (method) in the same passes.
 
-rating -> RMSE, MAE from per-batch error sums; ctr -> exact AUC over one distributed sort, uAUC =
-mean per-user AUC over users with both classes (scikit-learn per user, one groupby). For each
-subset g the same metrics inside (``<metric>_in_<g>``) and outside (``_out_<g>``) it, in the same
-passes. Nothing per row is collected. A light module on purpose: its functions run in Ray tasks,
+rating -> RMSE, MAE from per-batch error sums; ctr -> exact AUC over one distributed sort by (run,
+pred), uAUC = mean per-user AUC over users with both classes (scikit-learn per user, one groupby).
+For each subset g the same metrics inside (``<metric>_in_<g>``) and outside (``_out_<g>``) it, in
+the same passes. Nothing per row is collected. A light module on purpose: its functions run in Ray tasks,
 which import it (no torch, no transformers).
 """
 
@@ -18,7 +19,6 @@ import pyarrow.compute as pc
 from sklearn.metrics import roc_auc_score
 
 from puma_ray.data import shuffle_partitions
-from puma_ray.errors import PumaError
 
 
 def _sides(groups) -> list[str]:
@@ -37,13 +37,28 @@ def _masks(batch, groups) -> dict[str, np.ndarray | None]:
 
 
 def _error_sums(batch: pa.Table, groups=()) -> pa.Table:
-    """One row per batch: n, se, ae for every row selection of :func:`_masks` (column suffixes)."""
+    """Per run of the batch, one row: run, then n, se, ae of every row selection of :func:`_masks`
+    (column suffixes)."""
     err = np.asarray(batch.column("pred"), np.float64) - np.asarray(batch.column("label"), np.float64)
-    cols = {}
+    cols = {"run": batch.column("run")}
     for side, m in _masks(batch, groups).items():
-        e = err if m is None else err[m]
-        cols.update({f"n{side}": [len(e)], f"se{side}": [float((e**2).sum())], f"ae{side}": [float(np.abs(e).sum())]})
-    return pa.table(cols)
+        keep = np.ones(len(err), bool) if m is None else m
+        cols.update({f"n{side}": keep.astype(np.int64), f"se{side}": np.where(keep, err**2, 0.0)})
+        cols[f"ae{side}"] = np.where(keep, np.abs(err), 0.0)
+    return _sum_by_run(pa.table(cols))
+
+
+def _sum_by_run(table: pa.Table) -> pa.Table:
+    """Every column but ``run`` summed per run: one row per run, same column names."""
+    names = [c for c in table.column_names if c != "run"]
+    sums = table.group_by("run").aggregate([(c, "sum") for c in names])
+    return sums.select(["run", *(f"{c}_sum" for c in names)]).rename_columns(["run", *names])
+
+
+def _by_run(parts) -> pd.DataFrame:
+    """Per-block partial sums (a Ray Dataset of :func:`_sum_by_run` rows) -> their totals per run."""
+    frame = parts.to_pandas()
+    return frame.groupby("run").sum() if len(frame) else pd.DataFrame()
 
 
 class SortedAUC:
@@ -96,75 +111,92 @@ def sorted_auc(batches) -> float:
 
 
 def _user_auc(group: pd.DataFrame, groups=()) -> pd.DataFrame:
-    """One user's rows -> (auc_sum, users[, in_<g>]): their AUC and 1, or 0 and 0 when they have one
-    class only; the user's subset flags are carried along."""
+    """One user's rows of one run -> (run, auc_sum, users, seen[, in_<g>]): their AUC and users = 1, or
+    0 and 0 when they have one class only; seen = 1; the user's subset flags are carried along."""
 
     y = group["label"].to_numpy() > 0.5
     both = 0 < y.sum() < len(y)
     return pd.DataFrame(
         {
+            "run": [group["run"].iloc[0]],
             "auc_sum": [float(roc_auc_score(y, group["pred"].to_numpy())) if both else 0.0],
             "users": [int(both)],
+            "seen": [1],
             **{f"in_{g}": [bool(group[f"in_{g}"].iloc[0])] for g in groups},
         }
     )
 
 
-def _uauc_sums(batch: pd.DataFrame, groups=()) -> pd.DataFrame:
-    cols = {}
+def _uauc_sums(batch: pa.Table, groups=()) -> pa.Table:
+    """Rows of :func:`_user_auc` -> per run of the block: seen, auc_sum and users of every row selection."""
+    cols = {"run": batch.column("run"), "seen": batch.column("seen")}
+    auc, users = np.asarray(batch.column("auc_sum"), np.float64), np.asarray(batch.column("users"), np.int64)
     for side, m in _masks(batch, groups).items():
-        part = batch if m is None else batch[m]
-        cols.update({f"auc_sum{side}": [float(part["auc_sum"].sum())], f"users{side}": [int(part["users"].sum())]})
-    return pd.DataFrame(cols)
-
-
-def dataset_metrics(task: str, ds, groups: tuple[str, ...] = ()) -> dict:
-    """Metrics of a scored Ray Dataset (label, pred[, user_id][, in_<g>...]), streamed; for each
-    group g also over the rows with in_<g> true (``<metric>_in_<g>``) and false (``_out_<g>``), in
-    the same passes. rating -> RMSE, MAE from per-batch error sums; ctr -> exact AUC over one
-    distributed sort, uAUC = mean per-user AUC (users with both classes) from one groupby.
-    Nothing per row is collected; a selection without rows gets no metrics."""
-    flags = [f"in_{g}" for g in groups]
-    if task == "rating":
-        sums = (
-            ds.select_columns(["label", "pred", *flags])
-            .map_batches(_error_sums, fn_kwargs={"groups": groups}, batch_format="pyarrow")
-            .to_pandas()
-            .sum()
+        cols.update(
+            {f"auc_sum{side}": auc if m is None else auc * m, f"users{side}": users if m is None else users * m}
         )
-        if sums.get("n", 0) == 0:
-            raise PumaError("no valid row could be scored (no user of the valid set has a prompt)")
-        return {
-            f"{k}{side}": v
-            for side in _sides(groups)
-            if sums[f"n{side}"] > 0
-            for k, v in (
-                ("rmse", math.sqrt(sums[f"se{side}"] / sums[f"n{side}"])),
-                ("mae", float(sums[f"ae{side}"] / sums[f"n{side}"])),
+    return _sum_by_run(pa.table(cols))
+
+
+def _users_by_run(batch: pa.Table) -> pa.Table:
+    """Rows of a (run, user_id) groupby -> per run of the block, its distinct users."""
+    return _sum_by_run(pa.table({"run": batch.column("run"), "users": np.ones(batch.num_rows, np.int64)}))
+
+
+def run_metrics(task: str, ds, groups: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Metrics of the scored rows of several runs (run, user_id, label, pred[, in_<g>...]), every run
+    in the same passes: run -> {metrics, "rows", "users" (distinct)}; for each group g also over the
+    rows with in_<g> true (``<metric>_in_<g>``) and false (``_out_<g>``). rating -> RMSE, MAE from
+    per-batch error sums (one pass), the users from one groupby on (run, user_id); ctr -> exact AUC
+    over one distributed sort by (run, pred), uAUC = mean per-user AUC (users with both classes) and
+    the users from one groupby. Nothing per row is collected; a run without rows is absent, a
+    selection without rows gets no metrics. ``ds`` is read more than once: materialize it first."""
+    flags = [f"in_{g}" for g in groups]
+    partitions = shuffle_partitions(ds.count())
+    if task == "rating":
+        sums = _by_run(
+            ds.select_columns(["run", "label", "pred", *flags]).map_batches(
+                _error_sums, fn_kwargs={"groups": groups}, batch_format="pyarrow"
             )
-        }
-    aucs: dict[str, SortedAUC] = {}
-    for b in (
-        ds.select_columns(["label", "pred", *flags]).sort("pred").iter_batches(batch_format="numpy", batch_size=65_536)
-    ):
-        for side, m in _masks(b, groups).items():
-            aucs.setdefault(side, SortedAUC()).add(
-                b["pred"] if m is None else b["pred"][m], b["label"] if m is None else b["label"][m]
-            )
-    rows = aucs[""].rows() if "" in aucs else 0
+        )
+        users = _by_run(
+            ds.select_columns(["run", "user_id"])
+            .groupby(["run", "user_id"], num_partitions=partitions)
+            .count()
+            .map_batches(_users_by_run, batch_format="pyarrow")
+        )
+        out = {}
+        for run, s in sums.iterrows():
+            m = out.setdefault(run, {"rows": int(s["n"]), "users": int(users.loc[run, "users"])})
+            for side in _sides(groups):
+                if s[f"n{side}"] > 0:
+                    m.update({f"rmse{side}": math.sqrt(s[f"se{side}"] / s[f"n{side}"])})
+                    m.update({f"mae{side}": float(s[f"ae{side}"] / s[f"n{side}"])})
+        return out
+    aucs: dict[tuple[str, str], SortedAUC] = {}
+    by_pred = ds.select_columns(["run", "label", "pred", *flags]).sort(["run", "pred"])
+    for b in by_pred.iter_batches(batch_format="numpy", batch_size=65_536):
+        masks = _masks(b, groups)
+        for run in np.unique(b["run"]):  # a run's rows are contiguous, in ascending pred order
+            this = b["run"] == run
+            for side, m in masks.items():
+                keep = this if m is None else this & m
+                aucs.setdefault((str(run), side), SortedAUC()).add(b["pred"][keep], b["label"][keep])
     per_user = (
-        ds.select_columns(["user_id", "label", "pred", *flags])
-        .groupby("user_id", num_partitions=shuffle_partitions(rows))
+        ds.select_columns(["run", "user_id", "label", "pred", *flags])
+        .groupby(["run", "user_id"], num_partitions=partitions)
         .map_groups(_user_auc, fn_kwargs={"groups": groups}, batch_format="pandas")
     )
-    sums = per_user.map_batches(_uauc_sums, fn_kwargs={"groups": groups}, batch_format="pandas").to_pandas().sum()
-    out = {"uauc_users": int(sums.get("users", 0))}
-    for side, auc in aucs.items():
+    sums = _by_run(per_user.map_batches(_uauc_sums, fn_kwargs={"groups": groups}, batch_format="pyarrow"))
+    out = {}
+    for (run, side), auc in aucs.items():
+        s = sums.loc[run]
+        m = out.setdefault(run, {"uauc_users": int(s["users"]), "users": int(s["seen"])})
+        if side == "":
+            m["rows"] = auc.rows()
         if auc.rows():
-            n = int(sums.get(f"users{side}", 0))
-            out.update({f"auc{side}": auc.value(), f"uauc{side}": sums[f"auc_sum{side}"] / n if n else float("nan")})
-    if "auc" not in out:
-        out.update(auc=float("nan"), uauc=float("nan"))
+            n = int(s[f"users{side}"])
+            m.update({f"auc{side}": auc.value(), f"uauc{side}": s[f"auc_sum{side}"] / n if n else float("nan")})
     return out
 
 
@@ -179,9 +211,12 @@ def tag_run(batch: pa.Table, run: str) -> pa.Table:
     )
 
 
-def only_run(batch: pa.Table, run: str) -> pa.Table:
-    """Scored rows of every run -> the rows of ``run``, without the run column."""
-    return batch.filter(pc.equal(batch.column("run"), run)).drop_columns(["run"])
+def as_run(batch: pa.Table, run: str | None = None) -> pa.Table:
+    """Scored rows of a method -> (run, user_id, label, pred float64), one schema for every method's
+    rows so that they are measured together; ``run``: the method's name (None: the rows' run column)."""
+    name = batch.column("run") if run is None else pa.repeat(pa.scalar(run, pa.string()), batch.num_rows)
+    cols = {"run": name, "user_id": batch.column("user_id"), "label": batch.column("label")}
+    return pa.table({**cols, "pred": batch.column("pred").cast(pa.float64())})
 
 
 def distinct_users(ds, rows: int) -> int:
@@ -204,6 +239,7 @@ def with_subsets(ds, subsets: dict[str, pa.Array]):
     return ds.map_batches(flag, batch_format="pyarrow")
 
 
-def report_metrics(task: str, scored, subsets: dict[str, pa.Array]) -> dict:
-    """Whole-set metrics plus, per subset, the same metrics inside and outside it (one set of passes)."""
-    return dataset_metrics(task, with_subsets(scored, subsets).materialize(), tuple(subsets))
+def report_metrics(task: str, scored, subsets: dict[str, pa.Array]) -> dict[str, dict]:
+    """Per run of ``scored`` (:func:`as_run`'s rows): whole-set metrics plus, per subset, the same
+    metrics inside and outside it, "rows" and "users"; every run in one set of passes."""
+    return run_metrics(task, with_subsets(scored, subsets).materialize(), tuple(subsets))

@@ -15,14 +15,21 @@ from puma_ray.errors import PumaError
 from puma_ray.evaluate import evaluate, format_table
 from puma_ray.heads import build_head, save_head
 from puma_ray.llm import FrozenLM
-from puma_ray.metrics import dataset_metrics, sorted_auc
+from puma_ray.metrics import run_metrics, sorted_auc
 from puma_ray.schema import StoreMeta, write_prompt_store
+
+
+def metrics_of(task: str, frame: pd.DataFrame, groups: tuple[str, ...] = (), blocks: int = 1) -> dict[str, dict]:
+    """run_metrics of a pandas frame of scored rows (a "run" column added when it has none)."""
+    frame = frame if "run" in frame else frame.assign(run="r")
+    return run_metrics(task, ray.data.from_pandas(frame).repartition(blocks).materialize(), groups)
 
 
 def test_rating_metrics_by_hand(ray_session):
     f = pd.DataFrame({"user_id": ["a", "a", "b"], "label": [1.0, 3.0, 5.0], "pred": [2.0, 3.0, 3.0]})
-    m = dataset_metrics("rating", ray.data.from_pandas(f))
+    m = metrics_of("rating", f)["r"]
     assert m["rmse"] == pytest.approx(math.sqrt((1 + 0 + 4) / 3)) and m["mae"] == pytest.approx(1.0)
+    assert (m["rows"], m["users"]) == (3, 2)
 
 
 def test_ctr_metrics_uauc_skips_one_class_users(ray_session):
@@ -33,10 +40,24 @@ def test_ctr_metrics_uauc_skips_one_class_users(ray_session):
             "pred": [0.9, 0.1, 0.95, 0.2, 0.8, 0.5],
         }
     )
-    m = dataset_metrics("ctr", ray.data.from_pandas(f))
+    m = metrics_of("ctr", f)["r"]
     # user a: pairs (0.9>0.1 yes, 0.9>0.95 no) = 0.5; user b: 0.0; user c has one class
     assert m["uauc"] == pytest.approx(0.25) and m["uauc_users"] == 2
     assert m["auc"] == pytest.approx(roc_auc_score(f["label"], f["pred"]))
+    assert (m["rows"], m["users"]) == (6, 3)
+
+
+def scored_rows(task: str, rng, n: int = 600) -> pd.DataFrame:
+    users = rng.integers(0, 30, n)
+    label = rng.integers(1, 6, n).astype(float) if task == "rating" else (rng.random(n) < 0.4).astype(float)
+    return pd.DataFrame(
+        {
+            "user_id": [f"u{u}" for u in users],
+            "label": label,
+            "pred": rng.integers(0, 10, n) / 10 + (label if task == "rating" else 0.2 * label),
+            "in_g": users < 10,
+        }
+    )
 
 
 @pytest.mark.parametrize("task", ["rating", "ctr"])
@@ -44,24 +65,30 @@ def test_subset_metrics_in_one_pass_equal_filtered(task, ray_session):
     """<metric>_in_g / _out_g, computed in the same passes as the whole set, equal the metrics of
     the filtered rows (g is a per-user flag, as evaluate's adapter_users subset)."""
 
-    rng = np.random.default_rng(1)
-    users = rng.integers(0, 30, 600)
-    label = rng.integers(1, 6, 600).astype(float) if task == "rating" else (rng.random(600) < 0.4).astype(float)
-    f = pd.DataFrame(
-        {
-            "user_id": [f"u{u}" for u in users],
-            "label": label,
-            "pred": rng.integers(0, 10, 600) / 10 + (label if task == "rating" else 0.2 * label),
-            "in_g": users < 10,
-        }
-    )
-    both = dataset_metrics(task, ray.data.from_pandas(f).repartition(7), ("g",))
+    f = scored_rows(task, np.random.default_rng(1))
+    both = metrics_of(task, f, ("g",), blocks=7)["r"]
     for side, part in (("in", f[f.in_g]), ("out", f[~f.in_g])):
-        alone = dataset_metrics(task, ray.data.from_pandas(part.drop(columns="in_g")))
+        alone = metrics_of(task, part.drop(columns="in_g"))["r"]
         for k in ("rmse", "mae") if task == "rating" else ("auc", "uauc"):
             assert both[f"{k}_{side}_g"] == pytest.approx(alone[k], abs=1e-12), (k, side)
-    whole = dataset_metrics(task, ray.data.from_pandas(f.drop(columns="in_g")))
+    whole = metrics_of(task, f.drop(columns="in_g"))["r"]
     assert all(both[k] == pytest.approx(v, abs=1e-12) for k, v in whole.items())
+
+
+@pytest.mark.parametrize("task", ["rating", "ctr"])
+def test_runs_measured_together_equal_each_run_alone(task, ray_session):
+    """Several runs' rows, interleaved in the same blocks and measured in one set of passes, give
+    each run the metrics, rows and users it gets alone (a run without rows is absent)."""
+
+    rng = np.random.default_rng(2)
+    runs = {name: scored_rows(task, rng, n).assign(run=name) for name, n in (("a", 600), ("b", 250), ("c", 40))}
+    together = metrics_of(task, pd.concat(runs.values()).sample(frac=1, random_state=0), ("g",), blocks=5)
+    assert set(together) == set(runs)
+    for name, rows in runs.items():
+        alone = metrics_of(task, rows, ("g",))[name]
+        assert together[name].keys() == alone.keys()
+        assert all(together[name][k] == pytest.approx(v, abs=1e-12) for k, v in alone.items()), name
+        assert together[name]["rows"] == len(rows) and together[name]["users"] == rows.user_id.nunique()
 
 
 @pytest.mark.parametrize("batch", [1, 3, 7, 1000])
