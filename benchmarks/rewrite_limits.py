@@ -8,7 +8,7 @@ On the same N source prompts (d_in 256 -> d_out 384, adapter width h = 1024, l =
   (iii) the rewrite itself: ``puma_ray.rewrite.rewrite_store`` with the given RewriteConfig;
 and a per-part profile of one actor's work on the same batches (Parquet decode, arrow -> numpy,
 finite check, adapter, numpy -> arrow, Parquet encode with and without the sha256 tee), plus the
-rewrite's uniqueness check (a Ray Data groupby over the output) timed on its own.
+rewrite's uniqueness check (rows per user over the output, ``data.sum_by``) timed on its own.
 
     python benchmarks/rewrite_limits.py [--users 500000] [--set actors=2 --set cpus_per_actor=1]
         [--compute-rows 200000] [--work /tmp/bench/rewrite_limits]

@@ -9,8 +9,9 @@
   offset 0; predictions are clipped to the task's label range. On real ratings it is the bar any
   personalization must clear.
 
-Streamed with Ray Data (groupbys and joins on user_id / item_id); only the per-user and per-item
-tables (means, offsets) are materialized, and joined by broadcast while they are small. A light
+Streamed with Ray Data (sums per user_id / item_id by ``data.sum_by``, joins on them); only the
+per-user and per-item tables (means, offsets) are materialized, and joined by broadcast while they
+are small. A light
 module: its functions run in Ray tasks.
 """
 
@@ -19,9 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from ray.data.aggregate import Count, Sum
 
-from puma_ray.data import join_on, shuffle_partitions
+from puma_ray.data import join_on, sum_by
 from puma_ray.schema import LABEL_RANGE
 
 
@@ -44,34 +44,38 @@ def _user_mean_pred(batch: pa.Table, mu: float) -> pa.Table:
     return _predictions(batch, pc.fill_null(batch.column("user_mean").cast(pa.float64()), mu))
 
 
+def _mean(batch: pa.Table, key: str, name: str, reg: float = 0.0) -> pa.Table:
+    """Sums per ``key`` (key, s, n) -> (key, name = s / (reg + n)): a mean, shrunk towards 0 by ``reg``."""
+    n = batch.column("n").cast(pa.float64())
+    return pa.table({key: batch.column(key), name: pc.divide(batch.column("s").cast(pa.float64()), pc.add(n, reg))})
+
+
 def user_mean(train, train_rows: int, valid, valid_rows: int, mu: float, task: str, cfg) -> object:
     """Each valid row predicted by its user's mean train label (``mu`` for users without train rows)."""
-    means = train.groupby("user_id", num_partitions=shuffle_partitions(train_rows)).mean("label")
-    means = means.rename_columns({"mean(label)": "user_mean"}).materialize()  # one row per user
+    labels = train.select_columns(["user_id", "label"]).rename_columns({"label": "s"})
+    means = sum_by(labels, ["user_id"], ["s"]).map_batches(
+        _mean, fn_kwargs={"key": "user_id", "name": "user_mean"}, batch_format="pyarrow"
+    )
+    means = means.materialize()  # one row per user
     joined = _with_offset(valid.select_columns(["user_id", "label"]), means, valid_rows, "user_id")
     return joined.map_batches(_user_mean_pred, fn_kwargs={"mu": mu}, batch_format="pyarrow")
 
 
-def _residual(batch: pa.Table, mu: float, offset: str) -> pa.Table:
-    """label - mu - (the joined offset, 0 where absent) -> column ``r``."""
+def _residual(batch: pa.Table, mu: float, offset: str, key: str) -> pa.Table:
+    """label - mu - (the joined offset, 0 where absent) -> (key, s): the residuals to average per ``key``."""
     r = pc.subtract(batch.column("label").cast(pa.float64()), mu)
     if offset in batch.column_names:
         r = pc.subtract(r, pc.fill_null(batch.column(offset), 0.0))
-    return batch.append_column("r", r)
+    return pa.table({key: batch.column(key), "s": r})
 
 
-def _shrunk(batch: pa.Table, key: str, name: str, reg: float) -> pa.Table:
-    """(key, sum(r), count()) -> (key, name = sum / (reg + count))."""
-    n = batch.column("count()").cast(pa.float64())
-    return pa.table({key: batch.column(key), name: pc.divide(batch.column("sum(r)"), pc.add(n, reg))})
-
-
-def _offsets(rows, n: int, key: str, name: str, reg: float):
-    """Regularised mean residual per ``key`` -> a materialized (key, name) table."""
-    sums = rows.groupby(key, num_partitions=shuffle_partitions(n)).aggregate(Sum("r"), Count())
-    return sums.map_batches(
-        _shrunk, fn_kwargs={"key": key, "name": name, "reg": reg}, batch_format="pyarrow"
-    ).materialize()
+def _offsets(rows, mu: float, offset: str, key: str, name: str, reg: float):
+    """Regularised mean residual (label - mu - ``offset``) per ``key`` -> a materialized (key, name) table."""
+    resid = rows.map_batches(_residual, fn_kwargs={"mu": mu, "offset": offset, "key": key}, batch_format="pyarrow")
+    means = sum_by(resid, [key], ["s"]).map_batches(
+        _mean, fn_kwargs={"key": key, "name": name, "reg": reg}, batch_format="pyarrow"
+    )
+    return means.materialize()
 
 
 def _with_offset(ds, table, n: int, key: str):
@@ -90,12 +94,9 @@ def bias(train, train_rows: int, valid, valid_rows: int, mu: float, task: str, c
     users = None
     for _ in range(cfg.bias_sweeps):
         by_user = rows if users is None else _with_offset(rows, users, train_rows, "user_id")
-        resid = by_user.map_batches(_residual, fn_kwargs={"mu": mu, "offset": "b_u"}, batch_format="pyarrow")
-        items = _offsets(resid, train_rows, "item_id", "b_i", cfg.bias_reg_item)
-        resid = _with_offset(rows, items, train_rows, "item_id").map_batches(
-            _residual, fn_kwargs={"mu": mu, "offset": "b_i"}, batch_format="pyarrow"
-        )
-        users = _offsets(resid, train_rows, "user_id", "b_u", cfg.bias_reg_user)
+        items = _offsets(by_user, mu, "b_u", "item_id", "b_i", cfg.bias_reg_item)
+        by_item = _with_offset(rows, items, train_rows, "item_id")
+        users = _offsets(by_item, mu, "b_i", "user_id", "b_u", cfg.bias_reg_user)
     lo, hi = LABEL_RANGE[task]
     scored = _with_offset(valid.select_columns(["user_id", "item_id", "label"]), users, valid_rows, "user_id")
     scored = _with_offset(scored, items, valid_rows, "item_id")

@@ -281,7 +281,9 @@ class RewriteConfig(ActorPoolConfig):
     )
     max_rows_per_file: int = Field(131_072, ge=1, description="an output file never holds more users than this")
     resume: bool = Field(True, description="re-running with the same output, input and adapter keeps finished files")
-    verify: bool = Field(True, description="after writing, prove every user appears exactly once (a Ray Data groupby)")
+    verify: bool = Field(
+        True, description="after writing, prove every user appears exactly once (rows per user, data.sum_by)"
+    )
 
     @model_validator(mode="after")
     def _file_sizes(self):

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 from ray.data import SaveMode
+from ray.data.aggregate import Sum
 
 from puma_ray import schema, storage
 from puma_ray.errors import PumaError
@@ -53,6 +54,67 @@ def shuffle_partitions(rows: int, at_least: int = 1) -> int:
     ``at_least`` (e.g. the Train workers a joined dataset is split over), at most Ray's default."""
     cap = ray.data.DataContext.get_current().default_hash_shuffle_parallelism
     return int(min(max(cap, at_least), max(at_least, -(-rows // ROWS_PER_PARTITION))))
+
+
+def sum_by(ds, keys: list[str], columns: list[str] = (), concurrency: int | None = None):
+    """Per distinct ``keys`` of ``ds``: the sum of each of ``columns`` (same names) and the row count
+    ``n`` -> a Ray Dataset (not yet executed), one row per key (a user, an item, a (run, user) pair).
+
+    Two steps: every block becomes partial sums (a pyarrow group_by: about one row per key per
+    block), and the partials are merged in ONE task when they fit a hash partition
+    (ROWS_PER_PARTITION rows), else by a Ray Data groupby sized by the partial rows. A Ray Data
+    groupby of the rows themselves costs a hash shuffle whose aggregator actors take seconds to
+    start, even for a few thousand keys (benchmarks/group_sums.py). ``concurrency``: of the
+    partial-sum tasks (the same as the map before it fuses them with it)."""
+    keys, columns = list(keys), list(columns)
+    partials = ds.map_batches(
+        _block_sums,
+        fn_kwargs={"keys": keys, "columns": columns, "count": "count_all"},
+        batch_format="pyarrow",
+        batch_size=None,  # a whole block per call
+        concurrency=concurrency,
+    ).materialize()
+    partitions = shuffle_partitions(partials.count())
+    if partitions == 1:
+        merged = partials.repartition(1).map_batches(
+            _block_sums,
+            fn_kwargs={"keys": keys, "columns": [*columns, "n"], "count": None},
+            batch_format="pyarrow",
+            batch_size=None,
+        )
+    else:
+        sums = [Sum(c, alias_name=c) for c in [*columns, "n"]]
+        merged = partials.groupby(keys, num_partitions=partitions).aggregate(*sums)
+    return merged
+
+
+def column_mean(ds, column: str) -> float:
+    """The mean of ``column`` over ``ds``: its block sums merged in one task (:func:`sum_by` with no
+    key; Ray Data's ``Dataset.mean`` took 5-6 s on 62k rows, the sums 0.6 s)."""
+    row = sum_by(ds.select_columns([column]), [], [column]).take_all()[0]
+    return float(row[column]) / row["n"]
+
+
+def _block_sums(batch: pa.Table, keys: list[str], columns: list[str], count: str | None) -> pa.Table:
+    """One block -> one row per distinct ``keys``: the sums of ``columns`` (same names), and with
+    ``count`` ("count_all") the rows as ``n``."""
+    aggs = [(c, "sum") for c in columns] + ([([], count)] if count else [])
+    g = batch.group_by(keys, use_threads=False).aggregate(aggs)
+    names = [*(f"{c}_sum" for c in columns), *([count] if count else [])]
+    out = [*columns, *(["n"] if count else [])]
+    return g.select([*keys, *names]).rename_columns([*keys, *out])
+
+
+# Rows per block of a cheap pass over few rows (metrics of scored rows): a task per block costs
+# 0.05-0.2 s to schedule on 2 cores, so a pass over 30 blocks of 3k rows spends seconds doing that.
+ROWS_PER_BLOCK = 1_000_000
+
+
+def compact(ds):
+    """``ds`` (materialized) re-cut into one block per ROWS_PER_BLOCK rows (at least one), when that
+    is fewer blocks than it has: the blocks that small per-row passes over it want."""
+    blocks = max(1, -(-ds.count() // ROWS_PER_BLOCK))
+    return ds.repartition(blocks).materialize() if blocks < ds.num_blocks() else ds
 
 
 # A side table (prompts of the selected users, per-user statistics) of at most this many bytes is

@@ -18,7 +18,7 @@ import torch
 from puma_ray import console, storage
 from puma_ray.baselines import BASELINES
 from puma_ray.config import EvaluateConfig, ModelConfig, ScoringConfig
-from puma_ray.data import join_on, load_interactions
+from puma_ray.data import column_mean, compact, join_on, load_interactions
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import load_head
 from puma_ray.llm import FrozenLM, model_info, row_texts
@@ -124,8 +124,9 @@ def score_runs(
     """Interaction rows joined with the prompts of every run (``runs``: as :class:`PromptScorer`
     takes them) and scored in one pass by an actor pool (the runs' LMs
     + heads per actor; rows counted on the console through ``relay``, a console.Relay handle,
-    under ``label``) -> materialized (run, user_id, label, pred[, loss]); ``loss``: add each row's
-    training loss (Head.row_loss)."""
+    under ``label``) -> materialized (run, user_id, label, pred[, loss]) in few blocks
+    (``data.compact``: the passes after it are cheap per row); ``loss``: add each row's training
+    loss (Head.row_loss)."""
     stores = [
         storage.ray_read_parquet(run_store(run), columns=["user_id", "prompt"]).map_batches(
             tag_run, fn_kwargs={"run": name}, batch_format="pyarrow"
@@ -148,7 +149,7 @@ def score_runs(
         "total": total,
         "loss": loss,
     }
-    return joined.map_batches(
+    scored = joined.map_batches(
         PromptScorer,
         fn_constructor_kwargs=scorer_args,
         batch_size=4 * sc.batch_size,
@@ -157,6 +158,7 @@ def score_runs(
         num_gpus=sc.num_gpus,
         num_cpus=sc.cpus_per_actor,
     ).materialize()
+    return compact(scored)
 
 
 @user_errors
@@ -176,7 +178,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         name: storage.read_table(uri, columns=["user_id"]).column("user_id").combine_chunks().cast(pa.string())
         for name, uri in cfg.subsets.items()
     }
-    valid_users = distinct_users(valid_ds, valid_rows)
+    valid_users = distinct_users(valid_ds)
     names = [*cfg.runs, *cfg.baselines]
     rows_of = f"{valid_rows:,} valid rows of {valid_users:,} users"
     console.say(f"evaluate: {len(names)} method(s) ({console.listing(names)}) on {rows_of}")
@@ -188,13 +190,15 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             label = "evaluate: scoring " + console.listing(cfg.runs)
             scored.append(score_runs(runs, cfg.task, valid_ds, valid_rows, cfg.scoring, relay.handle, label))
         scoring_s = time.time() - t0
-        scored[0] = scored[0].map_batches(as_run, batch_format="pyarrow")
+        scored[0] = scored[0].map_batches(as_run, batch_format="pyarrow").materialize()
     if cfg.baselines:
         train_ds, train_rows = load_interactions(cfg.data.train, cfg.task)
-        mu = float(train_ds.mean("label"))
+        mu = column_mean(train_ds, "label")
         for name in cfg.baselines:
             rows = BASELINES[name](train_ds, train_rows, valid_ds, valid_rows, mu, cfg.task, cfg)
-            scored.append(rows.map_batches(as_run, fn_kwargs={"run": name}, batch_format="pyarrow"))
+            scored.append(rows.map_batches(as_run, fn_kwargs={"run": name}, batch_format="pyarrow").materialize())
+    # each method's rows materialized on its own: a union of materialized datasets only lists their
+    # blocks, while a union of the unexecuted ones (joins, maps) ran seconds longer than the parts
     every = scored[0].union(*scored[1:]) if len(scored) > 1 else scored[0] if scored else None
     measured = report_metrics(cfg.task, every, subsets) if every is not None else {}
     results = {}

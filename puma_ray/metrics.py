@@ -16,9 +16,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from sklearn.metrics import roc_auc_score
 
-from puma_ray.data import shuffle_partitions
+from puma_ray.data import compact, shuffle_partitions, sum_by
 
 
 def _sides(groups) -> list[str]:
@@ -113,6 +112,7 @@ def sorted_auc(batches) -> float:
 def _user_auc(group: pd.DataFrame, groups=()) -> pd.DataFrame:
     """One user's rows of one run -> (run, auc_sum, users, seen[, in_<g>]): their AUC and users = 1, or
     0 and 0 when they have one class only; seen = 1; the user's subset flags are carried along."""
+    from sklearn.metrics import roc_auc_score  # noqa: PLC0415 -- 1.7 s per worker process; CTR's uAUC only
 
     y = group["label"].to_numpy() > 0.5
     both = 0 < y.sum() < len(y)
@@ -139,7 +139,7 @@ def _uauc_sums(batch: pa.Table, groups=()) -> pa.Table:
 
 
 def _users_by_run(batch: pa.Table) -> pa.Table:
-    """Rows of a (run, user_id) groupby -> per run of the block, its distinct users."""
+    """Rows of sums per (run, user_id) -> per run of the block, its distinct users."""
     return _sum_by_run(pa.table({"run": batch.column("run"), "users": np.ones(batch.num_rows, np.int64)}))
 
 
@@ -147,24 +147,18 @@ def run_metrics(task: str, ds, groups: tuple[str, ...] = ()) -> dict[str, dict]:
     """Metrics of the scored rows of several runs (run, user_id, label, pred[, in_<g>...]), every run
     in the same passes: run -> {metrics, "rows", "users" (distinct)}; for each group g also over the
     rows with in_<g> true (``<metric>_in_<g>``) and false (``_out_<g>``). rating -> RMSE, MAE from
-    per-batch error sums (one pass), the users from one groupby on (run, user_id); ctr -> exact AUC
+    per-batch error sums (one pass), the users from sums per (run, user_id) (``data.sum_by``); ctr -> exact AUC
     over one distributed sort by (run, pred), uAUC = mean per-user AUC (users with both classes) and
     the users from one groupby. Nothing per row is collected; a run without rows is absent, a
     selection without rows gets no metrics. ``ds`` is read more than once: materialize it first."""
     flags = [f"in_{g}" for g in groups]
-    partitions = shuffle_partitions(ds.count())
     if task == "rating":
         sums = _by_run(
             ds.select_columns(["run", "label", "pred", *flags]).map_batches(
                 _error_sums, fn_kwargs={"groups": groups}, batch_format="pyarrow"
             )
         )
-        users = _by_run(
-            ds.select_columns(["run", "user_id"])
-            .groupby(["run", "user_id"], num_partitions=partitions)
-            .count()
-            .map_batches(_users_by_run, batch_format="pyarrow")
-        )
+        users = _by_run(sum_by(ds, ["run", "user_id"]).map_batches(_users_by_run, batch_format="pyarrow"))
         out = {}
         for run, s in sums.iterrows():
             m = out.setdefault(run, {"rows": int(s["n"]), "users": int(users.loc[run, "users"])})
@@ -184,7 +178,7 @@ def run_metrics(task: str, ds, groups: tuple[str, ...] = ()) -> dict[str, dict]:
                 aucs.setdefault((str(run), side), SortedAUC()).add(b["pred"][keep], b["label"][keep])
     per_user = (
         ds.select_columns(["run", "user_id", "label", "pred", *flags])
-        .groupby(["run", "user_id"], num_partitions=partitions)
+        .groupby(["run", "user_id"], num_partitions=shuffle_partitions(ds.count()))
         .map_groups(_user_auc, fn_kwargs={"groups": groups}, batch_format="pandas")
     )
     sums = _by_run(per_user.map_batches(_uauc_sums, fn_kwargs={"groups": groups}, batch_format="pyarrow"))
@@ -219,9 +213,9 @@ def as_run(batch: pa.Table, run: str | None = None) -> pa.Table:
     return pa.table({**cols, "pred": batch.column("pred").cast(pa.float64())})
 
 
-def distinct_users(ds, rows: int) -> int:
-    """Distinct user_id values of ``ds`` (``rows`` rows), by a groupby."""
-    return ds.select_columns(["user_id"]).groupby("user_id", num_partitions=shuffle_partitions(rows)).count().count()
+def distinct_users(ds) -> int:
+    """Distinct user_id values of ``ds`` (counted as rows of :func:`data.sum_by`'s table)."""
+    return sum_by(ds, ["user_id"]).count()
 
 
 def with_subsets(ds, subsets: dict[str, pa.Array]):
@@ -242,4 +236,4 @@ def with_subsets(ds, subsets: dict[str, pa.Array]):
 def report_metrics(task: str, scored, subsets: dict[str, pa.Array]) -> dict[str, dict]:
     """Per run of ``scored`` (:func:`as_run`'s rows): whole-set metrics plus, per subset, the same
     metrics inside and outside it, "rows" and "users"; every run in one set of passes."""
-    return run_metrics(task, with_subsets(scored, subsets).materialize(), tuple(subsets))
+    return run_metrics(task, compact(with_subsets(scored, subsets).materialize()), tuple(subsets))

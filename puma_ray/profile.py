@@ -3,13 +3,13 @@
 Output (Parquet directory): one row per user with interactions:
     user_id string, n int64 (records), label_mean float64, label_var float64 (population variance, ddof=0)
 
-Computed in two distributed steps: every block of (user_id, label) rows becomes per-user partial
-sums (n, sum, sum of squares; a pyarrow group_by inside a Ray Data map_batches), and the partials,
-about one row per user per block instead of one per interaction, are merged: in ONE task when they
-fit a hash partition (ROWS_PER_PARTITION rows; a pyarrow group_by again), else by a Ray Data
-groupby sized by the partial rows. The read uses one block per file (at least two per core), not
-Ray's default of at least 200, and on a local Ray one task per core: the per-row work is tiny, so
-per-block and per-process overheads dominated (measured, benchmarks/profile_speed.py). Only the
+Computed in two distributed steps (``data.sum_by``): every block of (user_id, label) rows becomes
+per-user partial sums (n, sum, sum of squares; a pyarrow group_by inside a Ray Data map_batches),
+and the partials, about one row per user per block instead of one per interaction, are merged: in
+ONE task when they fit a hash partition, else by a Ray Data groupby sized by the partial rows.
+The read uses one block per file (at least two per core), not Ray's default of at least 200, and
+on a local Ray one task per core: the per-row work is tiny, so per-block and per-process overheads
+dominated (measured, benchmarks/profile_speed.py). Only the
 two columns are read; the interactions are never collected in one process.
 """
 
@@ -20,10 +20,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data import SaveMode
-from ray.data.aggregate import Sum
 
 from puma_ray import storage
-from puma_ray.data import load_interactions, shuffle_partitions
+from puma_ray.data import load_interactions, sum_by
 from puma_ray.errors import PumaError, user_errors
 
 PROFILE_SCHEMA = pa.schema(
@@ -36,22 +35,14 @@ PROFILE_SCHEMA = pa.schema(
 )
 
 
-def _partials(batch: pa.Table) -> pa.Table:
-    """(user_id, label) rows of one block -> one row per user of the block: (user_id, n, s, ss)."""
+def _squares(batch: pa.Table) -> pa.Table:
+    """(user_id, label) rows -> (user_id, s = label, ss = label^2), what the sums are taken of."""
     label = pc.cast(batch.column("label"), pa.float64())
-    rows = pa.table({"user_id": batch.column("user_id").cast(pa.string()), "s": label, "ss": pc.multiply(label, label)})
-    g = rows.group_by("user_id").aggregate([("s", "count"), ("s", "sum"), ("ss", "sum")])
-    return pa.table({"user_id": g["user_id"], "n": g["s_count"], "s": g["s_sum"], "ss": g["ss_sum"]})
-
-
-def _merge(batch: pa.Table) -> pa.Table:
-    """Partial sums (user_id, n, s, ss), a user on several rows -> PROFILE_SCHEMA, one row per user."""
-    g = batch.group_by("user_id").aggregate([("n", "sum"), ("s", "sum"), ("ss", "sum")])
-    return _to_profile(pa.table({"user_id": g["user_id"], "n": g["n_sum"], "s": g["s_sum"], "ss": g["ss_sum"]}))
+    return pa.table({"user_id": batch.column("user_id").cast(pa.string()), "s": label, "ss": pc.multiply(label, label)})
 
 
 def _to_profile(batch: pa.Table) -> pa.Table:
-    """Merged sums (user_id, n, s, ss) -> PROFILE_SCHEMA: mean s/n, population variance ss/n - mean^2."""
+    """Sums per user (user_id, s, ss, n) -> PROFILE_SCHEMA: mean s/n, population variance ss/n - mean^2."""
     n = np.asarray(batch.column("n").to_numpy(zero_copy_only=False), dtype=np.int64)
     mean = np.asarray(batch.column("s").to_numpy(zero_copy_only=False), dtype=np.float64) / n
     var = np.asarray(batch.column("ss").to_numpy(zero_copy_only=False), dtype=np.float64) / n - mean**2
@@ -80,28 +71,17 @@ def profile_users(interactions_uri: str, task: str, out_uri: str) -> dict:
     Returns {"users": number of users, "rows": number of interactions, "uri": out_uri}.
     A previous profile at ``out_uri`` is replaced.
     """
-    # the driver's only: Ray Data workers import this module for _partials, and runtime imports torch
+    # the driver's only: Ray Data workers import this module for _squares, and runtime imports torch
     from puma_ray.runtime import cores, task_concurrency  # noqa: PLC0415
 
     _check_target(out_uri)
     files = len(storage.parquet_files(interactions_uri))
     blocks = max(files, 2 * cores())
-    concurrency = task_concurrency(files)  # read, check and partial sums fuse into one task per file
+    concurrency = task_concurrency(files)  # read, check, squares and partial sums: one task per file
     ds, rows = load_interactions(interactions_uri, task, ["user_id", "label"], blocks, concurrency)
-    # a whole block at a time; materialized, so the merge is sized by the partial rows (about one per
-    # user per block), not by the interactions: a hash partition costs an aggregator process
-    partials = ds.map_batches(_partials, batch_format="pyarrow", batch_size=None, concurrency=concurrency)
-    partials = partials.materialize()
-    partitions = shuffle_partitions(partials.count())
-    if partitions == 1:
-        merged = partials.repartition(1).map_batches(_merge, batch_format="pyarrow", batch_size=None)
-    else:
-        merged = (
-            partials.groupby("user_id", num_partitions=partitions)
-            .aggregate(Sum("n", alias_name="n"), Sum("s", alias_name="s"), Sum("ss", alias_name="ss"))
-            .map_batches(_to_profile, batch_format="pyarrow")
-        )
-    stats = merged.materialize()
+    squares = ds.map_batches(_squares, batch_format="pyarrow", concurrency=concurrency)
+    stats = sum_by(squares, ["user_id"], ["s", "ss"], concurrency).map_batches(_to_profile, batch_format="pyarrow")
+    stats = stats.materialize()
     users = stats.count()
     fs, path = storage.resolve(out_uri)
     stats.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE)

@@ -5,7 +5,7 @@ target Qwen2 d=96) -> stage 1 on the source ("source"), on the target ("full_ret
 head-only control on the target ("random_init") -> PUMA migration source -> target on 20% of the
 users ("puma") -> one evaluation beside the global/user-mean baselines.
 Writes DIR/results.json: {"task", "methods": {name: {rmse, mae | auc, uauc, lm_sample_passes, wall_s}},
-"puma_by_users", "timings": {stage: {wall_s, loop_s}}}.
+"puma_by_users", "timings": {stage: {wall_s, loop_s}; puma_train also profile_s, select_s, fit_s}}.
 """
 
 from __future__ import annotations

@@ -22,14 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 import torch
+from ray.data.expressions import col
 
 from puma_ray import storage
 from puma_ray.adapter import load_adapter
 from puma_ray.config import RewriteConfig, RewriteJobConfig
 from puma_ray.console import Progress, say
-from puma_ray.data import shuffle_partitions
+from puma_ray.data import sum_by
 from puma_ray.errors import PumaError, user_errors
-from puma_ray.llm import model_info, store_meta
 from puma_ray.runtime import actor_device, actor_pool, init_ray
 from puma_ray.schema import StoreMeta, decode_prompts, prompt_store_schema, prompt_table
 from puma_ray.sources import join_sources
@@ -169,16 +169,16 @@ def _busiest_actor_s(markers) -> float:
 
 def _disjoint_unique(markers: list[dict]) -> bool:
     """Exactly-once proven from the markers alone: every unit's ids are distinct and the units'
-    id ranges do not overlap (true for stores partitioned by id range; else a groupby decides)."""
+    id ranges do not overlap (true for stores partitioned by id range; else the rows per user decide)."""
     ranges = sorted((m["id_min"], m["id_max"]) for m in markers if m["rows"])
     return all(m.get("unique", False) for m in markers) and all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))
 
 
-def _duplicates(store_uri: str, rows: int) -> int:
-    """Users appearing more than once in the store, counted by a Ray Data groupby (nothing collected)."""
-    ids = storage.ray_read_parquet(store_uri, columns=["user_id"])
-    counts = ids.groupby("user_id", num_partitions=shuffle_partitions(rows)).count()
-    return counts.map_batches(lambda t: t.filter(pc.greater(t.column("count()"), 1)), batch_format="pyarrow").count()
+def _duplicates(store_uri: str) -> int:
+    """Users appearing more than once in the store, from its rows per user (``data.sum_by``; nothing
+    collected)."""
+    counts = sum_by(storage.ray_read_parquet(store_uri, columns=["user_id"]), ["user_id"])
+    return counts.filter(expr=col("n") > 1).count()
 
 
 def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: str, rcfg: RewriteConfig) -> dict:
@@ -200,6 +200,9 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
         + (f"; resuming, {len(done)} file(s) already done" if done else "")
     )
     if todo:
+        # an actor per min_rows_per_file users at most: a small store is done by one actor in well
+        # under a second, while starting another (a process importing torch) costs seconds
+        actors = min(len(todo), -(-sum(u["rows"] for u in todo) // rcfg.min_rows_per_file))
         args = {"adapter_uri": adapter_uri, "meta": meta.__dict__, "store_uri": store_uri, "state_uri": state_uri}
         results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             UnitRewriter,
@@ -208,7 +211,7 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
             batch_format="pyarrow",
             num_gpus=rcfg.num_gpus,
             num_cpus=rcfg.cpus_per_actor,
-            compute=actor_pool(rcfg, "rewrite", limit=len(todo)),
+            compute=actor_pool(rcfg, "rewrite", limit=actors),
         )
         progress = Progress("rewrite", sum(u["rows"] for u in todo), "users")
         for row in results.iter_rows():
@@ -219,7 +222,7 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
     files = [f for u in sorted(done) for f in done[u]["files"]]
     n_out = sum(f["rows"] for f in files)
     proven = _disjoint_unique(list(done.values()))
-    dup = _duplicates(store_uri, n_out) if rcfg.verify and not proven else 0
+    dup = _duplicates(store_uri) if rcfg.verify and not proven else 0
     if len(done) != len(units) or n_out != n_in or dup:
         raise PumaError(f"{store_uri}: rewrite wrote {n_out} rows ({dup} users more than once) for {n_in} input users")
     manifest = {
@@ -228,7 +231,7 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
         "adapter": {"uri": adapter_uri, "fingerprint": adapter_info["fingerprint"]},
         "target": meta.__dict__,
         "verified_unique": proven or rcfg.verify,
-        "unique_by": "disjoint unit id ranges" if proven else ("groupby" if rcfg.verify else None),
+        "unique_by": "disjoint unit id ranges" if proven else ("rows per user" if rcfg.verify else None),
         "wall_s": time.time() - t0,
         # the busiest actor's time reading, adapting and writing its units: the rewrite's own loop
         "loop_s": _busiest_actor_s(done.values()),
@@ -241,6 +244,9 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
 @user_errors
 def rewrite(cfg: RewriteJobConfig) -> dict:
     """`puma-ray rewrite` entry: check the pairing, then rewrite (joining several sources first)."""
+    # the entry's only: the rewrite's actors import this module, and transformers costs each ~2 s
+    from puma_ray.llm import model_info, store_meta  # noqa: PLC0415
+
     init_ray(cfg.ray, cfg.storage)
     fingerprint, _ = model_info(cfg.model.path)
     joined = join_sources(cfg.sources, storage.join(cfg.output, "source_joined"))

@@ -1,3 +1,5 @@
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 import ray
@@ -41,3 +43,32 @@ def test_broadcast_join_equals_hash_join(how, ray_session):
     assert len(got["broadcast"]) == want_inner + (len(missing) if how == "left_outer" else 0)
     assert {r[0] for r in missing} == ({"u5", "u6"} if how == "left_outer" else set())
     assert len(missing) == (10 if how == "left_outer" else 0)
+
+
+@pytest.mark.parametrize("merge", ["one task", "hash groupby"])
+def test_sum_by_equals_pandas(merge, ray_session, monkeypatch):
+    """Sums and row counts per key (one key and two) over 9 blocks, each key spread over several of
+    them: merged in one task, or by a Ray Data groupby (partitions of 10 partial rows); the mean of
+    a column from the block sums; and ``compact`` cuts the blocks without changing the rows."""
+    if merge == "hash groupby":
+        monkeypatch.setattr(data, "ROWS_PER_PARTITION", 10)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "run": rng.choice(["a", "b"], 300),
+            "user_id": [f"u{i}" for i in rng.integers(0, 23, 300)],
+            "x": rng.normal(size=300),
+            "y": rng.integers(0, 5, 300),
+        }
+    )
+    ds = ray.data.from_pandas(frame).repartition(9).materialize()
+    for keys in (["user_id"], ["run", "user_id"]):
+        got = data.sum_by(ds, keys, ["x", "y"]).to_pandas().set_index(keys).sort_index()
+        want = frame.groupby(keys).agg(x=("x", "sum"), y=("y", "sum"), n=("x", "size")).sort_index()
+        assert list(got.index) == list(want.index)
+        np.testing.assert_allclose(got["x"], want["x"], rtol=1e-12)
+        np.testing.assert_array_equal(got["y"], want["y"])
+        np.testing.assert_array_equal(got["n"], want["n"])
+    assert data.column_mean(ds, "x") == pytest.approx(frame["x"].mean(), rel=1e-12)
+    compacted = data.compact(ds)
+    assert compacted.num_blocks() == 1 and sorted(compacted.to_pandas()["x"]) == sorted(frame["x"])

@@ -164,7 +164,7 @@ def test_changed_input_starts_over(tmp_path, tiny_models, ray_session):
 
 
 def test_exactly_once_check_without_ordered_ids(tmp_path, tiny_models, ray_session):
-    """Ids not partitioned by range: the check falls back to a groupby, and a user present in two
+    """Ids not partitioned by range: the check falls back to counting rows per user, and a user present in two
     units is refused (no manifest)."""
 
     ids = [f"user{j:06d}" for j in np.random.default_rng(0).permutation(300)]
@@ -172,7 +172,7 @@ def test_exactly_once_check_without_ordered_ids(tmp_path, tiny_models, ray_sessi
     manifest = rewrite(
         job(tmp_path, tiny_models, src, str(tmp_path / "out"), min_rows_per_file=100, max_rows_per_file=100)
     )
-    assert manifest["unique_by"] == "groupby" and manifest["output"]["rows"] == 300
+    assert manifest["unique_by"] == "rows per user" and manifest["output"]["rows"] == 300
     dup = chunked_store(str(tmp_path / "dup"), tiny_models["llama"], 200, rows_per_group=100, ids=ids[:100] + ids[:100])
     with pytest.raises(PumaError, match="100 users more than once"):
         rewrite(job(tmp_path, tiny_models, dup, str(tmp_path / "out2"), min_rows_per_file=100, max_rows_per_file=100))
