@@ -48,10 +48,10 @@ def test_broadcast_join_equals_hash_join(how, ray_session):
 @pytest.mark.parametrize("merge", ["one task", "hash groupby"])
 def test_sum_by_equals_pandas(merge, ray_session, monkeypatch):
     """Sums and row counts per key (one key and two) over 9 blocks, each key spread over several of
-    them: merged in one task, or by a Ray Data groupby (partitions of 10 partial rows); the mean of
+    them: merged in one task, or by a Ray Data groupby (partitions of 100 partial rows: 3-5); the mean of
     a column from the block sums; and ``compact`` cuts the blocks without changing the rows."""
     if merge == "hash groupby":
-        monkeypatch.setattr(data, "ROWS_PER_PARTITION", 10)
+        monkeypatch.setattr(data, "ROWS_PER_PARTITION", 100)
     rng = np.random.default_rng(0)
     frame = pd.DataFrame(
         {
