@@ -136,6 +136,14 @@ class UnitRewriter:
         )
 
 
+def actors_for(units: list[dict], rcfg: RewriteConfig) -> int:
+    """The most actors the rewrite of ``units`` may start: one per unit, and unless ``rcfg.actors``
+    is set, one per ``rcfg.min_rows_per_file`` users (a small store is done by one actor in well
+    under a second, while starting another, a process importing torch, costs seconds)."""
+    per_rows = -(-sum(u["rows"] for u in units) // rcfg.min_rows_per_file)
+    return len(units) if rcfg.actors else max(1, min(len(units), per_rows))
+
+
 def _start_or_resume(plan: dict, store_uri: str, state_uri: str, resume: bool) -> dict[int, dict]:
     """Markers of the units already done (empty when starting over); leftovers of others deleted."""
     plan_uri = storage.join(state_uri, "plan.json")
@@ -200,9 +208,6 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
         + (f"; resuming, {len(done)} file(s) already done" if done else "")
     )
     if todo:
-        # an actor per min_rows_per_file users at most: a small store is done by one actor in well
-        # under a second, while starting another (a process importing torch) costs seconds
-        actors = min(len(todo), -(-sum(u["rows"] for u in todo) // rcfg.min_rows_per_file))
         args = {"adapter_uri": adapter_uri, "meta": meta.__dict__, "store_uri": store_uri, "state_uri": state_uri}
         results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             UnitRewriter,
@@ -211,7 +216,7 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
             batch_format="pyarrow",
             num_gpus=rcfg.num_gpus,
             num_cpus=rcfg.cpus_per_actor,
-            compute=actor_pool(rcfg, "rewrite", limit=actors),
+            compute=actor_pool(rcfg, "rewrite", limit=actors_for(todo, rcfg)),
         )
         progress = Progress("rewrite", sum(u["rows"] for u in todo), "users")
         for row in results.iter_rows():

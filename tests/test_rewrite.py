@@ -19,7 +19,7 @@ from puma_ray.adapter import MigrationAdapter, save_adapter
 from puma_ray.config import RewriteConfig, RewriteJobConfig, ScoringConfig, build
 from puma_ray.errors import PumaError
 from puma_ray.llm import model_info
-from puma_ray.rewrite import plan_units, rewrite
+from puma_ray.rewrite import actors_for, plan_units, rewrite
 from puma_ray.runtime import CORES, actor_pool_size, cores, task_concurrency
 from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table
 
@@ -109,6 +109,15 @@ def test_rewrite_splits_files_and_reports_progress(tmp_path, tiny_models, ray_se
     for f in manifest["output"]["files"]:  # the streamed checksum is the file's
         assert hashlib.sha256(storage.read_bytes(f["uri"])).hexdigest() == f["sha256"]
     assert "rewrite: 500 users exactly once in 5 file(s)" in capsys.readouterr().err
+
+
+def test_small_stores_start_fewer_actors():
+    """At most one actor per unit and, unless rewrite.actors is set, per min_rows_per_file users."""
+    small, big = [{"rows": 40}] * 3, [{"rows": 100_000}] * 3
+    assert actors_for(small, RewriteConfig(min_rows_per_file=200, max_rows_per_file=200)) == 1
+    assert actors_for(small, RewriteConfig(min_rows_per_file=50, max_rows_per_file=200)) == 3
+    assert actors_for(small, RewriteConfig(min_rows_per_file=200, max_rows_per_file=200, actors=3)) == 3
+    assert actors_for(big, RewriteConfig()) == 3
 
 
 def test_killed_rewrite_resumes_exactly_once(tmp_path, tiny_models, ray_session):
