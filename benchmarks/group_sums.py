@@ -1,4 +1,4 @@
-"""Sums per key by ``data.sum_by`` (block partial sums merged in one task) vs Ray Data's own groupby,
+"""Means and distinct keys by ``data.sum_by`` (block partial sums merged in one task) vs Ray Data's groupby,
 and ``data.column_mean`` vs ``Dataset.mean``, in one run (one local Ray, the same datasets).
 
 What evaluation, the baselines and the rewrite's uniqueness check compute, on the inputs they
@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.data import column_mean, load_interactions, shuffle_partitions, sum_by
+from puma_ray.data import column_mean, distinct, load_interactions, mean_by, shuffle_partitions
 from puma_ray.runtime import init_ray
 
 
@@ -73,8 +73,8 @@ def ray_user_mean(ds, rows: int) -> dict:
 
 
 def puma_user_mean(ds, rows: int) -> dict:
-    sums = sum_by(ds, ["user_id"], ["label"]).to_pandas()
-    return dict(zip(sums["user_id"], sums["label"] / sums["n"]))
+    means = mean_by(ds, ["user_id"], "label").to_pandas()
+    return dict(zip(means["user_id"], means["label"]))
 
 
 def ray_pairs(ds, rows: int) -> int:
@@ -82,7 +82,7 @@ def ray_pairs(ds, rows: int) -> int:
 
 
 def puma_pairs(ds, rows: int) -> int:
-    return sum_by(ds, ["run", "user_id"]).count()
+    return distinct(ds, ["run", "user_id"])
 
 
 def ray_mean(ds, rows: int) -> float:

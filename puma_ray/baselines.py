@@ -9,10 +9,9 @@
   offset 0; predictions are clipped to the task's label range. On real ratings it is the bar any
   personalization must clear.
 
-Streamed with Ray Data (sums per user_id / item_id by ``data.sum_by``, joins on them); only the
+Streamed with Ray Data (means per user_id / item_id by ``data.mean_by``, joins on them); only the
 per-user and per-item tables (means, offsets) are materialized, and joined by broadcast while they
-are small. A light
-module: its functions run in Ray tasks.
+are small. A light module: its functions run in Ray tasks.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from puma_ray.data import join_on, sum_by
+from puma_ray.data import join_on, mean_by
 from puma_ray.schema import LABEL_RANGE
 
 
@@ -44,38 +43,25 @@ def _user_mean_pred(batch: pa.Table, mu: float) -> pa.Table:
     return _predictions(batch, pc.fill_null(batch.column("user_mean").cast(pa.float64()), mu))
 
 
-def _mean(batch: pa.Table, key: str, name: str, reg: float = 0.0) -> pa.Table:
-    """Sums per ``key`` (key, s, n) -> (key, name = s / (reg + n)): a mean, shrunk towards 0 by ``reg``."""
-    n = batch.column("n").cast(pa.float64())
-    return pa.table({key: batch.column(key), name: pc.divide(batch.column("s").cast(pa.float64()), pc.add(n, reg))})
-
-
 def user_mean(train, train_rows: int, valid, valid_rows: int, mu: float, task: str, cfg) -> object:
     """Each valid row predicted by its user's mean train label (``mu`` for users without train rows)."""
-    labels = train.select_columns(["user_id", "label"]).rename_columns({"label": "s"})
-    means = sum_by(labels, ["user_id"], ["s"]).map_batches(
-        _mean, fn_kwargs={"key": "user_id", "name": "user_mean"}, batch_format="pyarrow"
-    )
-    means = means.materialize()  # one row per user
+    means = mean_by(train, ["user_id"], "label", name="user_mean").materialize()  # one row per user
     joined = _with_offset(valid.select_columns(["user_id", "label"]), means, valid_rows, "user_id")
     return joined.map_batches(_user_mean_pred, fn_kwargs={"mu": mu}, batch_format="pyarrow")
 
 
 def _residual(batch: pa.Table, mu: float, offset: str, key: str) -> pa.Table:
-    """label - mu - (the joined offset, 0 where absent) -> (key, s): the residuals to average per ``key``."""
+    """label - mu - (the joined offset, 0 where absent) -> (key, r): the residuals to average per ``key``."""
     r = pc.subtract(batch.column("label").cast(pa.float64()), mu)
     if offset in batch.column_names:
         r = pc.subtract(r, pc.fill_null(batch.column(offset), 0.0))
-    return pa.table({key: batch.column(key), "s": r})
+    return pa.table({key: batch.column(key), "r": r})
 
 
 def _offsets(rows, mu: float, offset: str, key: str, name: str, reg: float):
     """Regularised mean residual (label - mu - ``offset``) per ``key`` -> a materialized (key, name) table."""
     resid = rows.map_batches(_residual, fn_kwargs={"mu": mu, "offset": offset, "key": key}, batch_format="pyarrow")
-    means = sum_by(resid, [key], ["s"]).map_batches(
-        _mean, fn_kwargs={"key": key, "name": name, "reg": reg}, batch_format="pyarrow"
-    )
-    return means.materialize()
+    return mean_by(resid, [key], "r", reg, name).materialize()
 
 
 def _with_offset(ds, table, n: int, key: str):

@@ -24,7 +24,7 @@ import ray
 from puma_ray import console, storage
 from puma_ray.config import ColdStartConfig, SelectConfig
 from puma_ray.console import say
-from puma_ray.data import keep_users, load_interactions, sum_by
+from puma_ray.data import keep_users, load_interactions, mean_by
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.evaluate import run_model, score_runs
 from puma_ray.heads import load_head
@@ -77,10 +77,9 @@ def cold_start(cfg: ColdStartConfig) -> dict:
     with console.Relay() as relay:
         label = f"coldstart: {len(centroids)} centroids x {n_new_rows:,} rows"
         scored = score_runs(runs, cfg.task, new_rows, n_new_rows, cfg.scoring, relay.handle, label, loss=True)
-    sums = sum_by(scored, ["user_id", "run"], ["loss"]).materialize()  # one row per (user, centroid)
-    table = pa.concat_tables(ray.get(sums.to_arrow_refs())).to_pandas()
-    table["mean_loss"] = table["loss"] / table["n"]
-    best = table.loc[table.groupby("user_id")["mean_loss"].idxmin()].set_index("user_id")
+    means = mean_by(scored, ["user_id", "run"], "loss").materialize()  # one row per (user, centroid)
+    table = pa.concat_tables(ray.get(means.to_arrow_refs())).to_pandas()
+    best = table.loc[table.groupby("user_id")["loss"].idxmin()].set_index("user_id")
     pick = best.loc[new.to_pylist(), "run"].map(lambda r: int(r[1:])).to_numpy()
 
     out_meta = dataclasses.replace(meta, stage="coldstart")

@@ -18,11 +18,11 @@ import torch
 from puma_ray import console, storage
 from puma_ray.baselines import BASELINES
 from puma_ray.config import EvaluateConfig, ModelConfig, ScoringConfig
-from puma_ray.data import column_mean, compact, join_on, load_interactions
+from puma_ray.data import column_mean, compact, distinct, join_on, load_interactions
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import load_head
 from puma_ray.llm import FrozenLM, model_info, row_texts
-from puma_ray.metrics import as_run, distinct_users, report_metrics, tag_run
+from puma_ray.metrics import as_run, report_metrics, tag_run
 from puma_ray.runtime import actor_device, actor_pool, actor_pool_size, init_ray
 from puma_ray.schema import decode_prompts, read_store_meta
 
@@ -178,7 +178,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         name: storage.read_table(uri, columns=["user_id"]).column("user_id").combine_chunks().cast(pa.string())
         for name, uri in cfg.subsets.items()
     }
-    valid_users = distinct_users(valid_ds)
+    valid_users = distinct(valid_ds, ["user_id"])
     names = [*cfg.runs, *cfg.baselines]
     rows_of = f"{valid_rows:,} valid rows of {valid_users:,} users"
     console.say(f"evaluate: {len(names)} method(s) ({console.listing(names)}) on {rows_of}")

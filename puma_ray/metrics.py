@@ -213,11 +213,6 @@ def as_run(batch: pa.Table, run: str | None = None) -> pa.Table:
     return pa.table({**cols, "pred": batch.column("pred").cast(pa.float64())})
 
 
-def distinct_users(ds) -> int:
-    """Distinct user_id values of ``ds`` (counted as rows of :func:`data.sum_by`'s table)."""
-    return sum_by(ds, ["user_id"]).count()
-
-
 def with_subsets(ds, subsets: dict[str, pa.Array]):
     """Adds a boolean column ``in_<name>`` per subset (small user lists, e.g. the adapter's users)."""
     if not subsets:

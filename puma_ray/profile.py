@@ -9,8 +9,8 @@ and the partials, about one row per user per block instead of one per interactio
 ONE task when they fit a hash partition, else by a Ray Data groupby sized by the partial rows.
 The read uses one block per file (at least two per core), not Ray's default of at least 200, and
 on a local Ray one task per core: the per-row work is tiny, so per-block and per-process overheads
-dominated (measured, benchmarks/profile_speed.py). Only the
-two columns are read; the interactions are never collected in one process.
+dominated (measured, benchmarks/profile_speed.py). Only the two columns are read; the interactions
+are never collected in one process.
 """
 
 from __future__ import annotations

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import torch
 from ray.data import SaveMode
 
 from puma_ray import console, storage
 from puma_ray.config import ScoringConfig, SelectConfig
-from puma_ray.data import load_interactions, sum_by
+from puma_ray.data import load_interactions, mean_by
 from puma_ray.errors import PumaError
 from puma_ray.evaluate import run_model, score_runs
 from puma_ray.llm import FrozenLM
@@ -68,10 +67,9 @@ def source_losses(store_uri: str, model: dict, train_uri: str, task: str, scorin
         scored = score_runs(
             {"source": {"uri": run, "model": model}}, task, rows, n, scoring, relay.handle, "select: source loss", True
         )
-        sums = sum_by(scored, ["user_id"], ["loss"]).materialize()  # one row per user
-    table = pa.concat_tables(ray.get(sums.to_arrow_refs()))
-    loss = pc.divide(table.column("loss").cast(pa.float64()), table.column("n").cast(pa.float64()))
-    return pa.table({"user_id": table.column("user_id").cast(pa.string()), "loss": loss})
+        means = mean_by(scored, ["user_id"], "loss").materialize()  # one row per user
+    table = pa.concat_tables(ray.get(means.to_arrow_refs()))
+    return table.cast(pa.schema([("user_id", pa.string()), ("loss", pa.float64())]))
 
 
 class FfnFeatures:

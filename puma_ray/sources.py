@@ -15,7 +15,7 @@ from ray.data import SaveMode
 
 from puma_ray import storage
 from puma_ray.console import say
-from puma_ray.data import shuffle_partitions, sum_by
+from puma_ray.data import distinct, shuffle_partitions
 from puma_ray.errors import PumaError
 from puma_ray.schema import StoreMeta, decode_prompts, prompt_table, read_store_meta
 
@@ -47,7 +47,7 @@ def join_sources(uris: list[str], joined_uri: str) -> Sources:
     stores = [storage.ray_read_parquet(u, columns=["user_id", "prompt"]) for u in uris]
     counts = [ds.count() for ds in stores]
     every = stores[0].select_columns(["user_id"]).union(*[ds.select_columns(["user_id"]) for ds in stores[1:]])
-    n_every = sum_by(every, ["user_id"]).count()
+    n_every = distinct(every, ["user_id"])
     joined = stores[0].rename_columns({"prompt": "p0"})
     for i, ds in enumerate(stores[1:], 1):
         other = ds.rename_columns({"prompt": f"p{i}"})

@@ -48,8 +48,9 @@ def test_broadcast_join_equals_hash_join(how, ray_session):
 @pytest.mark.parametrize("merge", ["one task", "hash groupby"])
 def test_sum_by_equals_pandas(merge, ray_session, monkeypatch):
     """Sums and row counts per key (one key and two) over 9 blocks, each key spread over several of
-    them: merged in one task, or by a Ray Data groupby (partitions of 100 partial rows: 3-5); the mean of
-    a column from the block sums; and ``compact`` cuts the blocks without changing the rows."""
+    them: merged in one task, or by a Ray Data groupby (partitions of 100 partial rows: 3-5); distinct
+    keys, a shrunk mean per key and a column's mean from the same sums; and ``compact`` cuts the
+    blocks without changing the rows."""
     if merge == "hash groupby":
         monkeypatch.setattr(data, "ROWS_PER_PARTITION", 100)
     rng = np.random.default_rng(0)
@@ -69,6 +70,10 @@ def test_sum_by_equals_pandas(merge, ray_session, monkeypatch):
         np.testing.assert_allclose(got["x"], want["x"], rtol=1e-12)
         np.testing.assert_array_equal(got["y"], want["y"])
         np.testing.assert_array_equal(got["n"], want["n"])
+        assert data.distinct(ds, keys) == len(want)
+    shrunk = data.mean_by(ds, ["run", "user_id"], "x", reg=2.0, name="m").to_pandas().set_index(["run", "user_id"])
+    by = frame.groupby(["run", "user_id"])["x"]
+    np.testing.assert_allclose(shrunk["m"].sort_index(), (by.sum() / (by.size() + 2.0)).sort_index(), rtol=1e-12)
     assert data.column_mean(ds, "x") == pytest.approx(frame["x"].mean(), rel=1e-12)
     compacted = data.compact(ds)
     assert compacted.num_blocks() == 1 and sorted(compacted.to_pandas()["x"]) == sorted(frame["x"])
