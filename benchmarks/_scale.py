@@ -179,7 +179,7 @@ def make_adapter(uri: str, src_meta, tgt_meta, width: int, depth: int = 1, seed:
     torch.manual_seed(seed)
     adapter = MigrationAdapter(src_meta.hidden_size, tgt_meta.hidden_size, width=width, depth=depth)
     side = lambda m: {"model": m.model, "model_fingerprint": m.model_fingerprint, "hidden_size": m.hidden_size}  # noqa: E731
-    save_adapter(uri, adapter, [side(src_meta)], side(tgt_meta), src_meta.prompt_length)
+    save_adapter(uri, adapter, [side(src_meta)], side(tgt_meta), src_meta.prompt_length, src_meta.template)
     return uri
 
 

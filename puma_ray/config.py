@@ -11,7 +11,7 @@ from typing import Literal, Optional, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from puma_ray import storage
+from puma_ray import storage, templates
 from puma_ray.errors import PumaError
 
 Task = Literal["rating", "ctr"]
@@ -46,6 +46,30 @@ class ModelConfig(Strict):
     path: str = Field(description="Hugging Face model id or local directory, loaded with from_pretrained")
     dtype: Dtype = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    prefix_cache_mb: float = Field(
+        2048,
+        ge=0,
+        description="memory per process for the keys/values of row prefixes (what precedes the user's slot: "
+        "item text, history), each computed once and reused (least recently used out first)",
+    )
+
+
+TEMPLATE_HELP = (
+    "a built-in template id (rating_v1, rating_item_first, ctr_v1, ctr_item_first) or your own template text "
+    "with the slots <UserID> (once), <ItemTitle> (once) and <ItemTitleList> (at most once); default: the task's v1"
+)
+
+
+class Templated(Strict):
+    """A config with a ``task`` and a ``template``, checked when it loads (puma_ray.templates)."""
+
+    @model_validator(mode="after")
+    def _template(self):
+        try:
+            templates.resolve(self.template, self.task)
+        except PumaError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class HeadConfig(Strict):
@@ -118,7 +142,7 @@ class DataConfig(Strict):
     valid: Optional[str] = None
 
 
-class PromptsConfig(Strict):
+class PromptsConfig(Templated):
     """``puma-ray prompts train``: stage 1, one soft prompt per user on a frozen model."""
 
     task: Task = "rating"
@@ -126,7 +150,10 @@ class PromptsConfig(Strict):
     data: DataConfig
     output: str = Field(description="URI: prompts/ (store), head.safetensors, head.json, summary.json")
     prompt_length: int = Field(1, ge=1)
-    template: Optional[str] = Field(None, description="template id (default: the task's built-in one)")
+    template: Optional[str] = Field(None, description=TEMPLATE_HELP + " (or init_prompts' template)")
+    allow_template_change: bool = Field(
+        False, description="use init_prompts trained under another template than this run's"
+    )
     head: HeadConfig = HeadConfig()
     init_head: Optional[str] = Field(
         None,
@@ -253,6 +280,13 @@ class AdapterConfig(Strict):
     width: int = Field(4096, ge=1)
     depth: int = Field(1, ge=0, description="residual blocks on each side of the projection")
     dropout: float = Field(0.1, ge=0, lt=1)
+    rank: Optional[int] = Field(
+        None,
+        ge=1,
+        description="whiten the source prompts onto their top RANK principal components (fitted on the "
+        "source store, not trained) before the blocks; None: off (the paper's)",
+    )
+    linear: bool = Field(False, description="add a linear path to the blocks, which then start at zero")
 
 
 class ValidationConfig(Strict):
@@ -292,7 +326,7 @@ class RewriteConfig(ActorPoolConfig):
         return self
 
 
-class MigrateConfig(Strict):
+class MigrateConfig(Templated):
     """``puma-ray migrate``: profile -> select -> train adapter -> rewrite -> evaluate.
 
     One source store: A -> target. Several ``sources``: aggregated [A;B] -> target (joined on
@@ -308,7 +342,10 @@ class MigrateConfig(Strict):
     output: str = Field(
         description="URI: profile/, selection/, adapter/, prompts/ (target store), manifest.json, head, report"
     )
-    template: Optional[str] = None
+    template: Optional[str] = Field(None, description=TEMPLATE_HELP.replace("the task's v1", "the sources' template"))
+    allow_template_change: bool = Field(
+        False, description="migrate to another template than the one the source prompts were trained under"
+    )
     prompt_length: Optional[int] = Field(None, ge=1, description="set from the source store; leave empty")
     select: SelectConfig = SelectConfig()
     adapter: AdapterConfig = AdapterConfig()
@@ -328,14 +365,15 @@ class MigrateConfig(Strict):
     run: RunConfig = RunConfig()
 
 
-class RewriteJobConfig(Strict):
+class RewriteJobConfig(Templated):
     """``puma-ray rewrite``: apply a trained adapter to EVERY prompt of the source store(s)."""
 
     model: ModelConfig = Field(description="the TARGET model (for its fingerprint; weights are not loaded)")
     sources: list[str] = Field(min_length=1)
     adapter: str = Field(description="URI of the directory holding adapter.safetensors + adapter.json")
     output: str = Field(description="URI: prompts/ (target store) + manifest.json")
-    template: Optional[str] = None
+    template: Optional[str] = Field(None, description="the output store's template (default: the adapter's)")
+    allow_template_change: bool = Field(False, description="record another template than the adapter's")
     task: Task = "rating"
     rewrite: RewriteConfig = RewriteConfig()
     ray: RayConfig = RayConfig()

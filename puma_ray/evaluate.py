@@ -58,7 +58,16 @@ class PromptScorer:
             m = run["model"]
             key = (m["path"], m["dtype"], m["attn_implementation"], meta.template, meta.prompt_length)
             if key not in lms:
-                lms[key] = FrozenLM(m["path"], task, *key[3:], m["dtype"], m["attn_implementation"], self.device)
+                lms[key] = FrozenLM(
+                    m["path"],
+                    task,
+                    meta.template,
+                    meta.prompt_length,
+                    m["dtype"],
+                    m["attn_implementation"],
+                    self.device,
+                    prefix_cache_mb=m["prefix_cache_mb"],
+                )
             head = load_head(run["uri"], task, lms[key].fingerprint).to(self.device)
             self.runs[name] = (lms[key], head, meta.prompt_length, meta.hidden_size)
         self.counter = console.RemoteProgress(relay, label, total, "rows", every=0.0)
@@ -101,7 +110,7 @@ def run_model(model: ModelConfig | None, run_uri: str) -> dict:
     Raises PumaError when the store was made for a model with another fingerprint."""
     store_uri = storage.join(run_uri, "prompts")
     meta = read_store_meta(store_uri)
-    model = model.model_dump() if model else {"path": meta.model, "dtype": "float32", "attn_implementation": "sdpa"}
+    model = (model or ModelConfig(path=meta.model)).model_dump()
     fingerprint, _ = model_info(model["path"])
     if meta.model_fingerprint != fingerprint:
         raise PumaError(

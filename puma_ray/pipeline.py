@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from puma_ray import storage
+from puma_ray import storage, templates
 from puma_ray.adapter import save_adapter
 from puma_ray.config import EvaluateConfig, MigrateConfig, build
 from puma_ray.console import say
@@ -21,6 +21,7 @@ from puma_ray.llm import store_meta
 from puma_ray.profile import profile_users
 from puma_ray.rewrite import rewrite_store
 from puma_ray.runtime import init_ray
+from puma_ray.schema import read_store_meta
 from puma_ray.select import NEEDS_SOURCE_MODEL, read_selected, select_users
 from puma_ray.signals import check_source_model
 from puma_ray.sources import join_sources
@@ -58,7 +59,7 @@ def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()
         {"model": m.model, "model_fingerprint": m.model_fingerprint, "hidden_size": m.hidden_size} for m in src.metas
     ]
     adapter_uri = storage.join(out, "adapter")
-    save_adapter(adapter_uri, trained.model.adapter, origins, target, src.meta.prompt_length)
+    save_adapter(adapter_uri, trained.model.adapter, origins, target, src.meta.prompt_length, meta.template)
     save_head(out, trained.model.head, cfg.task, cfg.head.model_dump(), meta.model_fingerprint, meta.hidden_size)
     t_rewrite = time.time()
     manifest = rewrite_store(src.uri, adapter_uri, meta, out, cfg.rewrite) if rewrite else None
@@ -91,11 +92,31 @@ def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = ()
     return summary
 
 
+def target_template(cfg: MigrateConfig) -> str:
+    """The template the migrated prompts are trained and stored under: ``cfg.template``, else the
+    sources' own. Refuses (one line) sources trained under another template than that one, unless
+    ``cfg.allow_template_change``. Reads store footers only."""
+    metas = {uri: read_store_meta(uri) for uri in cfg.sources}
+    if cfg.template is None:
+        specs = {m.template for m in metas.values()}
+        if len(specs) > 1 and not cfg.allow_template_change:
+            raise PumaError(
+                f"sources {cfg.sources} were trained under different templates; set template (and "
+                "allow_template_change=true)"
+            )
+        return next(iter(metas.values())).template
+    want = templates.resolve(cfg.template, cfg.task)
+    for uri, m in metas.items():
+        templates.check_same(m.template, m.template_hash, uri, want, cfg.allow_template_change, "allow_template_change")
+    return want.spec
+
+
 @user_errors
 def migrate(cfg: MigrateConfig) -> dict:
     """Entry: run the migration (chained steps when cfg.chain is set), then evaluate against cfg.compare."""
     if cfg.evaluate and not cfg.data.valid:
         raise PumaError("migrate needs data.valid to evaluate (or set evaluate=false)")
+    cfg = cfg.model_copy(update={"template": target_template(cfg)})
     init_ray(cfg.ray, cfg.storage)
     t0 = time.time()
     steps = [*cfg.chain, cfg.model]

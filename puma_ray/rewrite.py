@@ -24,7 +24,7 @@ import ray.data
 import torch
 from ray.data.expressions import col
 
-from puma_ray import storage
+from puma_ray import storage, templates
 from puma_ray.adapter import load_adapter
 from puma_ray.config import RewriteConfig, RewriteJobConfig
 from puma_ray.console import Progress, say
@@ -260,5 +260,15 @@ def rewrite(cfg: RewriteJobConfig) -> dict:
         raise PumaError(
             f"{cfg.adapter}: adapter takes width {info['arch']['d_in']}, source store(s) have {joined.meta.hidden_size}"
         )
-    meta = store_meta(cfg.model.path, cfg.task, cfg.template, joined.meta.prompt_length, "rewrite")
+    trained = info.get("template", templates.DEFAULT[cfg.task])  # adapters saved before templates were recorded
+    template = cfg.template or trained
+    templates.check_same(
+        trained,
+        info.get("template_hash", templates.spec_hash(trained)),
+        cfg.adapter,
+        templates.resolve(template, cfg.task),
+        cfg.allow_template_change,
+        "allow_template_change",
+    )
+    meta = store_meta(cfg.model.path, cfg.task, template, joined.meta.prompt_length, "rewrite")
     return rewrite_store(joined.uri, cfg.adapter, meta, cfg.output, cfg.rewrite)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from puma_ray import storage
+from puma_ray import storage, templates
 from puma_ray.errors import PumaError
 
 FORMAT_VERSION = 1
@@ -118,9 +118,14 @@ class StoreMeta:
     model_fingerprint: str  # see llm.model_fingerprint
     hidden_size: int  # d
     prompt_length: int  # l
-    template: str  # template id
+    template: str  # a built-in template id, or the template's text (puma_ray.templates)
     stage: str  # "prompts" (stage 1), "rewrite" (PUMA), ...
     format_version: int = FORMAT_VERSION
+    template_hash: str = ""  # sha256 of the template text (16 hex); "": derived from ``template``
+
+    def __post_init__(self):
+        if not self.template_hash:  # a built-in id's text as this version has it, or the text itself
+            object.__setattr__(self, "template_hash", templates.spec_hash(self.template))
 
     @property
     def width(self) -> int:
@@ -132,12 +137,13 @@ class StoreMeta:
     @classmethod
     def from_metadata(cls, uri: str, metadata: dict[bytes, bytes] | None) -> "StoreMeta":
         md = {k.decode(): v for k, v in (metadata or {}).items() if k.startswith(b"puma.")}
-        missing = [f for f in cls.__dataclass_fields__ if f"puma.{f}" not in md]
+        optional = ("template_hash",)  # stores written before it was recorded: derived from the template
+        missing = [f for f in cls.__dataclass_fields__ if f"puma.{f}" not in md and f not in optional]
         if missing:
             raise PumaError(
                 f"{uri}: not a puma-ray prompt store (schema metadata lacks {['puma.' + m for m in missing]})"
             )
-        meta = cls(**{f: json.loads(md[f"puma.{f}"]) for f in cls.__dataclass_fields__})
+        meta = cls(**{f: json.loads(md[f"puma.{f}"]) for f in cls.__dataclass_fields__ if f"puma.{f}" in md})
         if meta.format_version != FORMAT_VERSION:
             raise PumaError(
                 f"{uri}: prompt store format version {meta.format_version}, this puma-ray reads {FORMAT_VERSION}"

@@ -58,6 +58,7 @@ def join_sources(uris: list[str], joined_uri: str) -> Sources:
         hidden_size=sum(m.hidden_size for m in metas),
         prompt_length=metas[0].prompt_length,
         template=metas[0].template,
+        template_hash=metas[0].template_hash,
         stage="aggregate",
     )
     fs, path = storage.resolve(joined_uri)

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from puma_ray import storage
+from puma_ray import storage, templates
 from puma_ray.config import HeadConfig, PromptsConfig, TrainConfig
 from puma_ray.console import say
 from puma_ray.data import load_interactions, shard_by_user
@@ -154,7 +154,8 @@ class PromptsTrainable:
 
 def _check_inits(cfg: PromptsConfig, meta: StoreMeta) -> PromptsConfig:
     """Refuse (one line, before any work) an ``init_head`` or ``init_prompts`` made for another model
-    or shape; with ``init_head`` the config's head becomes the one it holds (it is saved as such)."""
+    or shape, or ``init_prompts`` trained under another template (unless ``allow_template_change``);
+    with ``init_head`` the config's head becomes the one it holds (it is saved as such)."""
     if cfg.init_head:
         load_head(cfg.init_head, cfg.task, meta.model_fingerprint)  # refuses another task or model
         saved = storage.read_json(storage.join(cfg.init_head, "head.json"))["head"]
@@ -166,6 +167,15 @@ def _check_inits(cfg: PromptsConfig, meta: StoreMeta) -> PromptsConfig:
                 f"{cfg.init_prompts}: init_prompts were made for model {init.model!r} with width {init.width}; "
                 f"this run trains {meta.model!r} (fingerprint {meta.model_fingerprint}) with width {meta.width}"
             )
+        want = templates.resolve(meta.template, cfg.task)
+        templates.check_same(
+            init.template,
+            init.template_hash,
+            cfg.init_prompts,
+            want,
+            cfg.allow_template_change,
+            "allow_template_change",
+        )
     return cfg
 
 
@@ -179,6 +189,8 @@ def train_prompts(cfg: PromptsConfig, callbacks: tuple = ()) -> dict:
     datasets = {"train": train_ds}
     if cfg.data.valid:
         datasets["valid"], _ = load_interactions(cfg.data.valid, cfg.task)
+    if cfg.template is None and cfg.init_prompts:  # the prompts it starts from were trained under theirs
+        cfg = cfg.model_copy(update={"template": read_store_meta(cfg.init_prompts).template})
     meta = store_meta(cfg.model.path, cfg.task, cfg.template, cfg.prompt_length, "prompts")
     cfg = _check_inits(cfg, meta)
     world = cfg.scaling.num_workers

@@ -98,6 +98,31 @@ def test_cut_loads_and_backprops_into_the_prompt(real, name):
     assert all(p.grad is None and not p.requires_grad for p in lm.model.parameters())
 
 
+@pytest.mark.parametrize("name", sorted(REAL))
+@pytest.mark.parametrize("template", ["rating_v1", "rating_item_first"])
+def test_cached_prefixes_equal_the_full_forward_on_real_models(real, name, template):
+    """SmolLM2 (Llama) and Gemma-3 (sliding-window layers, 262k vocab), 2-layer cuts, l = 2: the fast
+    path (lead + per-item prefix keys/values cached, the suffix per row) gives the model's own full
+    forward's answer logits, last hidden state and prompt gradients, also the second time (from the
+    cache); the titles repeat, so rows share prefixes."""
+    fast = FrozenLM(real[name]["cut"], "rating", template=template, prompt_length=2)
+    full = FrozenLM(real[name]["cut"], "rating", template=template, prompt_length=2, fast=False)
+    assert fast.fast and not full.fast
+    titles = [*TEXTS, "Toy Story (1995)", TEXTS[0]]
+    prompts = torch.randn(4, 2, fast.hidden_size, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for lm in (full, fast, fast):
+        x = prompts.clone().requires_grad_()
+        out = lm.forward(x, lm.collate(titles), want_hidden=True)
+        (out.answer_logits * torch.arange(1, 6)).sum().backward()
+        outs.append((out.answer_logits.detach(), out.hidden.detach(), x.grad))
+    for got in outs[1:]:
+        for a, b in zip(outs[0], got):
+            assert torch.allclose(a, b, rtol=1e-4, atol=2e-4), (a - b).abs().max()
+    stats = fast.prefix_cache.stats()
+    assert stats["computed"] == (3 if template == "rating_item_first" else 0)
+
+
 def test_a_gguf_path_is_a_model_path(real):
     """model.path may name the GGUF itself: loaded (dequantized) by FrozenLM, same fingerprint as its import."""
     gguf = real["smollm2-135m"]["gguf"]

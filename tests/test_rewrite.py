@@ -48,6 +48,7 @@ def make_adapter(uri, src_model, tgt_model):
         [{"model": src_model, "model_fingerprint": sfp, "hidden_size": sd}],
         {"model": tgt_model, "model_fingerprint": tfp, "hidden_size": td},
         prompt_length=1,
+        template="rating_v1",
     )
     return uri
 

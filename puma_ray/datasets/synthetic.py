@@ -186,7 +186,7 @@ def prompt_meta(task: str, width: int, length: int = 1, model: str | None = None
         prompt_length=length,
         template=f"{task}_v1",
         stage="synthetic",
-    )  # = llm.DEFAULT_TEMPLATE[task]; llm imports torch
+    )  # = templates.DEFAULT[task]
 
 
 def _prompts(seed: int, index: int, latent: np.ndarray, width: int, proj: np.ndarray) -> np.ndarray:
