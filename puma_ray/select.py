@@ -170,6 +170,13 @@ def kmeans_sample(n: int, cfg: SelectConfig, rng: np.random.Generator) -> np.nda
     return np.sort(rng.choice(n, size=min(n, cfg.kmeans_sample), replace=False))
 
 
+def read_sample(uri: str, width: int, ids: pa.Array, positions: np.ndarray) -> np.ndarray:
+    """The prompts (S, width) of the users at ``positions`` of ``ids`` (sorted ids), in user_id
+    order, reading only their rows of the store at ``uri``."""
+    sample = storage.read_table(uri, filters=pc.field("user_id").isin(ids.take(pa.array(positions))))
+    return decode_prompts(sample.sort_by("user_id"), width, where=uri)
+
+
 def fit_kmeans(sample: np.ndarray, cfg: SelectConfig):
     """scikit-learn KMeans (k = cfg.clusters, at most the sample size) fit on sample (S, w)."""
     k = min(cfg.clusters, len(sample))
@@ -402,9 +409,7 @@ def stream_clusters(
     ids, (N,)), assign every user with Ray Data map_batches into ``out_uri`` (user_id, cluster[,
     coords]). Returns (N,) int64 clusters aligned with ``ids`` and, when ``coords``, their
     (N, fps_dims) float32 PCA projection."""
-    sample_ids = ids.take(pa.array(kmeans_sample(len(ids), cfg, rng)))
-    sample = storage.read_table(uri, filters=pc.field("user_id").isin(sample_ids)).sort_by("user_id")
-    x = decode_prompts(sample, width, where=uri)
+    x = read_sample(uri, width, ids, kmeans_sample(len(ids), cfg, rng))
     model = fit_space(x, cfg, space)
     proj = fit_projection(x, cfg) if coords else None
     fs, path = storage.resolve(out_uri)
