@@ -41,9 +41,9 @@ from sklearn.model_selection import cross_val_score
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.adapter import MigrationAdapter, whitening
+from puma_ray.adapter import MigrationAdapter
 from puma_ray.datasets.packaged import movielens_100k
-from puma_ray.heads import build_head
+from puma_ray.heads import build_head, load_head
 from puma_ray.llm import FrozenLM
 from puma_ray.quickstart import DEFAULTS
 from puma_ray.schema import read_prompt_store
@@ -114,8 +114,6 @@ def run_config(name, over, n, pool, held_out, data, lm, src, index, l, seed, ste
     valid_in, valid_out = rows_of(data["valid"], users[:50]), rows_of(data["valid"], held_out)
     torch.manual_seed(seed)
     adapter = MigrationAdapter.from_config(src.shape[1] // l, lm.hidden_size, cfg.adapter)
-    if cfg.adapter.rank:  # fitted on every user's source prompt, as stage 2 does (on a sample of them)
-        adapter.set_whitening(whitening(torch.from_numpy(src).view(-1, src.shape[1] // l), cfg.adapter.rank))
     model = TaskModel(build_head("rating", lm.hidden_size, cfg.head), adapter)
     t = cfg.train
     steps = math.ceil(train.num_rows / t.batch_size)
@@ -170,6 +168,26 @@ def adapter_outputs(adapter: MigrationAdapter, src: np.ndarray, l: int) -> np.nd
     adapter.eval()
     out = adapter(torch.from_numpy(src).view(len(src), l, -1)).reshape(len(src), -1).numpy()
     adapter.train()
+    return out
+
+
+def reference_rmse(runs: str, users: list[str], data: dict, lm: FrozenLM, l: int) -> dict:
+    """RMSE on ``users``' valid rows of the target's runs (their prompts and heads: full_retrain,
+    random_init, and the run's own puma migration) and of the global and per-user mean of the
+    training labels: the bars for "out"."""
+    out = {}
+    for name in ("full_retrain", "random_init", "puma"):
+        if not storage.exists(os.path.join(runs, name, "head.json")):
+            continue
+        _, ids, prompts = read_prompt_store(os.path.join(runs, name, "prompts"))
+        model = TaskModel(load_head(os.path.join(runs, name), "rating", lm.fingerprint))
+        out[name] = round(
+            rmse(model, lm, rows_of(data["valid"], users), prompts, {u: i for i, u in enumerate(ids)}, l), 4
+        )
+    train, valid = data["train"].to_pandas(), rows_of(data["valid"], users).to_pandas()
+    mean = train.groupby("user_id")["label"].mean()
+    out["global_mean"] = round(float(np.sqrt(((valid["label"] - train["label"].mean()) ** 2).mean())), 4)
+    out["user_mean"] = round(float(np.sqrt(((valid["label"] - valid["user_id"].map(mean)) ** 2).mean())), 4)
     return out
 
 
@@ -231,13 +249,26 @@ def main() -> None:
     users = np.array(sorted(s_ids))
     held = rng.random(len(users)) < 0.25
     held_out, pool = users[held].tolist(), users[~held]
+    references = reference_rmse(runs, held_out, data, lm, tmeta.prompt_length)
+    print(f"  on the {len(held_out)} held-out users' valid rows: {json.dumps(references)}", flush=True)
     results = []
     for spec in args.configs:
         name, over = spec.split("=", 1)
         for n in (int(x) for x in args.users.split(",")):
             print(f"adapter_study: {name} on {n} users ...", flush=True)
             r = run_config(
-                name, json.loads(over), n, pool, held_out, data, lm, src, index, tmeta.prompt_length, args.seed
+                name,
+                json.loads(over),
+                n,
+                pool,
+                held_out,
+                data,
+                lm,
+                src,
+                index,
+                tmeta.prompt_length,
+                args.seed,
+                args.steps,
             )
             results.append(r)
     print("\n| config | users | rows | steps | out RMSE epoch 0 | best out | last out | last in | s |")
@@ -254,6 +285,7 @@ def main() -> None:
         {
             "stats": stats,
             "held_out_users": len(held_out),
+            "references": references,
             "results": results,
             "prefix_cache": lm.prefix_cache.stats(),
             "load": os.getloadavg(),

@@ -38,58 +38,24 @@ class _Residual(nn.Module):
 
 
 class MigrationAdapter(nn.Module):
-    """(B, l, d_in) -> (B, l, d_out), applied to each of the l prompt vectors.
+    """(B, l, d_in) -> (B, l, d_out), applied to each of the l prompt vectors."""
 
-    ``rank`` (None: off): the source prompts are first whitened onto their top ``rank`` principal
-    components, (x - mean) @ basis / scale (B, l, rank), a fixed map fitted on the source store
-    (:func:`whitening`, :meth:`set_whitening`; buffers, saved with the weights), and the blocks run
-    on those ``rank`` dimensions. ``linear``: a linear path rank|d_in -> d_out added to the blocks'
-    output, whose last layer then starts at zero (the adapter starts linear)."""
-
-    def __init__(
-        self,
-        d_in: int,
-        d_out: int,
-        width: int = 4096,
-        depth: int = 1,
-        dropout: float = 0.1,
-        rank: int | None = None,
-        linear: bool = False,
-    ):
+    def __init__(self, d_in: int, d_out: int, width: int = 4096, depth: int = 1, dropout: float = 0.1):
         super().__init__()
         self.d_in, self.d_out, self.width, self.depth, self.dropout = d_in, d_out, width, depth, dropout
-        self.rank, self.linear = rank, linear
-        k = rank or d_in
-        if rank:
-            self.register_buffer("in_mean", torch.zeros(d_in))
-            self.register_buffer("in_basis", torch.eye(d_in, rank))
-            self.register_buffer("in_scale", torch.ones(rank))
-        self.pre = nn.Sequential(*[_Residual(k, width, dropout) for _ in range(depth)])
-        self.proj = nn.Sequential(nn.LayerNorm(k), _mlp(k, width, d_out, dropout))
+        self.pre = nn.Sequential(*[_Residual(d_in, width, dropout) for _ in range(depth)])
+        self.proj = nn.Sequential(nn.LayerNorm(d_in), _mlp(d_in, width, d_out, dropout))
         self.post = nn.Sequential(*[_Residual(d_out, width, dropout) for _ in range(depth)])
         self.out = nn.Sequential(nn.LayerNorm(d_out), _mlp(d_out, width, d_out, dropout))
-        self.skip = nn.Linear(k, d_out) if linear else None
-        if linear:
-            nn.init.zeros_(self.out[-1][-1].weight)
-            nn.init.zeros_(self.out[-1][-1].bias)
 
     @classmethod
     def from_config(cls, d_in: int, d_out: int, cfg: AdapterConfig) -> MigrationAdapter:
-        return cls(d_in, d_out, cfg.width, cfg.depth, cfg.dropout, cfg.rank, cfg.linear)
-
-    @torch.no_grad()
-    def set_whitening(self, whiten: dict[str, torch.Tensor]) -> None:
-        """Set the input whitening (``rank``) to :func:`whitening`'s result."""
-        for name, value in whiten.items():
-            getattr(self, name).copy_(value)
+        return cls(d_in, d_out, cfg.width, cfg.depth, cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_in:
             raise PumaError(f"adapter takes source prompts of width {self.d_in}, got {x.shape[-1]}")
-        if self.rank:
-            x = (x - self.in_mean) @ self.in_basis / self.in_scale
-        y = self.out(self.post(self.proj(self.pre(x))))
-        return y if self.skip is None else y + self.skip(x)
+        return self.out(self.post(self.proj(self.pre(x))))
 
     def arch(self) -> dict:
         return {
@@ -98,24 +64,7 @@ class MigrationAdapter(nn.Module):
             "width": self.width,
             "depth": self.depth,
             "dropout": self.dropout,
-            "rank": self.rank,
-            "linear": self.linear,
         }
-
-
-def whitening(prompts: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
-    """The input whitening of a ``rank`` adapter, fitted on source prompt vectors (n, d_in): their
-    mean (d_in,), top principal directions (d_in, rank) and the std along each (rank,); directions
-    the prompts do not span (beyond n - 1, or of no variance) are zero (scale 1)."""
-    x = prompts.double()
-    mean = x.mean(0)
-    _, sv, vt = torch.linalg.svd(x - mean, full_matrices=False)
-    k = min(rank, int((sv > sv[:1] * 1e-6).sum()))
-    basis = torch.zeros(x.shape[1], rank, dtype=torch.float64)
-    basis[:, :k] = vt[:k].T
-    scale = torch.ones(rank, dtype=torch.float64)
-    scale[:k] = (sv[:k] / max(1, len(x) - 1) ** 0.5).clamp(min=1e-6)
-    return {"in_mean": mean.float(), "in_basis": basis.float(), "in_scale": scale.float()}
 
 
 def adapter_fingerprint(blob: bytes) -> str:

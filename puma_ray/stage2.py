@@ -14,19 +14,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from puma_ray import storage
-from puma_ray.adapter import MigrationAdapter, whitening
+from puma_ray.adapter import MigrationAdapter
 from puma_ray.config import MigrateConfig
 from puma_ray.console import say
 from puma_ray.data import join_on, keep_hashed, keep_users, load_interactions, shard_by_user
 from puma_ray.heads import build_head
 from puma_ray.llm import FrozenLM, row_texts
 from puma_ray.schema import decode_prompts, read_store_meta
-from puma_ray.select import read_sample
 from puma_ray.sources import Sources
 from puma_ray.trainer import Batch, TaskModel, Trained, Worker, fit
 
@@ -40,7 +38,6 @@ class AdapterTrainable:
     hidden_size: int  # d of the target model
     train_rows: int
     shards: dict[str, str]  # "<split>_<rank>" -> URI of that worker's rows (data.shard_by_user)
-    whiten: dict | None = None  # adapter.rank: the input whitening (adapter.whitening), fitted once
     name: str = "adapter"
     has_local: bool = False
 
@@ -49,8 +46,6 @@ class AdapterTrainable:
 
     def shared(self) -> TaskModel:
         adapter = MigrationAdapter.from_config(self.d_src, self.hidden_size, self.cfg.adapter)
-        if self.whiten is not None:
-            adapter.set_whitening(self.whiten)
         return TaskModel(build_head(self.cfg.task, self.hidden_size, self.cfg.head), adapter)
 
     def batch(self, rows: pa.Table, lm: FrozenLM, worker: Worker) -> Batch:
@@ -119,13 +114,4 @@ def train_adapter(
         f"adapter: training on {len(users):,} selected users ({rows:,} interactions), "
         f"d {src.meta.hidden_size} -> {d_tgt}, {cfg.train.epochs} epoch(s) on {world} worker(s)"
     )
-    whiten = None
-    if cfg.adapter.rank:  # fitted on the source prompts of (a sample of) ALL users, not the selected ones
-        ids = storage.read_table(src.uri, columns=["user_id"]).column("user_id").combine_chunks().sort()
-        rng = np.random.default_rng(cfg.select.seed)
-        picked = np.sort(rng.choice(len(ids), size=min(len(ids), cfg.select.kmeans_sample), replace=False))
-        sample = read_sample(src.uri, src.meta.width, ids, picked).reshape(-1, src.meta.hidden_size)
-        whiten = whitening(torch.from_numpy(sample), cfg.adapter.rank)
-        say(f"adapter: input whitened onto {cfg.adapter.rank} principal components of {len(picked):,} source prompts")
-    trainable = AdapterTrainable(cfg, src.meta.hidden_size, d_tgt, rows, shards, whiten)
-    return fit(trainable, callbacks)
+    return fit(AdapterTrainable(cfg, src.meta.hidden_size, d_tgt, rows, shards), callbacks)

@@ -37,7 +37,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from puma_ray import console, storage, weights
-from puma_ray.config import MigrateConfig, PromptsConfig, TrainConfig
+from puma_ray.config import MIN_MICRO, MigrateConfig, PromptsConfig, TrainConfig
 from puma_ray.data import iter_shard
 from puma_ray.errors import PumaError
 from puma_ray.heads import Head
@@ -144,7 +144,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     progress = _restore(ckpt, shared, local, worker)
     finished_before = ckpt is not None and progress.epochs_done >= cfg.train.epochs
-    steps = int(_allreduce([math.ceil(worker.rows / cfg.train.batch_size)], "max")[0])
+    steps = int(_allreduce([steps_per_epoch(worker.rows, cfg.train)], "max")[0])
     micro = max(1, math.ceil(worker.rows / steps))
     schedule = lr_schedule(cfg.train, steps, progress.epochs_done)
     engine = _engine(shared, cfg, schedule)
@@ -258,6 +258,15 @@ def _engine(shared: TaskModel, cfg, schedule):
     ds_config = deepspeed_config(cfg.scaling, cfg.train, cfg.model.dtype)
     engine, *_ = deepspeed.initialize(model=shared, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
+
+
+def steps_per_epoch(rows: int, train: TrainConfig) -> int:
+    """Optimizer steps per epoch for a worker's ``rows``: one per ``batch_size`` rows, and more (micro-
+    batches down to MIN_MICRO rows, the same passes) while the epochs' total is under ``min_steps``."""
+    steps = math.ceil(rows / train.batch_size)
+    if train.min_steps:
+        steps = max(steps, min(math.ceil(train.min_steps / train.epochs), rows // MIN_MICRO))
+    return max(1, steps)
 
 
 def lr_schedule(train: TrainConfig, steps_per_epoch: int, start_epoch: int = 0):

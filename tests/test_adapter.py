@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from puma_ray.adapter import MigrationAdapter, load_adapter, save_adapter, whitening
+from puma_ray.adapter import MigrationAdapter, load_adapter, save_adapter
 from puma_ray.errors import PumaError
 from puma_ray.rewrite import Rewriter
 from puma_ray.schema import StoreMeta
@@ -90,22 +90,3 @@ def test_rewriter_maps_a_batch_and_refuses_bad_prompts(tmp_path):
         rw(batch(x))
     with pytest.raises(PumaError, match="source prompts have width 10, expected l\\*d = 16"):
         rw(batch(np.zeros((2, 10))))
-
-
-def test_whitened_linear_adapter_round_trips_and_starts_linear(tmp_path):
-    """rank: the source prompts whitened onto their top principal components (unit variance on the
-    prompts it was fitted on), saved with the weights; linear: the blocks start at zero, so the
-    adapter starts as its linear path."""
-    torch.manual_seed(0)
-    x = torch.randn(64, 8) * torch.linspace(0.1, 3.0, 8)
-    a = MigrationAdapter(8, 12, width=16, rank=3, linear=True)
-    a.set_whitening(whitening(x, 3))
-    z = (x - a.in_mean) @ a.in_basis / a.in_scale
-    assert torch.allclose(z.std(0), torch.ones(3), atol=1e-4) and torch.allclose(z.mean(0), torch.zeros(3), atol=1e-5)
-    assert torch.allclose(a.eval()(x[:, None]), a.skip(z)[:, None], atol=1e-6)
-    save_adapter(str(tmp_path), a, SRC, TGT, prompt_length=1, template="rating_v1")
-    b, meta = load_adapter(str(tmp_path))
-    assert (meta["arch"]["rank"], meta["arch"]["linear"]) == (3, True) and torch.equal(b.in_basis, a.in_basis)
-    assert torch.equal(a(x[:5, None]), b(x[:5, None]))
-    few = whitening(x[:2], 3)  # 2 prompts span one direction: the rest are zero with scale 1
-    assert few["in_basis"][:, 1:].abs().sum() == 0 and torch.equal(few["in_scale"][1:], torch.ones(2))

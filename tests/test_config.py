@@ -47,3 +47,15 @@ def test_override_syntax_and_yaml_errors(tmp_path):
         C.load(C.PromptsConfig, str(f))
     with pytest.raises(PumaError, match="not found"):
         C.load(C.PromptsConfig, str(tmp_path / "missing.yaml"))
+
+
+def test_migrate_train_keeps_its_own_defaults_under_a_partial_section():
+    """A migrate config's partial ``train:`` is laid over the adapter's defaults (MIGRATE_TRAIN:
+    the paper's lr/batch/epochs and min_steps), not over stage 1's TrainConfig defaults."""
+    base = {"model": {"path": "m"}, "sources": ["s"], "data": {"train": "t"}, "output": "o"}
+    full = C.build(C.MigrateConfig, base).train
+    assert full == C.MIGRATE_TRAIN and full.min_steps == C.MIGRATE_MIN_STEPS > 0
+    part = C.build(C.MigrateConfig, {**base, "train": {"epochs": 2}}).train
+    assert (part.epochs, part.lr, part.batch_size, part.min_steps) == (2, 1e-4, 32, C.MIGRATE_MIN_STEPS)
+    assert C.build(C.MigrateConfig, {**base, "train": {"min_steps": 0}}).train.min_steps == 0
+    assert C.TrainConfig().min_steps == 0  # stage 1: off

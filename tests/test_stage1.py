@@ -18,7 +18,7 @@ from puma_ray import storage
 from puma_ray.errors import PumaError
 from puma_ray.schema import read_prompt_store
 from puma_ray.stage1 import PromptTable, train_prompts
-from puma_ray.trainer import lr_schedule
+from puma_ray.trainer import lr_schedule, steps_per_epoch
 
 
 def test_stage1_two_workers_deepspeed(stage1_run, tiny_models, rating_data):
@@ -165,3 +165,14 @@ def test_workers_hold_only_their_users(stage1_run, rating_data):
     assert [len(h) for h in held] == summary["worker_users"]
     assert max(summary["worker_users"]) < 0.75 * len(users)
     assert summary["final_metrics"]["val_rows"] > 0
+
+
+def test_min_steps_shrinks_micro_batches_not_passes():
+    """train.min_steps: with few rows the steps follow the rows (smaller micro-batches, never under
+    MIN_MICRO rows); with many rows batch_size rules; 0 is off."""
+    t = C.TrainConfig(epochs=2, batch_size=128, min_steps=400)
+    assert steps_per_epoch(5_700, t) == 200  # 2 x 200 steps of ~29 rows instead of 2 x 45 of 128
+    assert steps_per_epoch(100_000, t) == 782  # ceil(100k / 128): already more than 200
+    assert steps_per_epoch(800, t) == 800 // C.MIN_MICRO  # at most one step per 8 rows
+    assert steps_per_epoch(5_700, t.model_copy(update={"min_steps": 0})) == 45
+    assert steps_per_epoch(3, t) == 1
