@@ -45,6 +45,12 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=None, help="a hashed subset of about N users")
     ap.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default: the quickstart's)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--budget",
+        type=lambda x: int(x) if x.isdigit() else float(x),
+        default=None,
+        help="PUMA's select.budget: a user count or a fraction (default: the quickstart's 0.2)",
+    )
     ap.add_argument("--template", default=None, help="every stage's template (default: the task's rating_v1)")
     ap.add_argument("--work", default="/tmp/bench/real_quality")
     ap.add_argument("--cache", default=os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE)))
@@ -58,12 +64,15 @@ def main() -> None:
     train = dict(DEFAULTS["train"], **({"epochs": args.epochs} if args.epochs else {}))
     out = os.path.join(args.work, f"run-{args.models}")
     storage.delete_dir(out)
-    results = story(out, data, source, target, "rating", 0, train, args.workers, template=args.template)
+    migrate = {"select": {"budget": args.budget}} if args.budget else None
+    results = story(
+        out, data, source, target, "rating", 0, train, args.workers, template=args.template, migrate=migrate
+    )
     meta_uri = os.path.join(data, "meta.json")
     meta = storage.read_json(meta_uri) if storage.exists(meta_uri) else {}  # a --users subset has none
     label = "REDUCED " if reduced else ""
     print(f"\n{label}MovieLens-100k (recbole wheel), {os.path.basename(source)} -> {os.path.basename(target)}")
-    print(f"template: {args.template or 'rating_v1'}; stage-1 epochs: {train['epochs']}")
+    print(f"template: {args.template or 'rating_v1'}; stage-1 epochs: {train['epochs']}; budget {args.budget or 0.2}")
     if meta:
         print(f"data: {meta.get('users', '?')} users, {meta.get('items', '?')} items, {meta.get('rows', '?')} rows")
     print("| method | RMSE | MAE | LM sample-passes | wall s |\n|---|---:|---:|---:|---:|")

@@ -93,7 +93,8 @@ def main() -> None:
     common = {
         "task": "rating",
         "data": {"train": train_uri, "valid": None},
-        "train": {"epochs": args.epochs, "batch_size": args.batch, "lr": 3e-3, "prompt_lr": 3e-2},
+        # min_steps 0: both stages step in micro-batches of --batch rows (a rate per batch size)
+        "train": {"epochs": args.epochs, "batch_size": args.batch, "lr": 3e-3, "prompt_lr": 3e-2, "min_steps": 0},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1, "torch_threads": 1},
     }
     print(f"template_throughput: {len(users)} users, {rows:,} rows, {args.epochs} epochs, load {load0[0]:.1f}")

@@ -41,3 +41,12 @@ def test_quickstart_cli_results_and_console(tmp_path):
     assert on_disk["methods"]["source"]["lm_sample_passes"] > 0
     assert on_disk["methods"]["global_mean"]["lm_sample_passes"] == 0
     assert set(on_disk["puma_by_users"]) >= {"rmse_in_adapter_users", "rmse_out_adapter_users"}
+
+
+def test_real_quickstart_refuses_ctr_before_any_work(tmp_path):
+    """`--models real` tells the rating story only: ctr is one line, before any download or Ray."""
+    args = ["quickstart", "--out", str(tmp_path / "qs"), "--models", "real", "--task", "ctr"]
+    r = subprocess.run([sys.executable, "-m", "puma_ray.cli", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: quickstart --models real tells the rating story")
+    assert not (tmp_path / "qs").exists()
