@@ -14,6 +14,10 @@ from puma_ray.errors import PumaError
 
 OVERRIDES_HELP = "dotted overrides applied on top of the config file, e.g. train.epochs=3 model.dtype=bfloat16"
 VERBOSE_HELP = "print the Ray/DeepSpeed worker logs here instead of only in the Ray session's log files"
+OVERWRITE_HELP = (
+    "write into a non-empty output this command did not write (= output_mode=overwrite); without it such an "
+    "output is refused. An output that is, lies inside or holds an input is refused either way"
+)
 
 # command -> (module, entry function, config class). Stage modules import torch, Ray and transformers
 # (seconds), so each is imported only when its command runs: `puma-ray --help` and `data synth` stay fast.
@@ -61,6 +65,7 @@ def _config_cmd(sub, name: str, help: str, doc: str):
     p = sub.add_parser(name, help=help, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (path or s3:// URI); see configs/ for examples")
     p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     return p
 
@@ -117,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--format", required=True, choices=get_args(C.ImportFormat), help="the release's file format")
     imp.add_argument("--src", required=True, help="the release's directory (or its main file), a path or s3:// URI")
     imp.add_argument("--out", required=True, help="output URI (empty, or a previous import: replaced)")
+    imp.add_argument(
+        "--overwrite", action="store_true", help="replace OUT/train and OUT/valid even if no import wrote OUT"
+    )
     _model_options(imp, C.ImportOptions)
 
     models = sub.add_parser("models", help="build models").add_subparsers(dest="sub", required=True, metavar="<sub>")
@@ -138,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp_m.add_argument("--src", required=True, help="a local model dir, a hub id, or a .gguf file")
     imp_m.add_argument("--gguf-file", help="the GGUF file inside SRC (a dir or hub repo holding several)")
     imp_m.add_argument("--out", required=True, help="local directory: new, empty, or a previous import (replaced)")
+    imp_m.add_argument("--overwrite", action="store_true", help="replace OUT even if no import wrote it")
     imp_m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     imp_m.add_argument("--layers", type=int, help="keep the first K transformer layers (+ final norm and head)")
     fetch = models.add_parser(
@@ -239,12 +248,13 @@ def run(args: argparse.Namespace) -> None:
     if _stage(args) in STAGES:
         module, entry, cls = STAGES[_stage(args)]
         verbose = [("base.ray.verbose" if args.cmd == "tune" else "ray.verbose") + "=true"] if args.verbose else []
-        cfg = C.load(cls, args.config, [*args.overrides, *verbose])
+        overwrite = ["output_mode=overwrite"] if args.overwrite else []
+        cfg = C.load(cls, args.config, [*args.overrides, *verbose, *overwrite])
         _entry(module, entry)(cfg)
     elif args.cmd == "data" and args.sub == "import":
         given = {k: v for k, v in vars(args).items() if k in C.ImportOptions.model_fields and v is not None}
         opts = C.build(C.ImportOptions, given, source="data import")
-        _entry(*TOOLS["data", "import"])(args.format, args.src, args.out, opts)
+        _entry(*TOOLS["data", "import"])(args.format, args.src, args.out, opts, overwrite=args.overwrite)
     elif args.cmd == "data":
         _entry(*TOOLS["data", args.sub])(
             args.out,
@@ -258,7 +268,9 @@ def run(args: argparse.Namespace) -> None:
             prompt_model=args.prompt_model,
         )
     elif args.cmd == "models" and args.sub == "import":
-        _entry(*TOOLS["models", "import"])(args.src, args.out, args.gguf_file, args.dtype, args.layers)
+        _entry(*TOOLS["models", "import"])(
+            args.src, args.out, args.gguf_file, args.dtype, args.layers, overwrite=args.overwrite
+        )
     elif args.cmd == "models" and args.sub == "fetch":
         print(_entry(*TOOLS["models", "fetch"])(args.name, args.cache))
     elif args.cmd == "models":

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from puma_ray import console, storage
+from puma_ray import console, outputs, storage
 from puma_ray.config import ColdStartConfig, SelectConfig
 from puma_ray.console import say
 from puma_ray.data import keep_users, load_interactions, mean_by
@@ -33,6 +33,7 @@ from puma_ray.schema import check_prompt_values, read_store_meta, write_prompt_s
 from puma_ray.select import fit_kmeans, kmeans_sample
 
 HEAD_FILES = ("head.safetensors", "head.json")
+COMMAND = "prompts coldstart"
 
 
 @user_errors
@@ -42,13 +43,18 @@ def cold_start(cfg: ColdStartConfig) -> dict:
     Writes ``cfg.output``/prompts/ (those users; the migrated store's metadata, stage "coldstart"),
     head.* (the migrated head) and summary.json; returns the summary."""
     t0 = time.time()
+    inputs = {
+        "run": cfg.run,
+        "data.train": cfg.data.train,
+        "model.path": outputs.local_model(cfg.model and cfg.model.path),
+    }
+    storage.set_s3_endpoint(cfg.storage.s3_endpoint)  # the check may read s3://
+    outputs.check_output(cfg.output, COMMAND, inputs, cfg.output_mode == "overwrite")  # before Ray, before any delete
     init_ray(cfg.ray, cfg.storage)
     store = storage.join(cfg.run, "prompts")
     meta = read_store_meta(store)
     model = run_model(cfg.model, cfg.run)  # the store's model, fingerprint checked
     load_head(cfg.run, cfg.task, meta.model_fingerprint)  # refuses another task or model
-    if storage.join(cfg.output, "prompts") == store.rstrip("/"):
-        raise PumaError(f"{cfg.output}: the output must not be the migrated run itself")
     rows, n_rows = load_interactions(cfg.data.train, cfg.task)
     known = storage.read_table(store, columns=["user_id"]).column("user_id").combine_chunks().cast(pa.string())
     users = pa.array(sorted(rows.unique("user_id")), pa.string())
@@ -66,6 +72,7 @@ def cold_start(cfg: ColdStartConfig) -> dict:
     centroids = fit_kmeans(check_prompt_values(store, meta, sample), sel).cluster_centers_.astype(np.float32)
 
     work = storage.join(cfg.output, "candidates")  # one store per centroid: every new user holds it
+    outputs.mark_output(cfg.output, COMMAND, cfg)
     storage.delete_dir(work)
     runs = {}
     for j, c in enumerate(centroids):

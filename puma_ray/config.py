@@ -6,7 +6,8 @@ and rebuild them, so nothing reaches a worker through module globals.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, TypeVar
+import numbers
+from typing import Literal, Optional, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,6 +42,40 @@ PackagedModel = Literal["smollm2-135m", "gemma3-270m"]
 MIGRATE_MIN_STEPS = 400
 MIN_MICRO = 8  # the smallest micro-batch train.min_steps shrinks to
 MODEL_CACHE = "~/.cache/puma-ray/models"  # where fetched and imported real models are kept (env PUMA_MODEL_CACHE)
+# What a command does with a non-empty output it did not write (puma_ray.outputs): "new" refuses it
+# (an output the same command wrote before is resumed or replaced), "overwrite" writes into it.
+OutputMode = Literal["new", "overwrite"]
+OUTPUT_MODE_HELP = (
+    "new: refuse a non-empty output that this command did not write (its own is resumed or replaced); "
+    "overwrite: write into it anyway (CLI: --overwrite). An output that is, lies inside or holds an input "
+    "is always refused"
+)
+
+
+def output_mode_field():
+    return Field("new", description=OUTPUT_MODE_HELP)
+
+
+def check_budget(budget):
+    """``select.budget`` as it is meant: an int >= 1 is a user count, a float in (0, 1] a fraction of
+    the users (1.0: every user). Anything else (1.5, 2.0, 0, -3, true, "10") raises ValueError, one
+    line; an int-valued float above 1 is refused with the integer to write instead."""
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+        if budget >= 1:
+            return int(budget)
+    elif isinstance(budget, numbers.Real) and not isinstance(budget, bool):
+        budget = float(budget)
+        if 0 < budget <= 1:
+            return budget
+        if budget > 1 and budget.is_integer():
+            raise ValueError(
+                f"budget {budget!r}: a user count is written as an integer ({int(budget)}); "
+                "a float is a fraction of the users in (0, 1]"
+            )
+    raise ValueError(
+        f"budget {budget!r} is neither a whole user count (an integer >= 1) nor a fraction of the users "
+        "(a float in (0, 1], 1.0 = every user)"
+    )
 
 
 class Strict(BaseModel):
@@ -165,6 +200,7 @@ class PromptsConfig(Templated):
     model: ModelConfig
     data: DataConfig
     output: str = Field(description="URI: prompts/ (store), head.safetensors, head.json, summary.json")
+    output_mode: OutputMode = output_mode_field()
     prompt_length: int = Field(1, ge=1)
     template: Optional[str] = Field(None, description=TEMPLATE_HELP + " (or init_prompts' template)")
     allow_template_change: bool = Field(
@@ -218,6 +254,7 @@ class ColdStartConfig(Strict):
     model: Optional[ModelConfig] = Field(None, description="the target LM (default: the model the store records)")
     data: DataConfig = Field(description="train: the new users' interactions (valid is not read)")
     output: str = Field(description="URI: a run directory: prompts/ (the new users only), head.*, summary.json")
+    output_mode: OutputMode = output_mode_field()
     clusters: int = Field(15, ge=1)
     kmeans_sample: int = Field(100_000, ge=1, description="K-means is fit on at most this many migrated prompts")
     seed: int = 0
@@ -245,6 +282,7 @@ class EvaluateConfig(Strict):
     bias_reg_user: float = Field(15.0, ge=0, description="bias baseline: shrinkage of the user offsets")
     bias_reg_item: float = Field(10.0, ge=0, description="bias baseline: shrinkage of the item offsets")
     output: Optional[str] = Field(None, description="URI of the JSON report")
+    output_mode: OutputMode = output_mode_field()
     scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
@@ -262,12 +300,15 @@ class SelectConfig(Strict):
     """User selection for adapter training (METHOD.md, "Group-based user selection").
 
     ``strategy`` names a function in ``puma_ray.select.STRATEGIES`` (its docstring says what each
-    does); ``budget`` is a user count (>= 1) or a fraction of the users (0 < budget < 1). The
+    does); ``budget`` is a user count (an int >= 1) or a fraction of the users (a float in (0, 1],
+    1.0 = every user; an int-valued float such as 2.0 is refused: write 2). The
     ``loss`` and ``ffn`` strategies run the source model (LM + the head saved beside the source
     store) over the users: ``source_model`` names it when the path the store records moved."""
 
     strategy: Strategy = "kmeans_variance"
-    budget: float = Field(2000, gt=0)
+    budget: Union[int, float] = Field(
+        2000, description="a user count (an int >= 1) or a fraction of the users (a float in (0, 1], 1.0: all)"
+    )
     clusters: int = Field(15, ge=1, description="K-means k on the source prompts (or their FFN activations)")
     variance_groups: int = Field(
         5, ge=1, description="quantile groups (of label variance, or source loss) inside each cluster"
@@ -288,6 +329,11 @@ class SelectConfig(Strict):
         None, description="loss_*/ffn_*: the source LM (default: the model the source store records)"
     )
     seed: int = 0
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v):
+        return check_budget(v)
 
 
 class AdapterConfig(Strict):
@@ -351,6 +397,7 @@ class MigrateConfig(Templated):
     output: str = Field(
         description="URI: profile/, selection/, adapter/, prompts/ (target store), manifest.json, head, report"
     )
+    output_mode: OutputMode = output_mode_field()
     template: Optional[str] = Field(None, description=TEMPLATE_HELP.replace("the task's v1", "the sources' template"))
     allow_template_change: bool = Field(
         False, description="migrate to another template than the one the source prompts were trained under"
@@ -387,6 +434,7 @@ class RewriteJobConfig(Templated):
     sources: list[str] = Field(min_length=1)
     adapter: str = Field(description="URI of the directory holding adapter.safetensors + adapter.json")
     output: str = Field(description="URI: prompts/ (target store) + manifest.json")
+    output_mode: OutputMode = output_mode_field()
     template: Optional[str] = Field(None, description="the output store's template (default: the adapter's)")
     allow_template_change: bool = Field(False, description="record another template than the adapter's")
     task: Task = "rating"
@@ -447,6 +495,7 @@ class TuneConfig(Strict):
         description="URI: trials/<id>/ (each trial's migration), results.json, pareto.json, pareto.md, "
         "frontier.png, best/"
     )
+    output_mode: OutputMode = output_mode_field()
     storage_path: str = Field(
         "./runs/tune", description="where Ray Tune keeps the experiment; a rerun with the same name resumes it"
     )

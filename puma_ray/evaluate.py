@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from puma_ray import console, storage
+from puma_ray import console, outputs, storage
 from puma_ray.baselines import BASELINES
 from puma_ray.config import EvaluateConfig, ModelConfig, ScoringConfig
 from puma_ray.data import column_mean, compact, distinct, join_on, load_interactions
@@ -176,8 +176,20 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     Valid rows are joined (one Ray Data hash join) with every run's prompt store and scored in one
     pass by an actor pool holding only the runs' LMs and heads; rows of users without a prompt are
-    counted, not scored."""
+    counted, not scored. The report ``cfg.output`` may lie beside (inside) a scored run, never in or over
+    another input; an existing file there must be an earlier report unless ``output_mode: overwrite``."""
     t_start = time.time()
+    if cfg.output:  # before Ray starts
+        inputs = {
+            "data.train": cfg.data.train,
+            "data.valid": cfg.data.valid,
+            "runs": cfg.runs,
+            "subsets": cfg.subsets,
+            "model.path": outputs.local_model(cfg.model and cfg.model.path),
+        }
+        overwrite = cfg.output_mode == "overwrite"
+        storage.set_s3_endpoint(cfg.storage.s3_endpoint)  # the check may read s3://
+        outputs.check_output_file(cfg.output, "evaluate", inputs, overwrite, allow_inside=["runs"])
     init_ray(cfg.ray, cfg.storage)
     if not cfg.data.valid:
         raise PumaError("evaluate needs data.valid (the held-out interactions)")
@@ -235,7 +247,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     }
     print(format_table(report))
     if cfg.output:
-        storage.write_json(cfg.output, report)
+        storage.write_json(cfg.output, outputs.stamp(report, "evaluate", cfg))
     return report
 
 

@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from puma_ray import outputs
 from puma_ray.datasets.synthetic import vocabulary
 from puma_ray.errors import PumaError
 from puma_ray.llm import TORCH_DTYPES, model_fingerprint, model_info
@@ -193,14 +194,11 @@ def _resolve_source(src: str, gguf_file: str | None) -> tuple[str, str | None, s
     return src, gguf_file, src
 
 
-def _check_out(out: str, where: str) -> None:
-    """Refuse an ``out`` that is a file, the source itself, or a non-empty directory that no import wrote."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise PumaError(f"{out}: exists and is not a directory")
-    if os.path.abspath(where) == out:
-        raise PumaError(f"{out}: the output directory must differ from the source")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, IMPORT_META)):
-        raise PumaError(f"{out}: directory is not empty and holds no previous import ({IMPORT_META}); use a new one")
+def _check_out(out: str, source: str, overwrite: bool = False) -> None:
+    """Refuse an ``out`` that is a file, is, lies inside or holds the source, or a non-empty directory that
+    no import wrote (unless ``overwrite``): puma_ray.outputs."""
+    src = {"src": source if os.path.exists(source) else None}  # a hub id is no local input
+    outputs.check_output(out, "models import", src, overwrite, hint=outputs.TOOL_OVERWRITE_HINT)
 
 
 def _keep_first_layers(model, k: int) -> None:
@@ -224,7 +222,12 @@ def _keep_first_layers(model, k: int) -> None:
 
 
 def import_model(
-    src: str, out: str, gguf_file: str | None = None, dtype: str = "float32", layers: int | None = None
+    src: str,
+    out: str,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    layers: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Import a pretrained causal LM as a plain safetensors directory ``out`` that from_pretrained loads.
 
@@ -234,6 +237,7 @@ def import_model(
         out: the output directory: new, empty, or a previous import (replaced).
         dtype: "float32", "bfloat16" or "float16".
         layers: keep only the first ``layers`` transformer layers (plus the final norm and LM head).
+        overwrite: replace ``out`` even when no import wrote it (never when it is, lies inside or holds the source).
 
     Writes the model, its tokenizer and ``out/puma_import.json`` (source, gguf_file, dtype, layers,
     fingerprints of the source and of the import, sizes); the output appears only once complete.
@@ -244,7 +248,8 @@ def import_model(
         raise PumaError(f"dtype {dtype!r}: choose from {sorted(TORCH_DTYPES)}")
     where, gguf_file, source = _resolve_source(src, gguf_file)
     out = os.path.abspath(os.path.expanduser(out))
-    _check_out(out, where)
+    local_gguf = gguf_file and os.path.isdir(where)  # the input is the GGUF file, not the directory holding it
+    _check_out(out, os.path.join(where, gguf_file) if local_gguf else source, overwrite)
     transformers.utils.logging.disable_progress_bar()
     gguf_kw = {"gguf_file": gguf_file} if gguf_file else {}
     t0 = time.perf_counter()

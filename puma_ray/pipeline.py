@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from puma_ray import storage, templates
+from puma_ray import outputs, storage, templates
 from puma_ray.adapter import save_adapter
 from puma_ray.config import EvaluateConfig, MigrateConfig, build
 from puma_ray.console import say
@@ -27,18 +27,28 @@ from puma_ray.signals import check_source_model
 from puma_ray.sources import join_sources
 from puma_ray.stage2 import train_adapter
 
+COMMAND = "migrate"
 
-def migrate_step(cfg: MigrateConfig, rewrite: bool = True, callbacks: tuple = (), profile: dict | None = None) -> dict:
+
+def migrate_step(
+    cfg: MigrateConfig,
+    rewrite: bool = True,
+    callbacks: tuple = (),
+    profile: dict | None = None,
+    root: str | None = None,
+) -> dict:
     """One migration (single or aggregated sources -> cfg.model). Writes everything under cfg.output.
 
     ``rewrite=False`` stops after the adapter and head are saved (a Tune trial); ``callbacks`` go
     to the Ray Train run (e.g. Tune's TuneReportCallback); ``profile``: :func:`profile_users`'s
     result for cfg.data.train when it is already written (Tune profiles once for all its trials),
-    else the step profiles the users into cfg.output/profile."""
+    else the step profiles the users into cfg.output/profile. ``root``: the output the marker of
+    ``migrate`` goes to (a chain's steps write inside it; default cfg.output)."""
     t0 = time.time()
     out = cfg.output
     if cfg.select.strategy in NEEDS_SOURCE_MODEL:
         check_source_model(cfg.select, cfg.sources)  # before any work
+    outputs.mark_output(root or out, COMMAND, cfg)
     src = join_sources(cfg.sources, storage.join(out, "source_joined"))
     cfg = cfg.model_copy(update={"prompt_length": src.meta.prompt_length})
     meta = store_meta(cfg.model.path, cfg.task, cfg.template, src.meta.prompt_length, "rewrite")
@@ -111,9 +121,30 @@ def target_template(cfg: MigrateConfig) -> str:
     return want.spec
 
 
+def migrate_inputs(cfg: MigrateConfig) -> dict:
+    """What a migration reads, by config key: its output must stay apart from all of them."""
+    return {
+        "sources": cfg.sources,
+        "data.train": cfg.data.train,
+        "data.valid": cfg.data.valid,
+        "compare": cfg.compare,
+        "model.path": outputs.local_model(cfg.model.path),
+        "chain": [outputs.local_model(m.path) for m in cfg.chain],
+        "select.source_model.path": outputs.local_model(cfg.select.source_model and cfg.select.source_model.path),
+    }
+
+
+def check_migrate_output(cfg: MigrateConfig) -> None:
+    """Refuse (one line) an output that overlaps an input, or a non-empty one ``migrate`` did not write
+    (unless ``output_mode: overwrite``): puma_ray.outputs."""
+    storage.set_s3_endpoint(cfg.storage.s3_endpoint)  # the checks may read s3://
+    outputs.check_output(cfg.output, COMMAND, migrate_inputs(cfg), cfg.output_mode == "overwrite")
+
+
 @user_errors
 def migrate(cfg: MigrateConfig) -> dict:
     """Entry: run the migration (chained steps when cfg.chain is set), then evaluate against cfg.compare."""
+    check_migrate_output(cfg)  # before Ray starts and before anything is deleted
     if cfg.evaluate and not cfg.data.valid:
         raise PumaError("migrate needs data.valid to evaluate (or set evaluate=false)")
     cfg = cfg.model_copy(update={"template": target_template(cfg)})
@@ -132,7 +163,7 @@ def migrate(cfg: MigrateConfig) -> dict:
                 "run": cfg.run.model_copy(update={"name": f"{cfg.run.name}-step{i}" if cfg.chain else cfg.run.name}),
             }
         )
-        summaries.append(migrate_step(step))
+        summaries.append(migrate_step(step, root=cfg.output))
         sources = [storage.join(step_out, "prompts")]
     if len(summaries) > 1:  # a chain's cost is every step's
         final = summaries[-1]
@@ -156,6 +187,7 @@ def migrate(cfg: MigrateConfig) -> dict:
                 "baselines": cfg.baselines,
                 "subsets": {"adapter_users": storage.join(cfg.output, "selection", "selected.parquet")},
                 "output": storage.join(cfg.output, "evaluation.json"),
+                "output_mode": cfg.output_mode,
                 "ray": cfg.ray.model_dump(),
                 "storage": cfg.storage.model_dump(),
                 "scoring": cfg.scoring.model_dump(),

@@ -24,7 +24,7 @@ import ray.data
 import torch
 from ray.data.expressions import col
 
-from puma_ray import storage, templates
+from puma_ray import outputs, storage, templates
 from puma_ray.adapter import load_adapter
 from puma_ray.config import RewriteConfig, RewriteJobConfig
 from puma_ray.console import Progress, say
@@ -246,14 +246,21 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
     return manifest
 
 
+COMMAND = "rewrite"
+
+
 @user_errors
 def rewrite(cfg: RewriteJobConfig) -> dict:
     """`puma-ray rewrite` entry: check the pairing, then rewrite (joining several sources first)."""
     # the entry's only: the rewrite's actors import this module, and transformers costs each ~2 s
     from puma_ray.llm import model_info, store_meta  # noqa: PLC0415
 
+    inputs = {"sources": cfg.sources, "adapter": cfg.adapter, "model.path": outputs.local_model(cfg.model.path)}
+    storage.set_s3_endpoint(cfg.storage.s3_endpoint)  # the check may read s3://
+    outputs.check_output(cfg.output, COMMAND, inputs, cfg.output_mode == "overwrite")  # before Ray, before any delete
     init_ray(cfg.ray, cfg.storage)
     fingerprint, _ = model_info(cfg.model.path)
+    outputs.mark_output(cfg.output, COMMAND, cfg)
     joined = join_sources(cfg.sources, storage.join(cfg.output, "source_joined"))
     _, info = load_adapter(cfg.adapter, [m.model_fingerprint for m in joined.metas], fingerprint)
     if info["arch"]["d_in"] != joined.meta.hidden_size:

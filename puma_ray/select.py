@@ -39,7 +39,7 @@ from sklearn.decomposition import PCA
 from sklearn.pipeline import make_pipeline
 
 from puma_ray import storage
-from puma_ray.config import ScoringConfig, SelectConfig, Strategy
+from puma_ray.config import ScoringConfig, SelectConfig, Strategy, check_budget
 from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.schema import decode_prompts, read_store_meta
@@ -366,19 +366,15 @@ def ffn_kmeans_variance(cand: Candidates, budget: int, cfg: SelectConfig, rng: n
 # Stage
 
 
-def resolve_budget(budget: float, n_users: int, uri: str) -> int:
-    """``budget`` >= 1: a user count (an integer value); 0 < budget < 1: a fraction of ``n_users``
-    (rounded, at least 1). Raises PumaError when the count exceeds ``n_users`` (``uri`` names the input)."""
-    if budget >= 1:
-        if float(budget) != int(budget):
-            raise PumaError(
-                f"select: budget {budget} is neither a whole user count (>= 1) nor a fraction (0 < budget < 1)"
-            )
-        count = int(budget)
-    elif budget > 0:
-        count = max(1, int(round(budget * n_users)))
-    else:
-        raise PumaError(f"select: budget must be > 0, got {budget}")
+def resolve_budget(budget: int | float, n_users: int, uri: str) -> int:
+    """``budget`` an int >= 1: that many users; a float in (0, 1]: that fraction of ``n_users`` (rounded,
+    at least 1; 1.0 is every user). Anything else (1.5, 2.0, 0) is refused (``config.check_budget``),
+    and so is a count above ``n_users`` (``uri`` names the input); one-line PumaErrors."""
+    try:
+        budget = check_budget(budget)
+    except ValueError as exc:
+        raise PumaError(f"select: {exc}") from None
+    count = budget if isinstance(budget, int) else max(1, int(round(budget * n_users)))
     if count > n_users:
         raise PumaError(f"{uri}: budget {count} exceeds the {n_users} users with interactions")
     return count

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from puma_ray import storage, templates
+from puma_ray import outputs, storage, templates
 from puma_ray.config import HeadConfig, PromptsConfig, TrainConfig
 from puma_ray.console import say
 from puma_ray.data import load_interactions, shard_by_user
@@ -179,10 +179,30 @@ def _check_inits(cfg: PromptsConfig, meta: StoreMeta) -> PromptsConfig:
     return cfg
 
 
+COMMAND = "prompts train"
+
+
+def check_run_output(cfg: PromptsConfig) -> None:
+    """Refuse (one line) an output that overlaps an input, or a non-empty one ``prompts train`` did not
+    write (unless ``output_mode: overwrite``): puma_ray.outputs."""
+    inputs = {
+        "data.train": cfg.data.train,
+        "data.valid": cfg.data.valid,
+        "init_head": cfg.init_head,
+        "init_prompts": cfg.init_prompts,
+        "model.path": outputs.local_model(cfg.model.path),
+    }
+    storage.set_s3_endpoint(cfg.storage.s3_endpoint)  # the checks may read s3://
+    outputs.check_output(cfg.output, COMMAND, inputs, cfg.output_mode == "overwrite")
+    shards = storage.join(cfg.run.storage_path, f"{cfg.run.name}-shards")  # replaced by every run
+    outputs.check_overlap(shards, inputs, what="run.storage_path's shard directory")
+
+
 @user_errors
 def train_prompts(cfg: PromptsConfig, callbacks: tuple = ()) -> dict:
     """Stage 1 entry: train per-user prompts + head; write the store, head and summary to ``cfg.output``.
     ``callbacks``: extra Ray Train callbacks."""
+    check_run_output(cfg)  # before Ray starts and before anything is deleted
     init_ray(cfg.ray, cfg.storage)
     t0 = time.time()
     train_ds, train_rows = load_interactions(cfg.data.train, cfg.task)
@@ -201,6 +221,7 @@ def train_prompts(cfg: PromptsConfig, callbacks: tuple = ()) -> dict:
     key = {"train": cfg.data.train, "valid": cfg.data.valid, "task": cfg.task}
     shards = shard_by_user(datasets, world, storage.join(cfg.run.storage_path, f"{cfg.run.name}-shards"), key)
     store = storage.join(cfg.output, "prompts")
+    outputs.mark_output(cfg.output, COMMAND, cfg)
     storage.delete_dir(store)
     trained = fit(PromptsTrainable(cfg, meta.hidden_size, train_rows, shards, store, meta), callbacks)
     save_head(cfg.output, trained.model.head, cfg.task, cfg.head.model_dump(), meta.model_fingerprint, meta.hidden_size)

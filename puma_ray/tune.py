@@ -35,11 +35,11 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from puma_ray import storage
+from puma_ray import outputs, storage
 from puma_ray.config import MigrateConfig, TuneConfig, build, deep_merge, nest
 from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
-from puma_ray.pipeline import migrate_step
+from puma_ray.pipeline import migrate_inputs, migrate_step
 from puma_ray.profile import profile_users
 from puma_ray.runtime import configure_ray_data, init_ray
 from puma_ray.tune_report import summarize, trial_row
@@ -259,6 +259,10 @@ def tune(cfg: TuneConfig, callbacks: tuple = ()) -> dict:
 
     ``callbacks``: extra Ray Tune callbacks (tests use one to interrupt a search). Returns the
     results.json content."""
+    inputs = migrate_inputs(cfg.base)  # before Ray starts and before anything is written
+    storage.set_s3_endpoint(cfg.base.storage.s3_endpoint)
+    outputs.check_output(cfg.output, "tune", inputs, cfg.output_mode == "overwrite")
+    outputs.check_overlap(storage.join(cfg.storage_path, cfg.name), inputs, what="the experiment directory")
     init_ray(cfg.base.ray, cfg.base.storage)
     # Tune's newer console output prints its own tables even at verbose=0; the search's story is
     # TrialEvents' lines (the legacy output at verbose=0 prints nothing)
@@ -282,6 +286,7 @@ def tune(cfg: TuneConfig, callbacks: tuple = ()) -> dict:
             "differ); choose another name or storage_path, or delete it"
         )
     concurrent = max_concurrent(cfg, ray.cluster_resources())
+    outputs.mark_output(cfg.output, "tune", cfg)
     profile = profile_users(cfg.base.data.train, cfg.base.task, storage.join(cfg.output, "profile"))
     trainable = rt.with_parameters(_trial, search=cfg.model_dump(), profile=profile)
     trainable = rt.with_resources(trainable, {"cpu": TRIAL_ACTOR_CPUS})

@@ -464,14 +464,24 @@ def test_errors_are_one_line_and_write_nothing(tmp_path):
         ("amazon2023", str(yelp), out, r"yelp: expected one Amazon 2023 reviews file"),
         ("amazon2023", str(amazon), out, r"Books.jsonl: line 1 lacks \['parent_asin', 'rating', 'timestamp'\]"),
         ("recbole", str(yelp), out, r"yelp: expected one RecBole .inter file, found none"),
-        ("yelp", str(yelp), str(busy), r"busy: not empty and not a previous import"),
+        ("yelp", str(yelp), str(busy), r"busy: not empty and holds no output of `puma-ray data import`.*--overwrite"),
+        ("yelp", str(yelp), str(yelp), r"yelp contains the input src.interactions \(\S+/yelp/review.json\)"),
+        ("yelp", str(yelp), out, r"review.json: no row kept of 1 record\(s\) read \(dropped: \w+ 1\); nothing written"),
     ]
     for fmt, src, dst, message in cases:
         with pytest.raises(PumaError, match=message) as err:
             import_interactions(fmt, src, dst, OPTS)
         assert "\n" not in str(err.value)
-    assert not os.path.exists(out)
-    assert os.listdir(busy) == ["notes.txt"]
+    assert not os.path.exists(out)  # an import that keeps no row writes nothing
+    assert os.listdir(busy) == ["notes.txt"] and sorted(os.listdir(yelp)) == ["business.json", "review.json"]
+    import_interactions(
+        "yelp",
+        str(yelp),
+        str(busy),
+        OPTS.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1}),
+        True,
+    )
+    assert "notes.txt" in os.listdir(busy) and os.path.exists(busy / "train")  # --overwrite: written into it
     with pytest.raises(ValueError):
         ImportOptions(valid_fraction=1.0)
     with pytest.raises(ValueError):

@@ -202,7 +202,12 @@ def test_bad_inputs_are_one_line_errors(tiny_models, tmp_path):
         ({"src": src, "layers": 0}, "layers=0: must be between 1 and 2"),
         ({"src": src, "layers": 3}, "layers=3: must be between 1 and 2"),
         ({"src": src, "dtype": "int8"}, "dtype 'int8': choose from"),
-        ({"src": src, "out": str(tmp_path / "busy")}, "busy: directory is not empty and holds no previous import"),
+        (
+            {"src": src, "out": str(tmp_path / "busy")},
+            "busy: not empty and holds no output of `puma-ray models import`",
+        ),
+        ({"src": src, "out": src}, f"output {src} is the input src"),
+        ({"src": src, "out": os.path.join(src, "cut")}, "is inside the input src"),
         ({"src": src, "out": str(tmp_path / "busy" / "notes.txt")}, "notes.txt: exists and is not a directory"),
     ]
     for kwargs, message in cases:

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from puma_ray import storage
-from puma_ray.config import MigrateConfig, SelectConfig, Strategy, build
+from puma_ray.config import MigrateConfig, SelectConfig, Strategy, build, load
 from puma_ray.errors import PumaError
 from puma_ray.profile import PROFILE_SCHEMA
 from puma_ray.schema import StoreMeta, write_prompt_store
@@ -212,14 +212,41 @@ def test_apportion():
 
 
 def test_resolve_budget():
+    """An int >= 1 is a user count, a float in (0, 1] a fraction (1.0: every user); nothing else."""
     assert resolve_budget(10, 50, "s") == 10
-    assert resolve_budget(50.0, 50, "s") == 50
+    assert resolve_budget(1, 50, "s") == 1
+    assert resolve_budget(np.int64(7), 50, "s") == 7
     assert resolve_budget(0.2, 50, "s") == 10
     assert resolve_budget(0.001, 50, "s") == 1
+    assert resolve_budget(1.0, 50, "s") == 50  # every user, not one
     with pytest.raises(PumaError, match="budget 51 exceeds the 50 users with interactions"):
         resolve_budget(51, 50, "s")
-    with pytest.raises(PumaError, match="whole user count"):
-        resolve_budget(2.5, 50, "s")
+    for bad in (1.5, 2.5, 0, 0.0, -3, -0.5, True, "10"):
+        with pytest.raises(PumaError, match="whole user count") as err:
+            resolve_budget(bad, 50, "s")
+        assert "\n" not in str(err.value)
+    with pytest.raises(PumaError, match=r"budget 2.0: a user count is written as an integer \(2\)"):
+        resolve_budget(2.0, 50, "s")
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (1.5, "neither a whole user count"),
+        (0, "neither a whole user count"),
+        (-3, "neither a whole user count"),
+        (2.0, r"written as an integer \(2\)"),
+        (50.0, r"written as an integer \(50\)"),
+    ],
+)
+def test_budget_config_is_checked_at_load(tmp_path, value, message):
+    f = tmp_path / "m.yaml"
+    f.write_text("model: {path: m}\nsources: [s]\ndata: {train: t}\noutput: o\n")
+    with pytest.raises(PumaError, match=message) as err:
+        load(MigrateConfig, str(f), [f"select.budget={value}"])
+    assert "select.budget" in str(err.value) and "\n" not in str(err.value)
+    assert load(MigrateConfig, str(f), ["select.budget=1.0"]).select.budget == 1.0
+    assert isinstance(load(MigrateConfig, str(f), ["select.budget=20"]).select.budget, int)
 
 
 # ---------------------------------------------------------------------------------------------

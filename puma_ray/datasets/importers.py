@@ -17,7 +17,8 @@ Output (the layout of :mod:`puma_ray.datasets.synthetic`)::
 
 Order of work (bounded memory: the item-text table, one parse chunk and one bucket at a time):
 
-0. Checks: the format's files exist and look like that format; OUT is empty or a previous import.
+0. Checks: the format's files exist and look like that format; OUT is empty or a previous import
+   (puma_ray.outputs; ``--overwrite`` lifts the latter).
    Every failure is one PumaError line, raised before anything is written.
 1. Item table: the format's item file -> item_id -> item_text (surrounding whitespace trimmed; an entry
    with empty text is no text; the first entry of an id with text wins). Held in memory: items are far
@@ -61,7 +62,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from puma_ray import schema, storage
+from puma_ray import outputs, schema, storage
 from puma_ray.config import ImportFormat, ImportOptions
 from puma_ray.console import Progress, say
 from puma_ray.data import user_hash
@@ -541,15 +542,8 @@ def _output(t: pa.Table, task: str, items: ItemTable) -> pa.Table:
     return pa.table(cols, schema=schema.interactions_schema(task))
 
 
-def _check_out(out: str) -> None:
-    """PumaError unless ``out`` is empty, absent, or a previous import."""
-    if not storage.list_files(out):
-        return
-    meta_uri = storage.join(out, "meta.json")
-    if not storage.exists(meta_uri) or storage.read_json(meta_uri).get("generator") != GENERATOR:
-        raise PumaError(
-            f"{out}: not empty and not a previous import (no meta.json by {GENERATOR}); choose another output path"
-        )
+class _NothingKept(PumaError):
+    """Every record was dropped: the import ends with this one line and leaves nothing behind."""
 
 
 def _open(fmt: str, src: str, opts: ImportOptions) -> Source:
@@ -559,14 +553,18 @@ def _open(fmt: str, src: str, opts: ImportOptions) -> Source:
     return importlib.import_module(f"puma_ray.datasets.{fmt}").open_source(src, opts)
 
 
-def import_interactions(fmt: str, src: str, out: str, opts: ImportOptions) -> dict:
+def import_interactions(fmt: str, src: str, out: str, opts: ImportOptions, overwrite: bool = False) -> dict:
     """Import the ``fmt`` data set at ``src`` into ``out`` (see the module docstring); returns the meta.json dict.
 
-    A previous import at ``out`` is replaced; any other non-empty ``out`` is refused. Until the import
-    ends, OUT/meta.json says ``"complete": false``.
+    A previous import at ``out`` is replaced; any other non-empty ``out`` is refused unless ``overwrite``,
+    and so is an ``out`` that is or holds a file it reads (puma_ray.outputs). Until the import
+    ends, OUT/meta.json says ``"complete": false``. An import that keeps no row (every record dropped)
+    is a one-line PumaError and leaves no file in ``out``.
     """
     source = _open(fmt, src, opts)
-    _check_out(out)
+    # the inputs are the files read (a format reads only files directly in src: an OUT inside src is apart)
+    outputs.check_output(out, "data import", {"src": source.files}, overwrite, hint=outputs.TOOL_OVERWRITE_HINT)
+    fresh = not storage.exists(out)
     n_buckets = opts.buckets or min(_MAX_AUTO_BUCKETS, max(1, math.ceil(source.size / _BUCKET_BYTES)))
     tmp = storage.join(opts.tmp_dir, f"puma-import-{uuid.uuid4().hex}") if opts.tmp_dir else storage.join(out, "_tmp")
     for sub in ("train", "valid", "_tmp"):
@@ -585,6 +583,14 @@ def import_interactions(fmt: str, src: str, out: str, opts: ImportOptions) -> di
     storage.write_json(storage.join(out, "meta.json"), meta)
     try:
         meta.update(_run(source, out, opts, _Buckets(tmp, n_buckets, _bucket_schema(source.task)), f"import {fmt}"))
+    except _NothingKept as exc:
+        storage.delete_dir(tmp)
+        storage.delete_file(storage.join(out, "meta.json"))
+        for sub in ("train", "valid", "_tmp"):
+            storage.delete_dir(storage.join(out, sub))
+        if fresh:
+            storage.delete_dir(out)
+        raise PumaError(str(exc)) from None
     finally:
         storage.delete_dir(tmp)
     meta["complete"] = True
@@ -660,6 +666,12 @@ def _run(source: Source, out: str, opts: ImportOptions, buckets: _Buckets, label
                 rows[split] += part.num_rows
         progress.add(1, detail=f"{rows['train'] + rows['valid']:,} rows written")
     progress.close()
+    if not rows["train"] + rows["valid"]:  # nothing was written: pass 2 writes only non-empty parts
+        why = _reasons(dropped) or "no interaction records"
+        raise _NothingKept(
+            f"{source.files.get('interactions', label)}: no row kept of {rows_read:,} record(s) read ({why}); "
+            f"nothing written to {out}"
+        )
     for split, n in rows.items():
         if not n:
             with storage.parquet_writer(storage.join(out, split, "part-00000.parquet"), iface) as w:
