@@ -23,6 +23,12 @@ from puma_ray.errors import PumaError
 ROWS_PER_PARTITION = 2_000_000
 
 
+def task_pool(concurrency: int | None) -> ray.data.TaskPoolStrategy:
+    """A map's compute strategy: Ray tasks, at most ``concurrency`` at once (None: as many as Ray Data
+    schedules). A map's ``concurrency=`` argument is deprecated since Ray 2.51; a read keeps its own."""
+    return ray.data.TaskPoolStrategy(size=concurrency)
+
+
 def _checked(batch: pa.Table, uri: str, task: str) -> pa.Table:
     batch = schema.normalize_interactions(batch)
     schema.check_interaction_values(uri, task, batch)
@@ -36,7 +42,7 @@ def load_interactions(
     ``columns``: read only these (their values are checked; the schema check covers them all).
     ``blocks``: read blocks (Ray's default: at least 200, for parallelism; a cheap per-row pass
     wants fewer, e.g. one per file). ``concurrency``: at most this many read tasks at once (a map
-    after it with the same ``concurrency`` fuses with the read; ``runtime.task_concurrency``)."""
+    after it with the same :func:`task_pool` fuses with the read; ``runtime.task_concurrency``)."""
     schema.check_interactions_schema(uri, storage.read_schema(uri))
     kwargs = {"columns": columns} if columns else {}
     if blocks:
@@ -46,7 +52,7 @@ def load_interactions(
         raise PumaError(f"{uri}: empty input (0 interactions)")
     ds = storage.ray_read_parquet(uri, concurrency=concurrency, **kwargs)
     check = functools.partial(_checked, uri=uri, task=task)
-    return ds.map_batches(check, batch_format="pyarrow", concurrency=concurrency), rows
+    return ds.map_batches(check, batch_format="pyarrow", compute=task_pool(concurrency)), rows
 
 
 def shuffle_partitions(rows: int, at_least: int = 1) -> int:
@@ -65,14 +71,14 @@ def sum_by(ds, keys: list[str], columns: list[str] = (), concurrency: int | None
     (ROWS_PER_PARTITION rows), else by a Ray Data groupby sized by the partial rows. A Ray Data
     groupby of the rows themselves costs a hash shuffle whose aggregator actors take seconds to
     start, even for a few thousand keys (benchmarks/group_sums.py). ``concurrency``: of the
-    partial-sum tasks (the same as the map before it fuses them with it)."""
+    partial-sum tasks (the same as the map before it fuses them with it; :func:`task_pool`)."""
     keys, columns = list(keys), list(columns)
     partials = ds.map_batches(
         _block_sums,
         fn_kwargs={"keys": keys, "columns": columns, "count": True},
         batch_format="pyarrow",
         batch_size=None,  # a whole block per call
-        concurrency=concurrency,
+        compute=task_pool(concurrency),
     ).materialize()
     partitions = shuffle_partitions(partials.count())
     if partitions == 1:

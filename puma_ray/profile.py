@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from ray.data import SaveMode
 
 from puma_ray import storage
-from puma_ray.data import load_interactions, sum_by
+from puma_ray.data import load_interactions, sum_by, task_pool
 from puma_ray.errors import PumaError, user_errors
 
 PROFILE_SCHEMA = pa.schema(
@@ -79,7 +79,7 @@ def profile_users(interactions_uri: str, task: str, out_uri: str) -> dict:
     blocks = max(files, 2 * cores())
     concurrency = task_concurrency(files)  # read, check, squares and partial sums: one task per file
     ds, rows = load_interactions(interactions_uri, task, ["user_id", "label"], blocks, concurrency)
-    squares = ds.map_batches(_squares, batch_format="pyarrow", concurrency=concurrency)
+    squares = ds.map_batches(_squares, batch_format="pyarrow", compute=task_pool(concurrency))
     stats = sum_by(squares, ["user_id"], ["s", "ss"], concurrency).map_batches(_to_profile, batch_format="pyarrow")
     stats = stats.materialize()
     users = stats.count()

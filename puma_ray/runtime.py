@@ -89,11 +89,11 @@ def cores() -> int:
 
 
 def task_concurrency(tasks: int) -> int | None:
-    """Concurrent tasks of a CPU-bound Ray Data pass of ``tasks`` tasks (its ``concurrency=``): on a
-    local Ray that puma-ray started, its real cores when there are more tasks than that (a task
-    beyond them only starts one more worker process, seconds of imports, and competes for the same
-    cores); else None: no cap (no more tasks than cores, where Ray warns of an unused cap, or a
-    cluster, whose autoscaler may add nodes)."""
+    """Concurrent tasks of a CPU-bound Ray Data pass of ``tasks`` tasks (a read's ``concurrency=``, a
+    map's ``data.task_pool``): on a local Ray that puma-ray started, its real cores when there are
+    more tasks than that (a task beyond them only starts one more worker process, seconds of
+    imports, and competes for the same cores); else None: no cap (no more tasks than cores, where
+    Ray warns of an unused cap, or a cluster, whose autoscaler may add nodes)."""
     n = cores()
     return n if CORES in ray.cluster_resources() and tasks > n else None
 
