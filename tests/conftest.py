@@ -1,11 +1,15 @@
 """Shared fixtures: one Ray session, tiny models of every family, small synthetic data sets, and a
-real S3 endpoint (moto's server mode over HTTP on loopback)."""
+real S3 endpoint (moto's server mode over HTTP on loopback). Also: a deprecation warning is charged
+to the code that called the deprecated API (:func:`warn_charging_the_caller`), so pyproject.toml's
+filters fail a test when puma_ray's own call uses an API its dependencies deprecate."""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
+import warnings
 
 import boto3
 import pytest
@@ -20,6 +24,51 @@ from puma_ray.runtime import init_ray
 from puma_ray.stage1 import train_prompts
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before any tokenizer runs (Ray forks workers)
+
+# Modules a call passes through between its caller and the called library's own code: torch's module
+# call (a model's forward), functools' and contextlib's wrappers, torch's no_grad decorator.
+PASS_THROUGH = {"functools", "contextlib", "torch.nn.modules.module", "torch.utils._contextlib"}
+_warn = warnings.warn
+
+
+def _package(frame) -> str:
+    return frame.f_globals.get("__name__", "").partition(".")[0]
+
+
+def warn_charging_the_caller(message, category=None, stacklevel=1, source=None, **kwargs):
+    """``warnings.warn``, but a DeprecationWarning or FutureWarning that its library charges to a
+    caller (``stacklevel`` >= 2) is charged to the first frame, from the one ``stacklevel`` names
+    outwards, that is neither the library's own code nor a :data:`PASS_THROUGH` module: the code
+    that called the deprecated API. A library's ``stacklevel`` stops short of it when the call goes
+    through torch's ``Module.__call__`` or the library's decorators (transformers' ``deprecate_kwarg``
+    on a model's forward names torch's module call). pyproject.toml's filters match that frame's
+    module, e.g. ``puma_ray.llm``. A warning about the library's own code (``stacklevel`` 1, e.g. Ray
+    Data's DataContext setting its own deprecated field) stays the library's."""
+    if category is None:
+        category = type(message) if isinstance(message, Warning) else UserWarning
+    if kwargs or stacklevel < 2 or not issubclass(category, (DeprecationWarning, FutureWarning)):
+        return _warn(message, category, stacklevel + 1, source, **kwargs)
+    issuer = sys._getframe(1)
+    frame = issuer
+    for _ in range(stacklevel - 1):
+        frame = frame.f_back or frame
+    library = _package(issuer)
+    while frame.f_back is not None and (_package(frame) == library or frame.f_globals.get("__name__") in PASS_THROUGH):
+        frame = frame.f_back
+    module_globals = frame.f_globals
+    warnings.warn_explicit(
+        message,
+        category,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=module_globals.get("__name__", "<string>"),
+        registry=module_globals.setdefault("__warningregistry__", {}),
+        module_globals=module_globals,
+        source=source,
+    )
+
+
+warnings.warn = warn_charging_the_caller
 
 
 @pytest.fixture(scope="session")
