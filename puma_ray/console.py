@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ import time
 import ray
 
 native_log: str | None = None  # where this process's native stderr and Ray's messages go (logs_to_file)
+RAY_LOG_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"  # as Ray's own handlers
 
 
 def say(line: str) -> None:
@@ -64,12 +66,35 @@ def logs_to_file() -> str:
     of ``sys.stdout`` (results) stay on the terminal. Returns the log's path."""
     global native_log
     fd, native_log = tempfile.mkstemp(prefix="puma-ray-", suffix=".log")
+    os.close(fd)
+    fd = os.open(native_log, os.O_WRONLY | os.O_APPEND)  # appends, as the log files opened on it below
     terminal = os.dup(2)
     os.dup2(fd, 2)
     os.close(fd)
     sys.stderr = os.fdopen(terminal, "w", buffering=1, errors="backslashreplace")
     sys.stdout = _LogLines(sys.stdout, open(native_log, "a", buffering=1, errors="backslashreplace"))
     return native_log
+
+
+def ray_logs_to_file() -> None:
+    """Ray's Python loggers in this process write to :data:`native_log` instead of the terminal: Ray's
+    (``ray``, which Ray Train and Ray Tune log through) and Ray Data's (``ray.data``, which has its own
+    handlers and does not propagate). A Ray Data task that raises on a user mistake logs ERROR lines
+    (the operator that failed, a stack-trace hint) before the command prints its one-line error:
+    they stay in the log, as in Ray Data's own file in the session's logs. Without a native log (not
+    the CLI's terminal session, or ``--verbose``) nothing changes."""
+    if native_log is None:
+        return
+    to_file = logging.FileHandler(native_log, errors="backslashreplace")
+    to_file.set_name("puma-ray-log")
+    to_file.setFormatter(logging.Formatter(RAY_LOG_FORMAT))
+    for name in ("ray", "ray.data"):
+        logger = logging.getLogger(name)
+        for handler in logger.handlers[:]:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)  # the terminal's
+        if not any(h.get_name() == "puma-ray-log" for h in logger.handlers):
+            logger.addHandler(to_file)
 
 
 def listing(names, at_most: int = 8) -> str:

@@ -25,7 +25,8 @@ def init_ray(ray_cfg, storage_cfg=None) -> None:
     """Start a local Ray (or join ``ray_cfg.address``) once per process.
 
     Worker processes' output (Ray Train, Ray Data, DeepSpeed) stays in the Ray session's log files,
-    named here once, unless ``ray_cfg.verbose`` (``--verbose``) forwards it to this terminal."""
+    named here once, unless ``ray_cfg.verbose`` (``--verbose``) forwards it to this terminal; in the
+    CLI's terminal session, so do this process's Ray and Ray Data log lines (console.ray_logs_to_file)."""
     if storage_cfg is not None:
         storage.set_s3_endpoint(storage_cfg.s3_endpoint)
     if ray.is_initialized():
@@ -47,6 +48,7 @@ def init_ray(ray_cfg, storage_cfg=None) -> None:
         where = os.path.join(context.address_info["session_dir"], "logs")
     configure_ray_data()
     if not ray_cfg.verbose:
+        console.ray_logs_to_file()  # e.g. Ray Data's ERROR lines when a task raises on a user mistake
         native = f"; Ray's own messages in {console.native_log}" if console.native_log else ""
         say(f"ray: worker logs (Ray Train, Ray Data, DeepSpeed) are in {where}{native}; --verbose shows them here")
 

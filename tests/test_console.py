@@ -1,7 +1,16 @@
-"""The console: periodic counters with rate and ETA, and the relay that brings workers' story lines
-to the driver's terminal (worker processes themselves never print there)."""
+"""The console: periodic counters with rate and ETA, the relay that brings workers' story lines
+to the driver's terminal (worker processes themselves never print there), and a user mistake that
+Ray Data finds in a task shown as its one line (Ray's ERROR lines stay in the log file)."""
 
+import os
+import re
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
+import yaml
 
 from puma_ray import console
 
@@ -71,3 +80,31 @@ def test_a_late_item_from_a_closed_relay_is_dropped(capsys, ray_session):
     with console.Relay() as second:
         console.tell(second.handle, "train: this stage's line")
     assert capsys.readouterr().err.splitlines() == ["train: this stage's line"]
+
+
+def test_a_mistake_found_in_a_ray_data_task_is_one_line(tmp_path, ray_session):
+    """`puma-ray evaluate` on held-out rows with a rating of 7: Ray Data's task raises, and the console
+    shows the one-line error only; Ray Data's ERROR lines (streaming_executor_state's, the stack-trace
+    hint) are in the log file named at the start. The command joins this session's Ray (RAY_ADDRESS)
+    instead of starting its own."""
+    for split, labels in (("train", [1.0, 2.0, 3.0, 4.0]), ("valid", [1.0, 7.0, 3.0, 4.0])):
+        (tmp_path / split).mkdir()
+        rows = {
+            "user_id": ["u0", "u0", "u1", "u1"],
+            "item_id": ["i0", "i1", "i2", "i3"],
+            "label": pa.array(labels, pa.float32()),
+            "item_text": ["a b"] * 4,
+        }
+        pq.write_table(pa.table(rows), tmp_path / split / "part-0.parquet")
+    data = {"train": str(tmp_path / "train"), "valid": str(tmp_path / "valid")}
+    (tmp_path / "evaluate.yaml").write_text(yaml.safe_dump({"data": data, "baselines": ["global_mean"]}))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    argv = [sys.executable, "-m", "puma_ray.cli", "evaluate", "--config", str(tmp_path / "evaluate.yaml")]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    lines = (r.stdout + r.stderr).splitlines()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert lines[-1] == f"error: {data['valid']}: 1 label(s) outside the rating range 1..5, e.g. [7.0]"
+    assert [line for line in lines if "ERROR" in line or "Traceback" in line] == [], r.stderr
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:]
+    log = re.search(r"Ray's own messages in (\S+);", r.stderr).group(1)
+    assert "ERROR streaming_executor_state.py" in open(log).read()
