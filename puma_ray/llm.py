@@ -296,8 +296,8 @@ class FrozenLM:
         uses_window = sliding and (any("sliding" in t for t in layer_types) or not layer_types)
         self._window = int(sliding) if uses_window else None  # tokens a cached batch may span
         params = inspect.signature(self.decoder.forward).parameters
-        # the decoder's cache argument: `cache` in transformers 5 (every family here, 5.25); `past_key_values`
-        # before the rename (deprecated since, removed in 5.40; tests/test_deprecations.py)
+        # the decoder's cache argument: `cache` (every family here on transformers 5.25), `past_key_values` on
+        # versions before the rename (5.25 accepts it with a FutureWarning, 5.40 removes it)
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20))
         self._lead_kv: torch.Tensor | None = None  # (layers, 2, 1, kv_heads, lead tokens, head_dim)
