@@ -69,7 +69,7 @@ class PromptScorer:
                     prefix_cache_mb=m["prefix_cache_mb"],
                 )
             head = load_head(run["uri"], task, lms[key].fingerprint).to(self.device)
-            self.runs[name] = (lms[key], head, meta.prompt_length, meta.hidden_size)
+            self.runs[name] = (lms[key], head, meta.prompt_length, meta.hidden_size, run_store(run))
         self.counter = console.RemoteProgress(relay, label, total, "rows", every=0.0)
 
     @torch.no_grad()
@@ -78,10 +78,10 @@ class PromptScorer:
         loss = np.empty(batch.num_rows, dtype=np.float32)
         run = batch.column("run").to_numpy(zero_copy_only=False)
         for name in np.unique(run):
-            lm, head, l, d = self.runs[name]
+            lm, head, l, d, store = self.runs[name]
             where = np.flatnonzero(run == name)
             rows = batch.take(pa.array(where))
-            prompts = torch.from_numpy(decode_prompts(rows, l * d)).view(len(where), l, d).to(self.device)
+            prompts = torch.from_numpy(decode_prompts(rows, l * d, where=store)).view(len(where), l, d).to(self.device)
             items, history = row_texts(rows)
             labels = torch.from_numpy(rows.column("label").to_numpy()).float().to(self.device) if self.loss else None
             for s in range(0, len(where), self.batch_size):

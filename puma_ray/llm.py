@@ -124,6 +124,8 @@ def model_info(path: str, gguf_file: str | None = None) -> tuple[str, int]:
     ``path`` may be a ``.gguf`` file, or a directory / hub id holding the GGUF named ``gguf_file``: the
     config then comes from the GGUF's metadata (seconds for a large vocabulary: it parses every field).
     """
+    if (os.path.isabs(path) or path.startswith(".")) and not os.path.exists(path):  # a path, not a hub id
+        raise PumaError(f"{path}: cannot load model config (not found: no model directory or .gguf file there)")
     if gguf_file is None and path.endswith(".gguf"):
         gguf_file = path  # AutoConfig reads a local file named as both the path and the GGUF
     config_file = os.path.join(path, gguf_file) if gguf_file else os.path.join(path, "config.json")

@@ -21,10 +21,10 @@ from puma_ray.llm import store_meta
 from puma_ray.profile import profile_users
 from puma_ray.rewrite import rewrite_store
 from puma_ray.runtime import init_ray
-from puma_ray.schema import read_store_meta
+from puma_ray.schema import check_interactions_input, read_store_meta, store_user_ids
 from puma_ray.select import NEEDS_SOURCE_MODEL, read_selected, select_users
 from puma_ray.signals import check_source_model
-from puma_ray.sources import join_sources
+from puma_ray.sources import join_sources, source_metas
 from puma_ray.stage2 import train_adapter
 
 COMMAND = "migrate"
@@ -141,12 +141,25 @@ def check_migrate_output(cfg: MigrateConfig) -> None:
     outputs.check_output(cfg.output, COMMAND, migrate_inputs(cfg), cfg.output_mode == "overwrite")
 
 
+def check_migrate_inputs(cfg: MigrateConfig) -> None:
+    """Refuse (one line, before Ray starts and before the output is marked) bad interactions (their
+    footers: puma_ray.schema.check_interactions_input) and bad source stores: footers
+    (sources.source_metas) and user ids, each user once (read on the driver, as the selection reads them)."""
+    for uri in (cfg.data.train, cfg.data.valid):
+        if uri:
+            check_interactions_input(uri, cfg.task)
+    source_metas(cfg.sources)
+    for uri in cfg.sources:
+        store_user_ids(uri)
+
+
 @user_errors
 def migrate(cfg: MigrateConfig) -> dict:
     """Entry: run the migration (chained steps when cfg.chain is set), then evaluate against cfg.compare."""
     check_migrate_output(cfg)  # before Ray starts and before anything is deleted
     if cfg.evaluate and not cfg.data.valid:
         raise PumaError("migrate needs data.valid to evaluate (or set evaluate=false)")
+    check_migrate_inputs(cfg)
     cfg = cfg.model_copy(update={"template": target_template(cfg)})
     init_ray(cfg.ray, cfg.storage)
     t0 = time.time()

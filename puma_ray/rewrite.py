@@ -32,7 +32,7 @@ from puma_ray.data import sum_by
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.runtime import actor_device, actor_pool, init_ray
 from puma_ray.schema import StoreMeta, decode_prompts, prompt_store_schema, prompt_table
-from puma_ray.sources import join_sources
+from puma_ray.sources import join_sources, source_metas
 
 
 class Rewriter:
@@ -251,22 +251,22 @@ COMMAND = "rewrite"
 
 @user_errors
 def rewrite(cfg: RewriteJobConfig) -> dict:
-    """`puma-ray rewrite` entry: check the pairing, then rewrite (joining several sources first)."""
+    """`puma-ray rewrite` entry: check the output and the pairing (sources, adapter, target model,
+    template) before Ray starts and before anything is written, then rewrite (joining several sources
+    first)."""
     # the entry's only: the rewrite's actors import this module, and transformers costs each ~2 s
     from puma_ray.llm import model_info, store_meta  # noqa: PLC0415
 
     inputs = {"sources": cfg.sources, "adapter": cfg.adapter, "model.path": outputs.local_model(cfg.model.path)}
     storage.set_s3_endpoint(cfg.storage.s3_endpoint)  # the check may read s3://
     outputs.check_output(cfg.output, COMMAND, inputs, cfg.output_mode == "overwrite")  # before Ray, before any delete
-    init_ray(cfg.ray, cfg.storage)
+    # the pairing, before Ray starts and before the output is marked: footers, the adapter, model configs
+    metas = source_metas(cfg.sources)
     fingerprint, _ = model_info(cfg.model.path)
-    outputs.mark_output(cfg.output, COMMAND, cfg)
-    joined = join_sources(cfg.sources, storage.join(cfg.output, "source_joined"))
-    _, info = load_adapter(cfg.adapter, [m.model_fingerprint for m in joined.metas], fingerprint)
-    if info["arch"]["d_in"] != joined.meta.hidden_size:
-        raise PumaError(
-            f"{cfg.adapter}: adapter takes width {info['arch']['d_in']}, source store(s) have {joined.meta.hidden_size}"
-        )
+    _, info = load_adapter(cfg.adapter, [m.model_fingerprint for m in metas], fingerprint)
+    width = sum(m.hidden_size for m in metas)
+    if info["arch"]["d_in"] != width:
+        raise PumaError(f"{cfg.adapter}: adapter takes width {info['arch']['d_in']}, source store(s) have {width}")
     trained = info.get("template", templates.DEFAULT[cfg.task])  # adapters saved before templates were recorded
     template = cfg.template or trained
     templates.check_same(
@@ -277,5 +277,8 @@ def rewrite(cfg: RewriteJobConfig) -> dict:
         cfg.allow_template_change,
         "allow_template_change",
     )
-    meta = store_meta(cfg.model.path, cfg.task, template, joined.meta.prompt_length, "rewrite")
+    meta = store_meta(cfg.model.path, cfg.task, template, metas[0].prompt_length, "rewrite")
+    init_ray(cfg.ray, cfg.storage)
+    outputs.mark_output(cfg.output, COMMAND, cfg)
+    joined = join_sources(cfg.sources, storage.join(cfg.output, "source_joined"))
     return rewrite_store(joined.uri, cfg.adapter, meta, cfg.output, cfg.rewrite)

@@ -13,11 +13,13 @@ Every check raises :class:`PumaError` with one line naming the URI and the probl
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from puma_ray import storage, templates
 from puma_ray.errors import PumaError
@@ -91,6 +93,39 @@ def check_interaction_values(uri: str, task: str, batch: pa.Table | pa.RecordBat
         ex = labels[bad][:3].tolist()
         want = "1..5" if task == "rating" else "0 or 1"
         raise PumaError(f"{uri}: {int(bad.sum())} label(s) outside the {task} range {want}, e.g. {ex}")
+
+
+def stat_range(md: pq.FileMetaData, column: str) -> tuple[float, float] | None:
+    """(smallest min, largest max) of a numeric column (or of a list column's values) over the row
+    groups of a Parquet file, from the footer's statistics; None when no row group has them. NaN is
+    never in them (Parquet leaves it out of min and max); an infinity is."""
+    leaves = [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == column]
+    low, high = math.inf, -math.inf
+    for rg in range(md.num_row_groups):
+        for i in leaves:
+            stats = md.row_group(rg).column(i).statistics
+            if stats is not None and stats.has_min_max:
+                low, high = min(low, float(stats.min)), max(high, float(stats.max))
+    return (low, high) if low <= high else None
+
+
+def check_interactions_input(uri: str, task: str) -> int:
+    """An interactions input checked before any work (no Ray), from its Parquet footers: the columns
+    and their types, every file's footer (a truncated file is refused here, not mid-run), at least
+    one row, and labels inside the task's range as far as the footers' statistics show (a file whose
+    statistics show one outside has its labels read, and the first ones are named). NaN is in no
+    statistic: :func:`check_interaction_values`, on every batch read, finds it. Returns the rows."""
+    check_interactions_schema(uri, storage.read_schema(uri))
+    footers = storage.parquet_footers(uri)
+    rows = sum(md.num_rows for _, md in footers)
+    if rows == 0:
+        raise PumaError(f"{uri}: empty input (0 interactions)")
+    lo, hi = LABEL_RANGE[task]
+    for file, md in footers:
+        seen = stat_range(md, "label")
+        if seen is not None and (seen[0] < lo or seen[1] > hi):
+            check_interaction_values(uri, task, storage.read_table(file, columns=["label"]))
+    return rows
 
 
 def normalize_interactions(batch: pa.Table) -> pa.Table:
@@ -180,15 +215,26 @@ def check_prompt_values(uri: str, meta: StoreMeta, table: pa.Table) -> np.ndarra
         )
     if table.num_rows == 0:
         raise PumaError(f"{uri}: empty prompt store (0 users)")
-    if table.column("user_id").null_count:
-        raise PumaError(f"{uri}: {table.column('user_id').null_count} null user_id(s)")
-    ids = table.column("user_id")
-    n_unique = pc.count_distinct(ids).as_py()
-    if n_unique != table.num_rows:
-        vc = pc.value_counts(ids)
-        dup = [v["values"] for v in vc.to_pylist() if v["counts"] > 1][:3]
-        raise PumaError(f"{uri}: {table.num_rows - n_unique} duplicate user_id row(s), e.g. {dup}")
+    check_user_ids(uri, table.column("user_id"))
     return decode_prompts(table, meta.width, where=uri)
+
+
+def check_user_ids(uri: str, ids: pa.Array | pa.ChunkedArray) -> None:
+    """A prompt store's user ids (of ``uri``) hold no null and no user twice; else one line naming a few."""
+    if ids.null_count:
+        raise PumaError(f"{uri}: {ids.null_count} null user_id(s)")
+    n_unique = pc.count_distinct(ids).as_py()
+    if n_unique != len(ids):
+        dup = [v["values"] for v in pc.value_counts(ids).to_pylist() if v["counts"] > 1][:3]
+        raise PumaError(f"{uri}: {len(ids) - n_unique} duplicate user_id row(s), e.g. {dup}")
+
+
+def store_user_ids(uri: str) -> pa.Array:
+    """The user ids of a prompt store (its user_id column, read here: no prompt is), checked by
+    :func:`check_user_ids`."""
+    ids = storage.read_table(uri, columns=["user_id"]).column("user_id").combine_chunks()
+    check_user_ids(uri, ids)
+    return ids
 
 
 def decode_prompts(batch, width: int, where: str = "", what: str = "prompt", column: str = "prompt") -> np.ndarray:
@@ -213,7 +259,8 @@ def decode_prompts(batch, width: int, where: str = "", what: str = "prompt", col
     bad = ~np.isfinite(prompts).all(axis=1)
     if bad.any():
         ids = np.asarray(batch["user_id"].to_pylist() if hasattr(batch["user_id"], "to_pylist") else batch["user_id"])
-        raise PumaError(f"{prefix}{int(bad.sum())} {what}(s) contain NaN or Inf, e.g. users {ids[bad][:3].tolist()}")
+        users = list(dict.fromkeys(ids[bad].tolist()))[:3]  # a user's prompt joined to several rows: named once
+        raise PumaError(f"{prefix}{int(bad.sum())} {what}(s) contain NaN or Inf, e.g. users {users}")
     return prompts
 
 
@@ -226,6 +273,32 @@ def write_prompt_store(uri: str, meta: StoreMeta, user_ids, prompts: np.ndarray)
 def read_store_meta(uri: str) -> StoreMeta:
     """A prompt store's metadata, from Parquet footers only (no prompt is read)."""
     return StoreMeta.from_metadata(uri, storage.read_schema(uri).metadata)
+
+
+def check_store_input(uri: str) -> StoreMeta:
+    """A prompt store checked before any work (no Ray), from its Parquet footers: its metadata, a
+    prompt column as wide as the metadata says, every file's footer (a truncated file is refused
+    here), at least one user, and no infinite prompt value as far as the footers' statistics show (a
+    file whose statistics show one has its prompts decoded, and the users are named). NaN is in no
+    statistic: :func:`decode_prompts` finds it where prompts are read. Returns the metadata."""
+    schema = storage.read_schema(uri)
+    meta = StoreMeta.from_metadata(uri, schema.metadata)
+    typ = schema.field("prompt").type if "prompt" in schema.names else None
+    if "user_id" not in schema.names or typ is None or not pa.types.is_fixed_size_list(typ):
+        raise PumaError(f"{uri}: not a prompt store (columns {schema.names}; expected user_id and prompt)")
+    if typ.list_size != meta.width:
+        raise PumaError(
+            f"{uri}: prompt column is {typ}, expected fixed_size_list<float32>[{meta.width}] "
+            f"(l={meta.prompt_length} x d={meta.hidden_size})"
+        )
+    footers = storage.parquet_footers(uri)
+    if sum(md.num_rows for _, md in footers) == 0:
+        raise PumaError(f"{uri}: empty prompt store (0 users)")
+    for file, md in footers:
+        seen = stat_range(md, "prompt")
+        if seen is not None and not (math.isfinite(seen[0]) and math.isfinite(seen[1])):
+            decode_prompts(storage.read_table(file, columns=["user_id", "prompt"]), meta.width, where=uri)
+    return meta
 
 
 def read_prompt_store(uri: str, expect_fingerprint: str | None = None) -> tuple[StoreMeta, list[str], np.ndarray]:

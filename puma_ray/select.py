@@ -42,7 +42,7 @@ from puma_ray import storage
 from puma_ray.config import ScoringConfig, SelectConfig, Strategy, check_budget
 from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
-from puma_ray.schema import decode_prompts, read_store_meta
+from puma_ray.schema import decode_prompts, read_store_meta, store_user_ids
 
 Space = Literal["prompt", "pca", "ffn"]
 Within = Literal["uniform", "variance", "loss", "farthest"]
@@ -454,11 +454,7 @@ def select_users(
         if cfg.strategy in NEEDS_LOSS and train_uri is None:
             raise PumaError(f"select.strategy {cfg.strategy!r} needs the source's training interactions (data.train)")
     scoring = scoring or ScoringConfig()
-    store_ids = storage.read_table(source_store_uri, columns=["user_id"]).column("user_id").combine_chunks()
-    if pc.count_distinct(store_ids).as_py() != len(store_ids):
-        raise PumaError(
-            f"{source_store_uri}: {len(store_ids) - pc.count_distinct(store_ids).as_py()} duplicate user_id row(s)"
-        )
+    store_ids = store_user_ids(source_store_uri)  # nulls and duplicates refused
     profile = storage.read_table(profile_uri)
     missing = [c for c in ("user_id", "label_var") if c not in profile.column_names]
     if missing:

@@ -17,7 +17,7 @@ from puma_ray import storage
 from puma_ray.console import say
 from puma_ray.data import distinct, shuffle_partitions
 from puma_ray.errors import PumaError
-from puma_ray.schema import StoreMeta, decode_prompts, prompt_table, read_store_meta
+from puma_ray.schema import StoreMeta, check_store_input, decode_prompts, prompt_table, read_store_meta
 
 
 @dataclass
@@ -33,6 +33,18 @@ def _concat(batch: pa.Table, meta: StoreMeta, widths: list[int]) -> pa.Table:
     n, l = batch.num_rows, meta.prompt_length
     parts = [decode_prompts(batch, l * d, column=f"p{i}").reshape(n, l, d) for i, d in enumerate(widths)]
     return prompt_table(meta, batch.column("user_id").cast(pa.string()), np.concatenate(parts, axis=-1).reshape(n, -1))
+
+
+def source_metas(uris: list[str]) -> list[StoreMeta]:
+    """Each source store's metadata, the store checked from its footers (schema.check_store_input:
+    shape, users, truncated files, infinite values); several sources must share one prompt length.
+    Before any work: no Ray, no prompt read."""
+    metas = [check_store_input(u) for u in uris]
+    if len({m.prompt_length for m in metas}) != 1:
+        raise PumaError(
+            f"aggregated sources need one prompt length l, got {[m.prompt_length for m in metas]} for {uris}"
+        )
+    return metas
 
 
 def join_sources(uris: list[str], joined_uri: str) -> Sources:

@@ -28,7 +28,15 @@ from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import build_head, load_head, save_head
 from puma_ray.llm import FrozenLM, row_texts, store_meta
 from puma_ray.runtime import init_ray
-from puma_ray.schema import StoreMeta, decode_prompts, prompt_store_schema, prompt_table, read_store_meta
+from puma_ray.schema import (
+    StoreMeta,
+    check_interactions_input,
+    check_store_input,
+    decode_prompts,
+    prompt_store_schema,
+    prompt_table,
+    read_store_meta,
+)
 from puma_ray.trainer import VAL_METRICS, Batch, TaskModel, Worker, fit
 
 
@@ -153,15 +161,16 @@ class PromptsTrainable:
 
 
 def _check_inits(cfg: PromptsConfig, meta: StoreMeta) -> PromptsConfig:
-    """Refuse (one line, before any work) an ``init_head`` or ``init_prompts`` made for another model
-    or shape, or ``init_prompts`` trained under another template (unless ``allow_template_change``);
+    """Refuse (one line, before Ray starts) an ``init_head`` or ``init_prompts`` made for another model
+    or shape, ``init_prompts`` trained under another template (unless ``allow_template_change``), or
+    a bad init store (:func:`schema.check_store_input`: empty, truncated, an infinite value);
     with ``init_head`` the config's head becomes the one it holds (it is saved as such)."""
     if cfg.init_head:
         load_head(cfg.init_head, cfg.task, meta.model_fingerprint)  # refuses another task or model
         saved = storage.read_json(storage.join(cfg.init_head, "head.json"))["head"]
         cfg = cfg.model_copy(update={"head": HeadConfig(**saved)})
     if cfg.init_prompts:
-        init = read_store_meta(cfg.init_prompts)
+        init = check_store_input(cfg.init_prompts)
         if (init.model_fingerprint, init.width) != (meta.model_fingerprint, meta.width):
             raise PumaError(
                 f"{cfg.init_prompts}: init_prompts were made for model {init.model!r} with width {init.width}; "
@@ -203,16 +212,19 @@ def train_prompts(cfg: PromptsConfig, callbacks: tuple = ()) -> dict:
     """Stage 1 entry: train per-user prompts + head; write the store, head and summary to ``cfg.output``.
     ``callbacks``: extra Ray Train callbacks."""
     check_run_output(cfg)  # before Ray starts and before anything is deleted
+    for uri in (cfg.data.train, cfg.data.valid):  # footers only, before Ray starts
+        if uri:
+            check_interactions_input(uri, cfg.task)
+    if cfg.template is None and cfg.init_prompts:  # the prompts it starts from were trained under theirs
+        cfg = cfg.model_copy(update={"template": read_store_meta(cfg.init_prompts).template})
+    meta = store_meta(cfg.model.path, cfg.task, cfg.template, cfg.prompt_length, "prompts")  # its config only
+    cfg = _check_inits(cfg, meta)
     init_ray(cfg.ray, cfg.storage)
     t0 = time.time()
     train_ds, train_rows = load_interactions(cfg.data.train, cfg.task)
     datasets = {"train": train_ds}
     if cfg.data.valid:
         datasets["valid"], _ = load_interactions(cfg.data.valid, cfg.task)
-    if cfg.template is None and cfg.init_prompts:  # the prompts it starts from were trained under theirs
-        cfg = cfg.model_copy(update={"template": read_store_meta(cfg.init_prompts).template})
-    meta = store_meta(cfg.model.path, cfg.task, cfg.template, cfg.prompt_length, "prompts")
-    cfg = _check_inits(cfg, meta)
     world = cfg.scaling.num_workers
     say(
         f"prompts: {train_rows:,} training rows on {cfg.model.path} (d={meta.hidden_size}), "

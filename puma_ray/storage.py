@@ -264,12 +264,17 @@ def parquet_files(uri: str) -> list[str]:
     return [uri] if uri.endswith(".parquet") else list_files(uri, ".parquet")
 
 
-def parquet_rows(uri: str) -> int:
-    """Rows of the Parquet file(s) at ``uri`` (a file or a directory), from their footers (read by
-    up to 16 threads: on S3 each is a request)."""
+def parquet_footers(uri: str) -> list[tuple[str, pq.FileMetaData]]:
+    """(file, footer) of each Parquet file at ``uri`` (a file or a directory), read by up to 16
+    threads (on S3 each is a request); a truncated or corrupt file is a one-line PumaError naming it."""
     files = parquet_files(uri)
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(files)))) as pool:
-        return sum(pool.map(lambda f: parquet_file(f).metadata.num_rows, files))
+        return list(zip(files, pool.map(lambda f: parquet_file(f).metadata, files)))
+
+
+def parquet_rows(uri: str) -> int:
+    """Rows of the Parquet file(s) at ``uri`` (a file or a directory), from their footers."""
+    return sum(md.num_rows for _, md in parquet_footers(uri))
 
 
 def write_table(uri: str, table: pa.Table) -> None:

@@ -39,7 +39,7 @@ from puma_ray import outputs, storage
 from puma_ray.config import MigrateConfig, TuneConfig, build, deep_merge, nest
 from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
-from puma_ray.pipeline import migrate_inputs, migrate_step
+from puma_ray.pipeline import check_migrate_inputs, migrate_inputs, migrate_step
 from puma_ray.profile import profile_users
 from puma_ray.runtime import configure_ray_data, init_ray
 from puma_ray.tune_report import summarize, trial_row
@@ -263,6 +263,7 @@ def tune(cfg: TuneConfig, callbacks: tuple = ()) -> dict:
     storage.set_s3_endpoint(cfg.base.storage.s3_endpoint)
     outputs.check_output(cfg.output, "tune", inputs, cfg.output_mode == "overwrite")
     outputs.check_overlap(storage.join(cfg.storage_path, cfg.name), inputs, what="the experiment directory")
+    check_migrate_inputs(cfg.base)
     init_ray(cfg.base.ray, cfg.base.storage)
     # Tune's newer console output prints its own tables even at verbose=0; the search's story is
     # TrialEvents' lines (the legacy output at verbose=0 prints nothing)

@@ -1,6 +1,7 @@
 """Templates: built-in ids and the user's own text, checked when a config loads; prompt stores record
 the template's text hash; prompts trained under one template are refused under another unless told."""
 
+import pyarrow as pa
 import pytest
 
 from puma_ray import config as C
@@ -10,6 +11,7 @@ from puma_ray.llm import store_meta
 from puma_ray.pipeline import migrate
 from puma_ray.schema import StoreMeta, read_store_meta, write_prompt_store
 from puma_ray.stage1 import train_prompts
+from puma_ray.storage import write_table
 
 OWN = "Item: <ItemTitle> . User: <UserID> . Rating 1-5? Answer:"
 
@@ -72,7 +74,14 @@ def _store(path, template: str) -> str:
 def test_migrate_refuses_another_template_before_any_work(tmp_path, monkeypatch):
     """Refused from the store footers, before Ray starts; allow_template_change lets it through."""
     src = _store(tmp_path / "src", "rating_item_first")
-    base = {"model": {"path": "m"}, "sources": [src], "data": {"train": "t"}, "output": str(tmp_path / "o")}
+    rows = {"user_id": ["u1", "u2"], "item_id": ["i1", "i2"], "label": [3.0, 4.0], "item_text": ["a", "b"]}
+    write_table(str(tmp_path / "t" / "part-0.parquet"), pa.table(rows))  # its footers are read before Ray
+    base = {
+        "model": {"path": "m"},
+        "sources": [src],
+        "data": {"train": str(tmp_path / "t")},
+        "output": str(tmp_path / "o"),
+    }
     cfg = C.build(C.MigrateConfig, {**base, "template": "rating_v1", "evaluate": False})
     monkeypatch.setattr("puma_ray.pipeline.init_ray", lambda *a: pytest.fail("Ray started"))
     with pytest.raises(
