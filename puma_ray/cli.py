@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="quickstart_out", help="output directory (default ./quickstart_out)")
     q.add_argument("--task", choices=["rating", "ctr"], default="rating")
     q.add_argument(
-        "--users", type=int, default=None, help="users (default: 2000 synthetic; --models real: about 80 MovieLens)"
+        "--users", type=int, default=None, help="users (default: 2000 synthetic; --models real: about 70 MovieLens)"
     )
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default 3; --models real: 2)")

@@ -44,11 +44,11 @@ DEFAULTS = {
 
 # `--models real`: SmolLM2-135M -> Gemma-3-270M (real pretrained LMs, full depth, imported once into
 # the model cache) on a hashed subset of MovieLens-100k users (from the recbole wheel), with the
-# item-first template: on 2 CPU cores a row costs the few tokens after the user's slot. 80 users keep
-# the story within ~15 minutes on 2 cores (150 users took 29 minutes, 2026-12-04); at this size the
-# table shows the pipeline on real models, not PUMA's quality (benchmarks/RESULTS.md: all 932 users).
+# item-first template: on 2 CPU cores a row costs the few tokens after the user's slot. 70 users keep
+# the story within ~15 minutes on 2 cores (150 users took 29 minutes, 80 users 16.7, 2026-12-04); at
+# this size the table shows the pipeline on real models, not PUMA's quality (benchmarks/RESULTS.md).
 REAL = {
-    "users": 80,
+    "users": 70,
     "source": "smollm2-135m",
     "target": "gemma3-270m",
     "template": "rating_item_first",
