@@ -159,4 +159,4 @@ def test_cli_help_loads_no_torch(argv):
 
 def test_probe_sees_torch():
     """The probe above can fail: a heavy module shows up in its answer."""
-    assert "torch" in heavy_after("import puma_ray.heads")
+    assert "torch" in heavy_after("import puma_ray.weights")
