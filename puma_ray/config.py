@@ -30,6 +30,10 @@ Strategy = Literal[
     "ffn_kmeans",
     "ffn_kmeans_variance",
 ]
+# Strategies that run the source model (puma_ray.signals): its head and LM on the training rows
+# (loss), or its LM on the prompts (FFN activations).
+NEEDS_LOSS = ("loss_buckets", "kmeans_loss")
+NEEDS_SOURCE_MODEL = (*NEEDS_LOSS, "ffn_kmeans", "ffn_kmeans_variance")
 # Public data formats `puma-ray data import` reads: one module each in puma_ray.datasets.
 ImportFormat = Literal["movielens", "recbole", "amazon2023", "yelp", "mind"]
 # Baselines scored beside every method (puma_ray.baselines).

@@ -12,7 +12,7 @@ import time
 
 from puma_ray import outputs, storage, templates
 from puma_ray.adapter import save_adapter
-from puma_ray.config import EvaluateConfig, MigrateConfig, build
+from puma_ray.config import NEEDS_SOURCE_MODEL, EvaluateConfig, MigrateConfig, build
 from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.evaluate import evaluate
@@ -22,7 +22,7 @@ from puma_ray.profile import profile_users
 from puma_ray.rewrite import rewrite_store
 from puma_ray.runtime import init_ray
 from puma_ray.schema import check_interactions_input, read_store_meta, store_user_ids
-from puma_ray.select import NEEDS_SOURCE_MODEL, read_selected, select_users
+from puma_ray.select import read_selected, select_users
 from puma_ray.signals import check_source_model
 from puma_ray.sources import join_sources, source_metas
 from puma_ray.stage2 import train_adapter

@@ -39,7 +39,7 @@ from sklearn.decomposition import PCA
 from sklearn.pipeline import make_pipeline
 
 from puma_ray import storage
-from puma_ray.config import ScoringConfig, SelectConfig, Strategy, check_budget
+from puma_ray.config import NEEDS_LOSS, NEEDS_SOURCE_MODEL, ScoringConfig, SelectConfig, Strategy, check_budget
 from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.schema import decode_prompts, read_store_meta, store_user_ids
@@ -82,11 +82,6 @@ class Candidates:
 
         return cls(var, clusters, source_loss)
 
-
-# Strategies that run the source model (puma_ray.signals): its head and LM on the training rows
-# (loss), or its LM on the prompts (FFN activations).
-NEEDS_LOSS = ("loss_buckets", "kmeans_loss")
-NEEDS_SOURCE_MODEL = (*NEEDS_LOSS, "ffn_kmeans", "ffn_kmeans_variance")
 
 StrategyFn = Callable[[Candidates, int, SelectConfig, np.random.Generator], tuple[np.ndarray, dict]]
 STRATEGIES: dict[str, StrategyFn] = {}

@@ -6,12 +6,11 @@ import pyarrow as pa
 import pytest
 
 from puma_ray import storage
-from puma_ray.config import MigrateConfig, SelectConfig, Strategy, build, load
+from puma_ray.config import NEEDS_SOURCE_MODEL, MigrateConfig, SelectConfig, Strategy, build, load
 from puma_ray.errors import PumaError
 from puma_ray.profile import PROFILE_SCHEMA
 from puma_ray.schema import StoreMeta, write_prompt_store
 from puma_ray.select import (
-    NEEDS_SOURCE_MODEL,
     STRATEGIES,
     Candidates,
     apportion,
