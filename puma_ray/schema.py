@@ -207,16 +207,20 @@ def prompt_table(meta: StoreMeta, user_ids: list[str] | np.ndarray, prompts: np.
 
 def check_prompt_values(uri: str, meta: StoreMeta, table: pa.Table) -> np.ndarray:
     """Shape, finiteness and id-uniqueness of a prompt table. Returns prompts as (N, l*d) float32."""
-    typ = table.schema.field("prompt").type
+    check_prompt_column(uri, meta, table.schema.field("prompt").type)
+    if table.num_rows == 0:
+        raise PumaError(f"{uri}: empty prompt store (0 users)")
+    check_user_ids(uri, table.column("user_id"))
+    return decode_prompts(table, meta.width, where=uri)
+
+
+def check_prompt_column(uri: str, meta: StoreMeta, typ: pa.DataType) -> None:
+    """A prompt column's type is fixed_size_list[l*d] as the store's metadata says; else one line."""
     if not pa.types.is_fixed_size_list(typ) or typ.list_size != meta.width:
         raise PumaError(
             f"{uri}: prompt column is {typ}, expected fixed_size_list<float32>[{meta.width}] "
             f"(l={meta.prompt_length} x d={meta.hidden_size})"
         )
-    if table.num_rows == 0:
-        raise PumaError(f"{uri}: empty prompt store (0 users)")
-    check_user_ids(uri, table.column("user_id"))
-    return decode_prompts(table, meta.width, where=uri)
 
 
 def check_user_ids(uri: str, ids: pa.Array | pa.ChunkedArray) -> None:
@@ -286,11 +290,7 @@ def check_store_input(uri: str) -> StoreMeta:
     typ = schema.field("prompt").type if "prompt" in schema.names else None
     if "user_id" not in schema.names or typ is None or not pa.types.is_fixed_size_list(typ):
         raise PumaError(f"{uri}: not a prompt store (columns {schema.names}; expected user_id and prompt)")
-    if typ.list_size != meta.width:
-        raise PumaError(
-            f"{uri}: prompt column is {typ}, expected fixed_size_list<float32>[{meta.width}] "
-            f"(l={meta.prompt_length} x d={meta.hidden_size})"
-        )
+    check_prompt_column(uri, meta, typ)
     footers = storage.parquet_footers(uri)
     if sum(md.num_rows for _, md in footers) == 0:
         raise PumaError(f"{uri}: empty prompt store (0 users)")
