@@ -43,13 +43,10 @@ def load_interactions(
     ``blocks``: read blocks (Ray's default: at least 200, for parallelism; a cheap per-row pass
     wants fewer, e.g. one per file). ``concurrency``: at most this many read tasks at once (a map
     after it with the same :func:`task_pool` fuses with the read; ``runtime.task_concurrency``)."""
-    schema.check_interactions_schema(uri, storage.read_schema(uri))
+    rows = schema.check_interactions_input(uri, task)  # footers only (Dataset.count() would run a pass)
     kwargs = {"columns": columns} if columns else {}
     if blocks:
         kwargs["override_num_blocks"] = blocks
-    rows = storage.parquet_rows(uri)  # footers only (Dataset.count() would run a pass over the files)
-    if rows == 0:
-        raise PumaError(f"{uri}: empty input (0 interactions)")
     ds = storage.ray_read_parquet(uri, concurrency=concurrency, **kwargs)
     check = functools.partial(_checked, uri=uri, task=task)
     return ds.map_batches(check, batch_format="pyarrow", compute=task_pool(concurrency)), rows
