@@ -83,11 +83,12 @@ def test_a_late_item_from_a_closed_relay_is_dropped(capsys, ray_session):
 
 
 def test_a_mistake_found_in_a_ray_data_task_is_one_line(tmp_path, ray_session):
-    """`puma-ray evaluate` on held-out rows with a rating of 7: Ray Data's task raises, and the console
+    """`puma-ray evaluate` on held-out rows with a NaN rating (in no Parquet statistic, so only Ray Data's
+    pass over the rows finds it): Ray Data's task raises, and the console
     shows the one-line error only; Ray Data's ERROR lines (streaming_executor_state's, the stack-trace
     hint) are in the log file named at the start. The command joins this session's Ray (RAY_ADDRESS)
     instead of starting its own."""
-    for split, labels in (("train", [1.0, 2.0, 3.0, 4.0]), ("valid", [1.0, 7.0, 3.0, 4.0])):
+    for split, labels in (("train", [1.0, 2.0, 3.0, 4.0]), ("valid", [1.0, float("nan"), 3.0, 4.0])):
         (tmp_path / split).mkdir()
         rows = {
             "user_id": ["u0", "u0", "u1", "u1"],
@@ -103,7 +104,7 @@ def test_a_mistake_found_in_a_ray_data_task_is_one_line(tmp_path, ray_session):
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     lines = (r.stdout + r.stderr).splitlines()
     assert r.returncode == 2, r.stderr[-3000:]
-    assert lines[-1] == f"error: {data['valid']}: 1 label(s) outside the rating range 1..5, e.g. [7.0]"
+    assert lines[-1] == f"error: {data['valid']}: 1 label(s) outside the rating range 1..5, e.g. [nan]"
     assert [line for line in lines if "ERROR" in line or "Traceback" in line] == [], r.stderr
     assert [line for line in lines if line.startswith("error: ")] == lines[-1:]
     log = re.search(r"Ray's own messages in (\S+);", r.stderr).group(1)
