@@ -21,5 +21,6 @@ LIGHT_MODULES = (
     "puma_ray.profile",
     "puma_ray.select",
     "puma_ray.datasets.synthetic",
+    "puma_ray.report",
     "puma_ray.cli",
 )

