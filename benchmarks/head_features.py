@@ -17,9 +17,10 @@ import os
 from puma_ray import config as C
 from puma_ray import storage
 from puma_ray.datasets.synthetic import synthesize
-from puma_ray.evaluate import evaluate, format_table
+from puma_ray.evaluate import evaluate
 from puma_ray.models import build_tiny
 from puma_ray.quickstart import DEFAULTS
+from puma_ray.report import format_table
 from puma_ray.stage1 import train_prompts
 
 

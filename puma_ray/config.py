@@ -7,10 +7,11 @@ and rebuild them, so nothing reaches a worker through module globals.
 from __future__ import annotations
 
 import numbers
-from typing import Literal, Optional, TypeVar, Union
+import os
+from typing import Annotated, Literal, Optional, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from puma_ray import storage, templates
 from puma_ray.errors import PumaError
@@ -82,12 +83,23 @@ def check_budget(budget):
     )
 
 
+def _model_path(path: str) -> str:
+    """A model id, or a local model directory made absolute (as every storage URI: puma_ray.storage.absolute)."""
+    return os.path.abspath(os.path.expanduser(path)) if os.path.exists(os.path.expanduser(path)) else path
+
+
+# Storage URIs of a config: a local path is made absolute when the config is built, so that Ray
+# workers, which run in other working directories, read and write where the user meant.
+Uri = Annotated[str, AfterValidator(storage.absolute)]
+ModelPath = Annotated[str, AfterValidator(_model_path)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(Strict):
-    path: str = Field(description="Hugging Face model id or local directory, loaded with from_pretrained")
+    path: ModelPath = Field(description="Hugging Face model id or local directory, loaded with from_pretrained")
     dtype: Dtype = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     prefix_cache_mb: float = Field(
@@ -158,6 +170,49 @@ class TrainConfig(Strict):
 MIGRATE_TRAIN = TrainConfig(epochs=4, lr=1e-4, batch_size=32, min_steps=MIGRATE_MIN_STEPS)
 
 
+# The gated retrain's `train:` (the flagged users' prompts, from their migrated values under the
+# migrated head, which stays as it is): stage 1's recipe of the quickstart, head frozen.
+GATE_TRAIN = TrainConfig(epochs=2, batch_size=128, lr=3e-3, prompt_lr=3e-2, head_lr=0.0)
+
+
+class GateConfig(Strict):
+    """The per-user gate (puma_ray.gate): a user with at least ``min_rows`` validation rows is flagged
+    when the migrated prompt's error under the target (per-user RMSE; ctr: mean log loss) exceeds the
+    reference's by more than ``max_regression``: absolute (error - reference) or relative (error /
+    reference - 1). Users with fewer rows are counted apart ("undecided"), never flagged."""
+
+    enabled: bool = Field(True, description="compute the per-user gate and statistics")
+    reference: str = Field(
+        "source",
+        description="source: the migration's source prompts under the source model (with several sources, the "
+        "first); or a baseline (user_mean, bias, global_mean) or a compared run's name",
+    )
+    mode: Literal["absolute", "relative"] = Field("relative", description="how the error change is measured")
+    max_regression: float = Field(
+        0.05, ge=0, allow_inf_nan=False, description="a user whose error rises by more than this is flagged"
+    )
+    min_rows: int = Field(3, ge=1, description="validation rows a user needs for a verdict")
+
+
+class MigrateGateConfig(GateConfig):
+    retrain: bool = Field(
+        False,
+        description="train the flagged users' prompts on the target (from their migrated prompts, head frozen) "
+        "and write OUTPUT/gated: the migrated store with them replaced",
+    )
+    train: TrainConfig = Field(GATE_TRAIN, description="the gated retrain's training (stage 1)")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_over_gate_defaults(cls, v):
+        """A partial ``train:`` keeps GATE_TRAIN's other settings (not stage 1's defaults)."""
+        return {**GATE_TRAIN.model_dump(), **v} if isinstance(v, dict) else v
+
+
+class EvaluateGateConfig(GateConfig):
+    run: str = Field("puma", description="the migrated run (a name in runs) whose users are gated; absent: no gate")
+
+
 class ScalingConfig(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -184,7 +239,9 @@ class StorageConfig(Strict):
 
 class RunConfig(Strict):
     name: str = "puma"
-    storage_path: str = Field("./runs", description="where Ray Train keeps checkpoints (path or s3://)")
+    storage_path: Uri = Field(
+        "./runs", validate_default=True, description="where Ray Train keeps checkpoints (path or s3://)"
+    )
     max_failures: int = Field(
         0,
         ge=-1,
@@ -193,8 +250,8 @@ class RunConfig(Strict):
 
 
 class DataConfig(Strict):
-    train: str
-    valid: Optional[str] = None
+    train: Uri
+    valid: Optional[Uri] = None
 
 
 class PromptsConfig(Templated):
@@ -203,7 +260,7 @@ class PromptsConfig(Templated):
     task: Task = "rating"
     model: ModelConfig
     data: DataConfig
-    output: str = Field(description="URI: prompts/ (store), head.safetensors, head.json, summary.json")
+    output: Uri = Field(description="URI: prompts/ (store), head.safetensors, head.json, summary.json")
     output_mode: OutputMode = output_mode_field()
     prompt_length: int = Field(1, ge=1)
     template: Optional[str] = Field(None, description=TEMPLATE_HELP + " (or init_prompts' template)")
@@ -211,15 +268,20 @@ class PromptsConfig(Templated):
         False, description="use init_prompts trained under another template than this run's"
     )
     head: HeadConfig = HeadConfig()
-    init_head: Optional[str] = Field(
+    init_head: Optional[Uri] = Field(
         None,
         description="a run directory whose head (head.safetensors/json, made for this model) training starts from; "
         "with train.head_lr=0 it stays fixed: users who arrive after a migration, trained on the migrated head",
     )
-    init_prompts: Optional[str] = Field(
+    init_prompts: Optional[Uri] = Field(
         None,
         description="a prompt store (made for this model) whose prompts its users start from; the others start "
         "uniform (e.g. `puma-ray prompts coldstart`'s cluster centroids)",
+    )
+    users: Optional[Uri] = Field(
+        None,
+        description="a Parquet file or directory with a user_id column (e.g. a migration's gate/flagged): train "
+        "only these users' prompts (their training and validation rows); the store holds them alone",
     )
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
@@ -254,10 +316,10 @@ class ColdStartConfig(Strict):
     prompts) under which the migrated model's loss on the user's interactions is lowest."""
 
     task: Task = "rating"
-    run: str = Field(description="the migrated run directory (prompts/ + head.*)")
+    run: Uri = Field(description="the migrated run directory (prompts/ + head.*)")
     model: Optional[ModelConfig] = Field(None, description="the target LM (default: the model the store records)")
     data: DataConfig = Field(description="train: the new users' interactions (valid is not read)")
-    output: str = Field(description="URI: a run directory: prompts/ (the new users only), head.*, summary.json")
+    output: Uri = Field(description="URI: a run directory: prompts/ (the new users only), head.*, summary.json")
     output_mode: OutputMode = output_mode_field()
     clusters: int = Field(15, ge=1)
     kmeans_sample: int = Field(100_000, ge=1, description="K-means is fit on at most this many migrated prompts")
@@ -275,8 +337,8 @@ class EvaluateConfig(Strict):
         None, description="model for every run (default: the model each store records)"
     )
     data: DataConfig = Field(description="train (for mean baselines) and valid (scored)")
-    runs: dict[str, str] = Field(default_factory=dict, description="method name -> output URI of a prompts/migrate run")
-    subsets: dict[str, str] = Field(
+    runs: dict[str, Uri] = Field(default_factory=dict, description="method name -> output URI of a prompts/migrate run")
+    subsets: dict[str, Uri] = Field(
         default_factory=dict,
         description="name -> Parquet URI with user_id: metrics also "
         "reported for users inside (<metric>_in_<name>) and outside (<metric>_out_<name>)",
@@ -285,8 +347,12 @@ class EvaluateConfig(Strict):
     bias_sweeps: int = Field(2, ge=1, description="bias baseline: alternating least-squares sweeps")
     bias_reg_user: float = Field(15.0, ge=0, description="bias baseline: shrinkage of the user offsets")
     bias_reg_item: float = Field(10.0, ge=0, description="bias baseline: shrinkage of the item offsets")
-    output: Optional[str] = Field(None, description="URI of the JSON report")
+    output: Optional[Uri] = Field(None, description="URI of the JSON report")
     output_mode: OutputMode = output_mode_field()
+    gate: EvaluateGateConfig = Field(
+        EvaluateGateConfig(),
+        description="per-user gate of a migrated run: writes RUN/gate/ and the report's per-user part",
+    )
     scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
@@ -395,10 +461,10 @@ class MigrateConfig(Templated):
 
     task: Task = "rating"
     model: ModelConfig = Field(description="the TARGET model")
-    sources: list[str] = Field(min_length=1, description="source prompt store URIs (several = aggregate)")
+    sources: list[Uri] = Field(min_length=1, description="source prompt store URIs (several = aggregate)")
     chain: list[ModelConfig] = Field(default_factory=list, description="intermediate models of a chained migration")
     data: DataConfig
-    output: str = Field(
+    output: Uri = Field(
         description="URI: profile/, selection/, adapter/, prompts/ (target store), manifest.json, head, report"
     )
     output_mode: OutputMode = output_mode_field()
@@ -414,11 +480,12 @@ class MigrateConfig(Templated):
     validation: ValidationConfig = ValidationConfig()
     scaling: ScalingConfig = ScalingConfig()
     rewrite: RewriteConfig = RewriteConfig()
-    compare: dict[str, str] = Field(
+    compare: dict[str, Uri] = Field(
         default_factory=dict, description="name -> run URI scored beside PUMA (full_retrain, ...)"
     )
     baselines: list[Baseline] = Field(["global_mean", "user_mean", "bias"], description="scored beside PUMA")
     evaluate: bool = True
+    gate: MigrateGateConfig = MigrateGateConfig()
     scoring: ScoringConfig = ScoringConfig()
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
@@ -435,9 +502,9 @@ class RewriteJobConfig(Templated):
     """``puma-ray rewrite``: apply a trained adapter to EVERY prompt of the source store(s)."""
 
     model: ModelConfig = Field(description="the TARGET model (for its fingerprint; weights are not loaded)")
-    sources: list[str] = Field(min_length=1)
-    adapter: str = Field(description="URI of the directory holding adapter.safetensors + adapter.json")
-    output: str = Field(description="URI: prompts/ (target store) + manifest.json")
+    sources: list[Uri] = Field(min_length=1)
+    adapter: Uri = Field(description="URI of the directory holding adapter.safetensors + adapter.json")
+    output: Uri = Field(description="URI: prompts/ (target store) + manifest.json")
     output_mode: OutputMode = output_mode_field()
     template: Optional[str] = Field(None, description="the output store's template (default: the adapter's)")
     allow_template_change: bool = Field(False, description="record another template than the adapter's")
@@ -495,13 +562,15 @@ class TuneConfig(Strict):
         "tasks); counted when deriving max_concurrent",
     )
     seed: Optional[int] = Field(None, description="seed of the random search (same seed, same trial values)")
-    output: str = Field(
+    output: Uri = Field(
         description="URI: trials/<id>/ (each trial's migration), results.json, pareto.json, pareto.md, "
         "frontier.png, best/"
     )
     output_mode: OutputMode = output_mode_field()
-    storage_path: str = Field(
-        "./runs/tune", description="where Ray Tune keeps the experiment; a rerun with the same name resumes it"
+    storage_path: Uri = Field(
+        "./runs/tune",
+        validate_default=True,
+        description="where Ray Tune keeps the experiment; a rerun with the same name resumes it",
     )
     name: str = Field("puma-tune", description="experiment name: the search lives at storage_path/name")
 

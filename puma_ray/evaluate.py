@@ -9,7 +9,9 @@ in one set of passes without collecting rows (puma_ray.metrics.run_metrics).
 
 from __future__ import annotations
 
+import posixpath
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -20,9 +22,11 @@ from puma_ray.baselines import BASELINES
 from puma_ray.config import EvaluateConfig, ModelConfig, ScoringConfig
 from puma_ray.data import column_mean, compact, distinct, join_on, load_interactions
 from puma_ray.errors import PumaError, user_errors
+from puma_ray.gate import per_user
 from puma_ray.heads import load_head
 from puma_ray.llm import FrozenLM, model_info, row_texts
 from puma_ray.metrics import as_run, report_metrics, tag_run
+from puma_ray.report import format_table
 from puma_ray.runtime import actor_device, actor_pool, actor_pool_size, init_ray
 from puma_ray.schema import decode_prompts, read_store_meta
 
@@ -190,30 +194,33 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         overwrite = cfg.output_mode == "overwrite"
         storage.set_s3_endpoint(cfg.storage.s3_endpoint)  # the check may read s3://
         outputs.check_output_file(cfg.output, "evaluate", inputs, overwrite, allow_inside=["runs"])
+    gate = plan_gate(cfg)  # before Ray starts
     init_ray(cfg.ray, cfg.storage)
     if not cfg.data.valid:
         raise PumaError("evaluate needs data.valid (the held-out interactions)")
     valid_ds, valid_rows = load_interactions(cfg.data.valid, cfg.task)
-    models = {name: run_model(cfg.model, uri) for name, uri in cfg.runs.items()}  # mismatches refused before any work
+    run_uris = {**cfg.runs, **(gate.extra if gate else {})}
+    models = {name: run_model(cfg.model, uri) for name, uri in run_uris.items()}  # mismatches refused before any work
     subsets = {
         name: storage.read_table(uri, columns=["user_id"]).column("user_id").combine_chunks().cast(pa.string())
         for name, uri in cfg.subsets.items()
     }
     valid_users = distinct(valid_ds, ["user_id"])
-    names = [*cfg.runs, *cfg.baselines]
+    names = [*run_uris, *cfg.baselines]
     rows_of = f"{valid_rows:,} valid rows of {valid_users:,} users"
     console.say(f"evaluate: {len(names)} method(s) ({console.listing(names)}) on {rows_of}")
     scored, scoring_s = [], 0.0
-    if cfg.runs:
+    if run_uris:
         t0 = time.time()
         with console.Relay() as relay:
-            runs = {name: {"uri": uri, "model": models[name]} for name, uri in cfg.runs.items()}
-            label = "evaluate: scoring " + console.listing(cfg.runs)
+            runs = {name: {"uri": uri, "model": models[name]} for name, uri in run_uris.items()}
+            label = "evaluate: scoring " + console.listing(run_uris)
             scored.append(score_runs(runs, cfg.task, valid_ds, valid_rows, cfg.scoring, relay.handle, label))
         scoring_s = time.time() - t0
         scored[0] = scored[0].map_batches(as_run, batch_format="pyarrow").materialize()
-    if cfg.baselines:
+    if cfg.baselines or cfg.gate.enabled:
         train_ds, train_rows = load_interactions(cfg.data.train, cfg.task)
+    if cfg.baselines:
         mu = column_mean(train_ds, "label")
         for name in cfg.baselines:
             rows = BASELINES[name](train_ds, train_rows, valid_ds, valid_rows, mu, cfg.task, cfg)
@@ -227,9 +234,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         m = measured.get(name, {"rows": 0, "users": 0})
         if m["rows"] == 0:
             raise PumaError(
-                f"{cfg.runs.get(name, name)}: no valid row could be scored (no user of {cfg.data.valid} has a prompt)"
+                f"{run_uris.get(name, name)}: no valid row could be scored (no user of {cfg.data.valid} has a prompt)"
             )
-        summary_uri = storage.join(cfg.runs[name], "summary.json") if name in cfg.runs else None
+        summary_uri = storage.join(run_uris[name], "summary.json") if name in run_uris else None
         summary = storage.read_json(summary_uri) if summary_uri and storage.exists(summary_uri) else {}
         results[name] = {
             **{k: v for k, v in m.items() if k not in ("rows", "users")},
@@ -243,28 +250,88 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "task": cfg.task,
         "valid": cfg.data.valid,
         "methods": results,
-        "timings": {"wall_s": time.time() - t_start, "loop_s": scoring_s},  # loop: the runs' scoring pass
     }
+    if cfg.gate.enabled and every is not None:  # every method's error by user activity, and the gate
+        plan = (gate.run, gate.reference, cfg.gate, gate.out) if gate else None
+        report.update(per_user(cfg.task, every, train_ds.select_columns(["user_id"]), plan))
+    report["timings"] = {"wall_s": time.time() - t_start, "loop_s": scoring_s}  # loop: the runs' scoring pass
     print(format_table(report))
+    if "gate" in report:
+        console.say(gate_line(report["gate"]))
     if cfg.output:
         storage.write_json(cfg.output, outputs.stamp(report, "evaluate", cfg))
     return report
 
 
-def format_table(report: dict) -> str:
-    """A Markdown table of a report (methods x metrics + cost); subset columns when present."""
-    task = report["task"]
-    cols = ["rmse", "mae"] if task == "rating" else ["auc", "uauc"]
-    methods = report["methods"]
-    subs = sorted({k[len(cols[0]) + 4 :] for m in methods.values() for k in m if k.startswith(f"{cols[0]}_in_")})
-    extra = [f"{cols[0]}_{side}_{sub}" for sub in subs for side in ("in", "out")]
-    head = [c.upper() for c in cols] + [f"{cols[0].upper()} {side} {sub}" for sub in subs for side in ("in", "out")]
-    lines = [
-        f"| method | {' | '.join(head)} | LM sample-passes | wall s | unknown rows |",
-        "|---|" + "---:|" * (len(head) + 3),
-    ]
-    for name, m in methods.items():
-        vals = " | ".join(f"{m[c]:.4f}" if c in m else "" for c in cols + extra)
-        cost = f"{int(m.get('lm_sample_passes', 0)):,} | {m.get('wall_s', 0):.1f} | {m.get('unknown_rows', 0)}"
-        lines.append(f"| {name} | {vals} | {cost} |")
-    return "\n".join(lines)
+@dataclass
+class GatePlan:
+    """What the gate of an evaluation compares: ``run``'s users against ``reference`` (a method of the
+    evaluation); ``extra``: runs to score for it beside ``cfg.runs`` (the migration's source run);
+    ``out``: where its per-user tables go (RUN/gate)."""
+
+    run: str
+    reference: str
+    extra: dict[str, str]
+    out: str
+
+
+def plan_gate(cfg: EvaluateConfig) -> GatePlan | None:
+    """The gate of ``cfg`` (None: off, or no run named ``gate.run``), checked before any work: the
+    reference is a run, a baseline of this evaluation, or "source" (the gated migration's first
+    source store, scored as the run it lies in: RUN/prompts + RUN/head.*); GATE is absent, empty or
+    an earlier gate (its gate.json) unless ``output_mode: overwrite``. One line otherwise."""
+    g = cfg.gate
+    if not g.enabled or (g.run not in cfg.runs and "run" not in g.model_fields_set):
+        return None
+    if g.run not in cfg.runs:
+        raise PumaError(f"gate.run {g.run!r} is not one of the runs ({console.listing(cfg.runs)})")
+    extra = {}
+    if g.reference == g.run:
+        raise PumaError(f"gate.reference {g.reference!r} is the gated run itself")
+    if g.reference not in (*cfg.runs, *cfg.baselines):
+        if g.reference != "source":
+            methods = console.listing([*cfg.runs, *cfg.baselines])
+            raise PumaError(
+                f"gate.reference {g.reference!r} is not 'source' nor a method of this evaluation ({methods})"
+            )
+        extra["source"] = source_run(cfg.runs[g.run])
+    out = storage.join(cfg.runs[g.run], "gate")
+    if (
+        storage.list_files(out)
+        and not storage.exists(storage.join(out, "gate.json"))
+        and cfg.output_mode != "overwrite"
+    ):
+        raise PumaError(f"{out}: not empty and holds no gate; move it away, or {outputs.OVERWRITE_HINT}")
+    return GatePlan(g.run, g.reference, extra, out)
+
+
+def source_run(run_uri: str) -> str:
+    """The run directory of a migrated run's (first) source store: the gate's reference "source"."""
+    summary_uri = storage.join(run_uri, "summary.json")
+    summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
+    if summary.get("stage") != "migrate":
+        raise PumaError(f"{run_uri}: gate.reference=source needs a migrated run (its summary.json names its sources)")
+    store = (summary.get("origin") or summary["sources"])[0]
+    run = store_run(store)
+    if run is None:
+        raise PumaError(
+            f"{store}: gate.reference=source scores the source store as a run (RUN/prompts beside "
+            "RUN/head.safetensors); this one is not; set gate.reference to a baseline (user_mean) or a compared run"
+        )
+    return run
+
+
+def store_run(store: str) -> str | None:
+    """The run a prompt store belongs to (RUN for RUN/prompts with RUN/head.safetensors beside it), else None."""
+    parent, name = posixpath.split(store.rstrip("/"))
+    return parent if name == "prompts" and storage.exists(storage.join(parent, "head.safetensors")) else None
+
+
+def gate_line(gate: dict) -> str:
+    """The gate's verdict in one console line."""
+    how = f"{gate['max_regression']:.0%}" if gate["mode"] == "relative" else f"{gate['max_regression']:g}"
+    return (
+        f"gate: {gate['flagged']:,} of {gate['judged']:,} users ({gate['flagged_share']:.1%}) worse than "
+        f"{gate['reference']} by more than {how} {gate['metric'].upper()}; {gate['undecided']:,} undecided "
+        f"(< {gate['min_rows']} validation rows) -> {storage.join(gate['uri'], 'flagged')}"
+    )

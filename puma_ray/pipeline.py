@@ -12,13 +12,15 @@ import time
 
 from puma_ray import outputs, storage, templates
 from puma_ray.adapter import save_adapter
-from puma_ray.config import NEEDS_SOURCE_MODEL, EvaluateConfig, MigrateConfig, build
+from puma_ray.config import NEEDS_SOURCE_MODEL, EvaluateConfig, MigrateConfig, MigrateGateConfig, build
 from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
-from puma_ray.evaluate import evaluate
+from puma_ray.evaluate import evaluate, store_run
 from puma_ray.heads import save_head
 from puma_ray.llm import store_meta
 from puma_ray.profile import profile_users
+from puma_ray.report import format_table, write_report
+from puma_ray.retrain import retrain_flagged
 from puma_ray.rewrite import rewrite_store
 from puma_ray.runtime import init_ray
 from puma_ray.schema import check_interactions_input, read_store_meta, store_user_ids
@@ -159,7 +161,10 @@ def migrate(cfg: MigrateConfig) -> dict:
     check_migrate_output(cfg)  # before Ray starts and before anything is deleted
     if cfg.evaluate and not cfg.data.valid:
         raise PumaError("migrate needs data.valid to evaluate (or set evaluate=false)")
+    if cfg.gate.retrain and not (cfg.evaluate and cfg.gate.enabled):
+        raise PumaError("gate.retrain retrains the users the gate flags: it needs evaluate=true and gate.enabled=true")
     check_migrate_inputs(cfg)
+    cfg = cfg.model_copy(update={"gate": gate_reference(cfg)})
     cfg = cfg.model_copy(update={"template": target_template(cfg)})
     init_ray(cfg.ray, cfg.storage)
     t0 = time.time()
@@ -188,7 +193,8 @@ def migrate(cfg: MigrateConfig) -> dict:
                 for s in summaries
             ],
         )
-        storage.write_json(storage.join(cfg.output, "summary.json"), final)
+    summaries[-1]["origin"] = cfg.sources  # the gate's reference "source" (a chain's first step's)
+    storage.write_json(storage.join(cfg.output, "summary.json"), summaries[-1])
     report = {"summary": summaries[-1]}
     if cfg.evaluate:
         ev = build(
@@ -201,10 +207,42 @@ def migrate(cfg: MigrateConfig) -> dict:
                 "subsets": {"adapter_users": storage.join(cfg.output, "selection", "selected.parquet")},
                 "output": storage.join(cfg.output, "evaluation.json"),
                 "output_mode": cfg.output_mode,
+                "gate": cfg.gate.model_dump(exclude={"retrain", "train"}),
                 "ray": cfg.ray.model_dump(),
                 "storage": cfg.storage.model_dump(),
                 "scoring": cfg.scoring.model_dump(),
             },
         )
-        report["evaluation"] = evaluate(ev)
+        evaluation = evaluate(ev)
+        if cfg.gate.retrain and "gate" in evaluation:
+            evaluation = retrain_flagged(cfg, evaluation, ev)
+            storage.write_json(ev.output, outputs.stamp(evaluation, "evaluate", ev))
+            print(format_table(evaluation))
+        write_report(evaluation, storage.join(cfg.output, "report"))
+        report["evaluation"] = evaluation
     return report
+
+
+def gate_reference(cfg: MigrateConfig) -> MigrateGateConfig:
+    """The gate as it will run, checked before any work. An explicit ``gate.reference`` must be "source"
+    (with the first source store a run: RUN/prompts beside RUN/head.*), a compared run or a baseline: one
+    line otherwise. The default "source" without such a run gates against ``user_mean`` (said once), or
+    turns the gate off when user_mean is not evaluated either."""
+    gate = cfg.gate
+    if not (cfg.evaluate and gate.enabled) or gate.reference in (*cfg.compare, *cfg.baselines):
+        return gate
+    if gate.reference == "source" and store_run(cfg.sources[0]) is not None:
+        return gate
+    if "reference" in gate.model_fields_set:
+        if gate.reference == "source":
+            store_run_hint = f"{cfg.sources[0]} is not a run's prompts/ with its head beside it"
+            raise PumaError(
+                f"gate.reference=source: {store_run_hint}; set gate.reference to a baseline or compared run"
+            )
+        methods = ", ".join(["source", *cfg.compare, *cfg.baselines])
+        raise PumaError(f"gate.reference {gate.reference!r} is not a method this migration evaluates ({methods})")
+    if "user_mean" in cfg.baselines:
+        say(f"gate: {cfg.sources[0]} has no head beside it, so users are gated against user_mean")
+        return gate.model_copy(update={"reference": "user_mean"})
+    say(f"gate: off ({cfg.sources[0]} has no head beside it and user_mean is not evaluated)")
+    return gate.model_copy(update={"enabled": False})

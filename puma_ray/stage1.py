@@ -23,7 +23,7 @@ from torch import nn
 from puma_ray import outputs, storage, templates
 from puma_ray.config import HeadConfig, PromptsConfig, TrainConfig
 from puma_ray.console import say
-from puma_ray.data import load_interactions, shard_by_user
+from puma_ray.data import keep_users, load_interactions, shard_by_user
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import build_head, load_head, save_head
 from puma_ray.llm import FrozenLM, row_texts, store_meta
@@ -191,6 +191,18 @@ def _check_inits(cfg: PromptsConfig, meta: StoreMeta) -> PromptsConfig:
 COMMAND = "prompts train"
 
 
+def read_users(uri: str) -> pa.Array:
+    """The user ids of a ``users`` input (a Parquet file or directory with a user_id column), as strings,
+    each once; one line when it has none or lacks the column."""
+    if "user_id" not in storage.read_schema(uri).names:
+        raise PumaError(f"{uri}: users must be Parquet with a user_id column")
+    ids = storage.read_table(uri, columns=["user_id"]).column("user_id")
+    ids = pc.unique(ids.combine_chunks().cast(pa.string()).drop_null())
+    if len(ids) == 0:
+        raise PumaError(f"{uri}: users holds no user id")
+    return ids
+
+
 def check_run_output(cfg: PromptsConfig) -> None:
     """Refuse (one line) an output that overlaps an input, or a non-empty one ``prompts train`` did not
     write (unless ``output_mode: overwrite``): puma_ray.outputs."""
@@ -199,6 +211,7 @@ def check_run_output(cfg: PromptsConfig) -> None:
         "data.valid": cfg.data.valid,
         "init_head": cfg.init_head,
         "init_prompts": cfg.init_prompts,
+        "users": cfg.users,
         "model.path": outputs.local_model(cfg.model.path),
     }
     storage.set_s3_endpoint(cfg.storage.s3_endpoint)  # the checks may read s3://
@@ -219,18 +232,30 @@ def train_prompts(cfg: PromptsConfig, callbacks: tuple = ()) -> dict:
         cfg = cfg.model_copy(update={"template": read_store_meta(cfg.init_prompts).template})
     meta = store_meta(cfg.model.path, cfg.task, cfg.template, cfg.prompt_length, "prompts")  # its config only
     cfg = _check_inits(cfg, meta)
+    users = read_users(cfg.users) if cfg.users else None
     init_ray(cfg.ray, cfg.storage)
     t0 = time.time()
     train_ds, train_rows = load_interactions(cfg.data.train, cfg.task)
     datasets = {"train": train_ds}
     if cfg.data.valid:
         datasets["valid"], _ = load_interactions(cfg.data.valid, cfg.task)
+    if users is not None:  # only these users' rows, counted again
+        datasets = {
+            k: ds.map_batches(keep_users, fn_kwargs={"users": users}, batch_format="pyarrow").materialize()
+            for k, ds in datasets.items()
+        }
+        train_rows = datasets["train"].count()
+        if train_rows == 0:
+            raise PumaError(f"{cfg.data.train}: no training row of the {len(users):,} users of {cfg.users}")
     world = cfg.scaling.num_workers
+    only = f" of {len(users):,} users ({cfg.users})" if users is not None else ""
     say(
-        f"prompts: {train_rows:,} training rows on {cfg.model.path} (d={meta.hidden_size}), "
+        f"prompts: {train_rows:,} training rows{only} on {cfg.model.path} (d={meta.hidden_size}), "
         f"{cfg.train.epochs} epoch(s), users partitioned over {world} worker(s)"
     )
     key = {"train": cfg.data.train, "valid": cfg.data.valid, "task": cfg.task}
+    if users is not None:  # the shards hold only these users' rows
+        key["users"] = outputs.config_hash({"users": users.to_pylist()})
     shards = shard_by_user(datasets, world, storage.join(cfg.run.storage_path, f"{cfg.run.name}-shards"), key)
     store = storage.join(cfg.output, "prompts")
     outputs.mark_output(cfg.output, COMMAND, cfg)

@@ -90,6 +90,12 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (``~`` expanded); a URI with a scheme (s3://, file://) as given.
+    Configs apply it to every storage URI: Ray workers run in other working directories."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def _not_found(uri: str) -> PumaError:
     """'not found', or 'bucket ... does not exist' when it is the bucket that is missing (s3://)."""
     parsed = urlparse(uri)

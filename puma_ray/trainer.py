@@ -470,6 +470,10 @@ def fit(trainable: Trainable, callbacks: tuple = ()) -> Trained:
         raise PumaError(f"training run {cfg.run.name!r} finished without a checkpoint")
     model = weights.load_bytes(trainable.shared(), read_checkpoint_file(result.checkpoint, SHARED_FILE))
     state = json.loads(read_checkpoint_file(result.checkpoint, STATE_FILE))
+    if state["lm_sample_passes"] == 0:
+        raise PumaError(
+            f"training run {cfg.run.name!r}: no training row reached a worker ({trainable.name} trained on nothing)"
+        )
     return Trained(model.eval(), result.metrics, state["lm_sample_passes"], state["wall_s"], state["loop_s"])
 
 

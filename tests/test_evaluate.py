@@ -12,10 +12,11 @@ from puma_ray import config as C
 from puma_ray import storage
 from puma_ray.baselines import BASELINES
 from puma_ray.errors import PumaError
-from puma_ray.evaluate import evaluate, format_table
+from puma_ray.evaluate import evaluate
 from puma_ray.heads import build_head, save_head
 from puma_ray.llm import FrozenLM
 from puma_ray.metrics import run_metrics, sorted_auc
+from puma_ray.report import format_table
 from puma_ray.schema import StoreMeta, write_prompt_store
 
 

