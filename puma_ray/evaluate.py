@@ -279,9 +279,14 @@ def plan_gate(cfg: EvaluateConfig) -> GatePlan | None:
     """The gate of ``cfg`` (None: off, or no run named ``gate.run``), checked before any work: the
     reference is a run, a baseline of this evaluation, or "source" (the gated migration's first
     source store, scored as the run it lies in: RUN/prompts + RUN/head.*); GATE is absent, empty or
-    an earlier gate (its gate.json) unless ``output_mode: overwrite``. One line otherwise."""
+    an earlier gate (its gate.json) unless ``output_mode: overwrite``. One line otherwise. Left at
+    their defaults (gate.run and gate.reference not set), a run that is not a migration with a
+    source run is not gated."""
     g = cfg.gate
-    if not g.enabled or (g.run not in cfg.runs and "run" not in g.model_fields_set):
+    explicit = {"run", "reference"} & g.model_fields_set
+    if not g.enabled or (g.run not in cfg.runs and not explicit):
+        return None
+    if not explicit and g.reference not in (*cfg.runs, *cfg.baselines) and not has_source_run(cfg.runs[g.run]):
         return None
     if g.run not in cfg.runs:
         raise PumaError(f"gate.run {g.run!r} is not one of the runs ({console.listing(cfg.runs)})")
@@ -303,6 +308,15 @@ def plan_gate(cfg: EvaluateConfig) -> GatePlan | None:
     ):
         raise PumaError(f"{out}: not empty and holds no gate; move it away, or {outputs.OVERWRITE_HINT}")
     return GatePlan(g.run, g.reference, extra, out)
+
+
+def has_source_run(run_uri: str) -> bool:
+    """Whether ``run_uri`` is a migrated run whose (first) source store is a run's prompts/ (:func:`source_run`)."""
+    try:
+        source_run(run_uri)
+    except PumaError:
+        return False
+    return True
 
 
 def source_run(run_uri: str) -> str:

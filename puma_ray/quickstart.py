@@ -66,6 +66,7 @@ def quickstart(
     num_workers: int = 2,
     verbose: bool = False,
     models: str = "tiny",
+    retrain: bool = False,
 ) -> dict:
     """Entry: the data and the two models, then :func:`story` in ``out``. ``models="tiny"``:
     synthetic interactions and two tiny random-init LMs built here; ``"real"``: MovieLens-100k and
@@ -92,6 +93,8 @@ def quickstart(
         pair = built[DEFAULTS["source"]], built[DEFAULTS["target"]]
         train, template, migrate = DEFAULTS["train"], None, None
     train = dict(train, **({"epochs": epochs} if epochs else {}))
+    if retrain:  # the users the gate flags are retrained on the target ("puma_gated")
+        migrate = C.deep_merge(migrate or {}, {"gate": {"retrain": True}})
     results = story(out, data, *pair, task, seed, train, num_workers, verbose, template, migrate)
     results = {"users": users, "models": models, **results, "total_wall_s": time.time() - t0}
     storage.write_json(storage.join(out, "results.json"), results)
@@ -175,6 +178,7 @@ def story(
     )
     keep = ["rmse", "mae"] if task == "rating" else ["auc", "uauc"]
     order = ["puma", "full_retrain", "source", "random_init", "global_mean", "user_mean", "bias"]
+    order += [k for k in report["methods"] if k not in order]  # puma_gated, after a gated retrain
     return {
         "task": task,
         "seed": seed,
@@ -187,6 +191,7 @@ def story(
             for k in order
         },
         "puma_by_users": {k: v for k, v in report["methods"]["puma"].items() if "_adapter_users" in k},
+        "gate": {k: v for k, v in report.get("gate", {}).items() if k not in ("histogram", "uri")},
         # per stage: wall seconds and seconds inside its own loop (training epochs, rewrite, scoring)
         "timings": {k: {x: round(v, 1) for x, v in t.items()} for k, t in timings.items()},
     }

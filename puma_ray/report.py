@@ -265,12 +265,12 @@ def _cost_axis(ax, costs: list) -> dict:
 
 
 def _label_sides(points: list[tuple[str, float, float]]) -> dict[str, str]:
-    """Which side of its point each name is written on: points of about the same cost (half a decade)
+    """Which side of its point each name is written on: points of about the same cost (a decade)
     alternate left and right from the lowest up, so that close neighbours do not overwrite each other.
     The zero column writes to the right."""
     groups: dict = {}
     for name, y, x in points:
-        groups.setdefault(round(2 * math.log10(x)) if x > 0 else None, []).append((y, name))
+        groups.setdefault(round(math.log10(x)) if x > 0 else None, []).append((y, name))
     sides = {}
     for key, members in groups.items():
         for i, (_, name) in enumerate(sorted(members)):
@@ -349,7 +349,7 @@ def _retrain_line(report: dict) -> str | None:
         return None
     return (
         f"Retrained: the {r['users']} flagged users, as method {r['method']} (run `{r['run']}`), "
-        f"{r['lm_sample_passes']} LM sample-passes, {r['wall_s']:.1f} s."
+        f"{int(r['lm_sample_passes']):,} LM sample-passes, {r['wall_s']:.1f} s."
     )
 
 
@@ -360,9 +360,14 @@ def verdict(report: dict) -> str:
     if retrained in report["methods"]:
         metric = main_metric(report)
         m = report["methods"][retrained]
-        extra = report["retrain"]["lm_sample_passes"]
+        extra = int(report["retrain"]["lm_sample_passes"])
         lines.append(f"after retraining the flagged users: {retrained} {_label(metric)} {_f4(m.get(metric))}")
-        lines[-1] += f" (+{extra} LM sample-passes)."
+        lines[-1] += f" (+{extra:,} LM sample-passes)"
+        full = report["methods"].get("full_retrain")
+        if full and _finite(m.get(metric)) and _finite(full.get(metric)) and full.get("lm_sample_passes"):
+            share = (m.get("lm_sample_passes") or 0) / full["lm_sample_passes"]
+            lines[-1] += f": {m[metric] / full[metric]:.3f}x full_retrain at {100 * share:.0f}% of its LM sample-passes"
+        lines[-1] += "."
     return "\n".join(lines)
 
 

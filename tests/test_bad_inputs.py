@@ -93,6 +93,7 @@ def root(tmp_path_factory) -> Path:
     _parquet(root / "label7", _rows([*good[:-1], 7.0]))
     _parquet(root / "label_inf", _rows([*good[:-1], float("inf")]))
     _parquet(root / "label_nan", _rows([*good[:7], float("nan")]))
+    _parquet(root / "no_user", pa.table({"id": USERS}))
     _parquet(root / "ctr2", _rows([0.0, 1.0] * 9 + [1.0, 2.0], task="ctr"))
 
     rng = np.random.default_rng(0)
@@ -275,6 +276,26 @@ CASES = [
         "1 duplicate user_id row(s), e.g. ['u0']",
     ),
     Case("an infinite value in a source prompt", cfg("rewrite", "sources=[{D}/inf/prompts]"), "contain NaN or Inf"),
+    # the per-user gate and the report (issue 27)
+    Case(
+        "a negative gate threshold", cfg("migrate", "gate.max_regression=-0.1"), "gate.max_regression: Input should be"
+    ),
+    Case("a gate threshold that is not a number", cfg("migrate", "gate.max_regression=abc"), "gate.max_regression:"),
+    Case("a NaN gate threshold", cfg("migrate", "gate.max_regression=nan"), "gate.max_regression: Input should be"),
+    Case("a gate reference the migration lacks", cfg("migrate", "gate.reference=best"), "gate.reference 'best' is not"),
+    Case(
+        "gate.reference=source without a source run",
+        cfg("migrate", "gate.reference=source"),
+        "is not a run's prompts/ with its head beside it",
+    ),
+    Case(
+        "a gated run that is not evaluated", cfg("evaluate", "gate.run=nope"), "gate.run 'nope' is not one of the runs"
+    ),
+    Case(
+        "a retrain without the gate", cfg("migrate", "gate.retrain=true", "gate.enabled=false"), "gate.retrain retrains"
+    ),
+    Case("users without a user_id column", cfg("prompts train", "users={D}/no_user"), "users must be Parquet with a"),
+    Case("a report of a directory that is not a migrated run", tool("report", "{D}/busy"), "not a migrated run"),
     Case(
         "a NaN in a scored prompt",
         cfg("evaluate", "runs.nanrun={D}/nanrun", "baselines=[]"),

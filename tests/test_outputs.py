@@ -222,8 +222,8 @@ def test_cli_refuses_a_foreign_output(runs, no_ray, monkeypatch, capsys, command
     assert main([*command, "--config", cfg]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"error: {root / 'busy'}: not empty and holds no output of `puma-ray {' '.join(command)}`; choose another output, "
-        "or pass --overwrite (or set output_mode: overwrite) to write into it anyway\n"
+        f"error: {root / 'busy'}: not empty and holds no output of `puma-ray {' '.join(command)}`; "
+        "choose another output, or pass --overwrite (or set output_mode: overwrite) to write into it anyway\n"
     )
     assert os.listdir(root / "busy") == ["notes.txt"]
     cfg = _config(root, "job", {**body, "output": "busy", "output_mode": "nope"})

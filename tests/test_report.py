@@ -188,8 +188,9 @@ def test_rating_report(tmp_path, capsys):
     assert "puma: RMSE 0.9480 vs full_retrain 0.9318 (1.017x) at 23% of its LM sample-passes" in verdict
     assert "gate: 12 of 400 judged users (3.0%) worse by more than 0.0500 RMSE than under source" in verdict
     assert "5 undecided" in verdict
-    assert "after retraining the flagged users: puma_gated RMSE 0.9443 (+3600 LM sample-passes)" in verdict
-    assert "Retrained: the 12 flagged users, as method puma_gated" in md and "3600 LM sample-passes" in md
+    gated = "after retraining the flagged users: puma_gated RMSE 0.9443 (+3,600 LM sample-passes): "
+    assert gated + "1.013x full_retrain at 24% of its LM sample-passes." in verdict
+    assert "Retrained: the 12 flagged users, as method puma_gated" in md and "3,600 LM sample-passes" in md
 
 
 def test_ctr_report_without_gate_skips_its_plots(tmp_path, capsys):
