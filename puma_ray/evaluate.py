@@ -283,13 +283,13 @@ def plan_gate(cfg: EvaluateConfig) -> GatePlan | None:
     their defaults (gate.run and gate.reference not set), a run that is not a migration with a
     source run is not gated."""
     g = cfg.gate
-    explicit = {"run", "reference"} & g.model_fields_set
-    if not g.enabled or (g.run not in cfg.runs and not explicit):
+    if g.enabled and g.run not in cfg.runs and "run" in g.model_fields_set:
+        raise PumaError(f"gate.run {g.run!r} is not one of the runs ({console.listing(cfg.runs)})")
+    if not g.enabled or g.run not in cfg.runs:
         return None
+    explicit = {"run", "reference"} & g.model_fields_set
     if not explicit and g.reference not in (*cfg.runs, *cfg.baselines) and not has_source_run(cfg.runs[g.run]):
         return None
-    if g.run not in cfg.runs:
-        raise PumaError(f"gate.run {g.run!r} is not one of the runs ({console.listing(cfg.runs)})")
     extra = {}
     if g.reference == g.run:
         raise PumaError(f"gate.reference {g.reference!r} is the gated run itself")

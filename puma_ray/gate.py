@@ -14,6 +14,8 @@ decile edges. A light module (no torch): its functions run in Ray tasks.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,7 +25,8 @@ from puma_ray import storage
 from puma_ray.config import GateConfig
 from puma_ray.data import join_on, keep_hashed, sum_by
 
-BINS = 40  # of the per-user change histogram
+BINS = 40  # of the per-user change histogram drawn
+FINE_BINS = 4000  # of the one its range, the median and the percentiles are read from
 DECILES = 10
 ACTIVITY_SAMPLE = 1_000_000  # users whose activity sets the decile edges (a stable hash sample above it)
 PER_USER_METRIC = {"rating": "rmse", "ctr": "logloss"}
@@ -139,19 +142,36 @@ def _histogram(batch: pa.Table, edges: list[float]) -> pa.Table:
     """A block of GATE/users rows -> one row per bin: the judged users' finite changes counted in ``edges``."""
     verdict = np.asarray(batch.column("verdict").to_numpy(zero_copy_only=False))
     change = np.asarray(batch.column("change"), np.float64)[(verdict == "flagged") | (verdict == "ok")]
-    counts, _ = np.histogram(change[np.isfinite(change)], bins=np.asarray(edges))
+    edges = np.asarray(edges)
+    counts, _ = np.histogram(np.clip(change[np.isfinite(change)], edges[0], edges[-1]), bins=edges)
     return pa.table({"bin": np.arange(len(counts)), "count": counts})
 
 
-def _median(edges: np.ndarray, counts: np.ndarray) -> float:
-    """The median of a histogram, linear inside its bin (exact to a bin's width)."""
+def _quantile(edges: np.ndarray, counts: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of a histogram, linear inside its bin (exact to a bin's width); NaN if empty."""
     total = counts.sum()
     if total == 0:
         return float("nan")
     cum = np.cumsum(counts)
-    i = int(np.searchsorted(cum, total / 2))
+    i = min(int(np.searchsorted(cum, q * total)), len(counts) - 1)
     before = cum[i - 1] if i else 0
-    return float(edges[i] + (total / 2 - before) / max(counts[i], 1) * (edges[i + 1] - edges[i]))
+    return float(edges[i] + (q * total - before) / max(counts[i], 1) * (edges[i + 1] - edges[i]))
+
+
+def _display_edges(lo: float, hi: float, threshold: float) -> np.ndarray:
+    """BINS (about) equal bins over [lo, hi] widened to hold 0 and ``threshold``, with ``threshold``
+    on an edge (a bin is all flagged or all not)."""
+    lo, hi = min(lo, 0.0, threshold), max(hi, 0.0, threshold)
+    width = (hi - lo) / BINS if hi > lo else 1.0 / BINS
+    first, last = math.floor((lo - threshold) / width), math.ceil((hi - threshold) / width)
+    return threshold + width * np.arange(first, max(last, first + 1) + 1)
+
+
+def _histogram_of(users, edges: np.ndarray) -> np.ndarray:
+    """GATE/users (a Ray Dataset) -> its judged users' finite changes counted in ``edges`` (ends clipped)."""
+    h = users.map_batches(_histogram, fn_kwargs={"edges": edges.tolist()}, batch_format="pyarrow", batch_size=None)
+    bins = len(edges) - 1
+    return h.to_pandas().groupby("bin")["count"].sum().reindex(range(bins), fill_value=0).to_numpy()
 
 
 def _activity(train_ds):
@@ -210,9 +230,13 @@ def _gate(per_user, metric: str, run: str, reference: str, cfg: GateConfig, out:
     lo, hi = c["change_min"].min(), c["change_max"].max()
     if not np.isfinite(lo):
         lo, hi = 0.0, 0.0
-    edges = np.linspace(lo, hi, BINS + 1) if hi > lo else np.linspace(lo - 0.5, lo + 0.5, BINS + 1)
-    h = users.map_batches(_histogram, fn_kwargs={"edges": edges.tolist()}, batch_format="pyarrow", batch_size=None)
-    counts = h.to_pandas().groupby("bin")["count"].sum().reindex(range(BINS), fill_value=0).to_numpy()
+    # a fine histogram over every change gives the median and the 1st/99th percentiles; the one drawn
+    # spans those (outliers counted in its end bins), with the threshold on an edge
+    fine_edges = np.linspace(lo, hi if hi > lo else lo + 1.0, FINE_BINS + 1)
+    fine = _histogram_of(users, fine_edges)
+    q01, q99 = _quantile(fine_edges, fine, 0.01), _quantile(fine_edges, fine, 0.99)
+    edges = _display_edges(q01 if np.isfinite(q01) else 0.0, q99 if np.isfinite(q99) else 0.0, cfg.max_regression)
+    counts = _histogram_of(users, edges)
     judged = int(c["flagged"].sum() + c["ok"].sum())
     n = int(c["change_n"].sum())
     summary = {
@@ -230,8 +254,9 @@ def _gate(per_user, metric: str, run: str, reference: str, cfg: GateConfig, out:
         "flagged_share": int(c["flagged"].sum()) / judged if judged else 0.0,
         "improved": int(c["improved"].sum()),
         "mean_change": float(c["change_sum"].sum() / n) if n else float("nan"),
-        "median_change": _median(edges, counts),
-        "histogram": {"edges": edges.tolist(), "counts": [int(x) for x in counts]},
+        "median_change": _quantile(fine_edges, fine, 0.5),
+        # counts of the judged users' change; the end bins also hold the changes beyond them
+        "histogram": {"edges": edges.tolist(), "counts": [int(x) for x in counts], "range": [float(lo), float(hi)]},
         "uri": out,
     }
     storage.write_json(manifest, summary)

@@ -78,9 +78,9 @@ def main_metric(report: dict) -> str:
 
 
 def run_name(report: dict) -> str:
-    """The migrated run: the gate's run, else the first method (migrate lists it first)."""
+    """The migrated run: the gate's run, else "puma" (migrate's name for it), else the first method."""
     gate = report.get("gate") or {}
-    return gate.get("run") or next(iter(report["methods"]))
+    return gate.get("run") or ("puma" if "puma" in report["methods"] else next(iter(report["methods"])))
 
 
 def _retrained(report: dict) -> str | None:
@@ -166,6 +166,10 @@ def plot_gate_change(report: dict, uri: str) -> str | None:
     ax.axvline(0.0, color="black", lw=1.2, label="no change")
     ax.axvline(thr, color="tab:red", lw=1.6, ls="--", label=thr_label)
     ax.set_title(title, fontsize=10)
+    full = hist.get("range")
+    if full and (full[0] < edges[0] or full[1] > edges[-1]):  # the end bins also count the outliers
+        fmt = "{:.0%}" if gate["mode"] == "relative" else "{:.3g}"
+        xlabel += f"\nend bins include every change beyond them (all: {fmt.format(full[0])} to {fmt.format(full[1])})"
     ax.set_xlabel(xlabel)
     if gate["mode"] == "relative":
         ax.xaxis.set_major_formatter(PercentFormatter(1.0))
@@ -455,11 +459,28 @@ def markdown(report: dict, skipped: dict[str, str]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def in_order(report: dict) -> dict:
+    """The methods in the report's order, whatever the JSON's (it is written with sorted keys): the
+    gated run, its retrained variant, full_retrain, source, random_init, other runs, the baselines."""
+    methods = report["methods"]
+    first = [run_name(report), _retrained(report), "full_retrain", "source", "random_init"]
+    runs = sorted(m for m in methods if m not in first and m not in BASELINES)
+    names = [m for m in (*first, *runs, *BASELINES) if m in methods]
+    return {m: methods[m] for m in dict.fromkeys(names)}
+
+
 def write_report(report: dict, out: str) -> dict:
     """Write the plots (PLOTS) and report.md under ``out`` (a storage URI) from an evaluation report.
 
     A plot whose data is absent is skipped (an earlier one of that name deleted) and report.md says why.
     Returns {"uri": out, "files": the names written, "skipped": {name: why}}."""
+    report = {**report, "methods": in_order(report)}
+    deciles = (report.get("per_user") or {}).get("activity_deciles")
+    if deciles:  # the same order in the decile tables and plot
+        by = deciles["methods"]
+        names = [*(m for m in report["methods"] if m in by), *(m for m in by if m not in report["methods"])]
+        deciles = {**deciles, "methods": {m: by[m] for m in names}}
+        report["per_user"] = {**report["per_user"], "activity_deciles": deciles}
     skipped = {}
     for name, plot in PLOTTERS.items():
         why = plot(report, storage.join(out, name))
