@@ -16,14 +16,14 @@ import uuid
 import numpy as np
 import pyarrow as pa
 
-from puma_ray import storage
+from puma_ray import outputs, storage
 from puma_ray.config import EvaluateConfig, MigrateConfig, PromptsConfig, build
 from puma_ray.console import say
 from puma_ray.data import join_on
 from puma_ray.errors import PumaError
 from puma_ray.evaluate import evaluate
 from puma_ray.schema import StoreMeta, decode_prompts, prompt_store_schema, prompt_table, read_store_meta
-from puma_ray.stage1 import train_prompts
+from puma_ray.stage1 import read_users, train_prompts
 
 GATED = "puma_gated"  # the method's name in the evaluation
 
@@ -91,6 +91,9 @@ def retrain_flagged(cfg: MigrateConfig, evaluation: dict, ev: EvaluateConfig) ->
     for name in ("head.safetensors", "head.json"):  # the final run's head, and the retrain's (fixed) init
         storage.write_bytes(storage.join(gated, name), storage.read_bytes(storage.join(out, name)))
     meta = read_store_meta(storage.join(out, "prompts"))
+    flagged = storage.join(gate["uri"], "flagged")
+    # its own Ray Train run per flagged set and settings: a rerun resumes it, another gate starts anew
+    tag = outputs.config_hash({"users": read_users(flagged).to_pylist(), "train": cfg.gate.train.model_dump()})[:8]
     say(f"gate: retraining the {gate['flagged']:,} flagged users' prompts on {cfg.model.path}")
     pcfg = build(
         PromptsConfig,
@@ -104,12 +107,12 @@ def retrain_flagged(cfg: MigrateConfig, evaluation: dict, ev: EvaluateConfig) ->
             "template": meta.template,
             "init_head": gated,
             "init_prompts": storage.join(out, "prompts"),
-            "users": storage.join(gate["uri"], "flagged"),
+            "users": flagged,
             "train": cfg.gate.train.model_dump(),
             "scaling": cfg.scaling.model_dump(),
             "ray": cfg.ray.model_dump(),
             "storage": cfg.storage.model_dump(),
-            "run": {**cfg.run.model_dump(), "name": f"{cfg.run.name}-gate"},
+            "run": {**cfg.run.model_dump(), "name": f"{cfg.run.name}-gate-{tag}"},
         },
     )
     trained = train_prompts(pcfg)

@@ -12,7 +12,7 @@ one store file; only the head is shared. The loop is
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -118,6 +118,7 @@ class PromptsTrainable:
     shards: dict[str, str]  # "<split>_<rank>" -> URI of that worker's rows (data.shard_by_user)
     store: str  # URI of the prompt store the workers write
     meta: StoreMeta  # of that store
+    identity: dict = field(default_factory=dict)  # {"users": the users input's hash} with cfg.users
     name: str = "prompts"
     has_local: bool = True
 
@@ -260,7 +261,8 @@ def train_prompts(cfg: PromptsConfig, callbacks: tuple = ()) -> dict:
     store = storage.join(cfg.output, "prompts")
     outputs.mark_output(cfg.output, COMMAND, cfg)
     storage.delete_dir(store)
-    trained = fit(PromptsTrainable(cfg, meta.hidden_size, train_rows, shards, store, meta), callbacks)
+    identity = {"users": key["users"]} if users is not None else {}
+    trained = fit(PromptsTrainable(cfg, meta.hidden_size, train_rows, shards, store, meta, identity), callbacks)
     save_head(cfg.output, trained.model.head, cfg.task, cfg.head.model_dump(), meta.model_fingerprint, meta.hidden_size)
     metrics = trained.metrics
     summary = {

@@ -12,7 +12,7 @@ carries its user's frozen prompt and no process holds the prompt table. Per row:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import torch
@@ -38,6 +38,7 @@ class AdapterTrainable:
     hidden_size: int  # d of the target model
     train_rows: int
     shards: dict[str, str]  # "<split>_<rank>" -> URI of that worker's rows (data.shard_by_user)
+    identity: dict = field(default_factory=dict)
     name: str = "adapter"
     has_local: bool = False
 

@@ -36,7 +36,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from puma_ray import console, storage, weights
+from puma_ray import console, outputs, storage, weights
 from puma_ray.config import MIN_MICRO, MigrateConfig, PromptsConfig, TrainConfig
 from puma_ray.data import iter_shard
 from puma_ray.errors import PumaError
@@ -105,6 +105,7 @@ class LocalPart(Protocol):
 
 class Trainable(Protocol):
     cfg: PromptsConfig | MigrateConfig
+    identity: dict  # what the run's result depends on beyond cfg (a users input's content); part of its fingerprint
     name: str  # console prefix: "prompts", "adapter"
     shards: dict[str, str]  # "train_<rank>" / "valid_<rank>" -> URI (data.shard_by_user)
     train_rows: int  # all workers together, per epoch
@@ -199,7 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
         progress.loop_s += time.time() - t0
         metrics.update(wall_s=progress.wall_s, loop_s=progress.loop_s)
         progress.metrics = metrics
-        _report(metrics, engine, local, worker, progress, cfg.scaling.zero_stage)
+        _report(metrics, engine, local, worker, progress, cfg.scaling.zero_stage, run_fingerprint(trainable))
     if finished_before:  # a resumed run that had already trained every epoch: report its result again
         ray.train.report(progress.metrics)
     trainable.finish(worker, local)
@@ -406,12 +407,16 @@ def _restore_optimizer(ckpt, engine, worker: Worker, zero_stage: int) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def _report(metrics: dict, engine, local: LocalPart | None, worker: Worker, progress: Progress, zero_stage: int):
-    """Every rank reports its files (Ray Train merges the ranks' files into one checkpoint)."""
+def _report(
+    metrics: dict, engine, local: LocalPart | None, worker: Worker, progress: Progress, zero_stage: int, run: str
+):
+    """Every rank reports its files (Ray Train merges the ranks' files into one checkpoint); the
+    state records the run's fingerprint ``run`` (:func:`run_fingerprint`)."""
     with tempfile.TemporaryDirectory() as d:
         if worker.rank == 0:
             storage.write_bytes(os.path.join(d, SHARED_FILE), weights.to_bytes(engine.module))
-            storage.write_json(os.path.join(d, STATE_FILE), {**progress.__dict__, "workers": worker.world})
+            state = {**progress.__dict__, "workers": worker.world, "config_sha256": run}
+            storage.write_json(os.path.join(d, STATE_FILE), state)
         if worker.rank == 0 or zero_stage:
             optimizer = weights.optimizer_to_bytes(_torch_optimizer(engine))
             storage.write_bytes(os.path.join(d, _rank_file("optimizer", worker.rank)), optimizer)
@@ -432,12 +437,53 @@ class Trained:
     loop_s: float  # seconds inside the epoch loop (training, validation, checkpoints)
 
 
+# Config keys a run may change and still resume its checkpoint: where it runs and writes, and what
+# follows the training. Anything else changed (data, model, train, users, ...) is another run.
+RESUME_FREE = (
+    "output",
+    "output_mode",
+    "ray",
+    "storage",
+    "run",
+    "scaling",
+    "compare",
+    "baselines",
+    "evaluate",
+    "gate",
+    "scoring",
+    "rewrite",
+)
+
+
+def run_fingerprint(trainable: Trainable) -> str:
+    """sha256 of what a training run's result depends on: its config but RESUME_FREE, and its identity."""
+    cfg = {k: v for k, v in trainable.cfg.model_dump(mode="json").items() if k not in RESUME_FREE}
+    return outputs.config_hash({**cfg, "identity": trainable.identity})
+
+
+def check_resume(trainable: Trainable) -> None:
+    """Refuse (one line) to resume a run.name whose latest checkpoint was trained with another config
+    (its state's fingerprint): it would silently continue, or return, another run's result."""
+    run = trainable.cfg.run
+    run_uri = storage.join(run.storage_path, run.name)
+    states = storage.list_files(run_uri, suffix=STATE_FILE)  # checkpoint_<timestamp>/: the last is the latest
+    if not states:
+        return
+    fingerprint = storage.read_json(states[-1]).get("config_sha256")
+    if fingerprint is not None and fingerprint != run_fingerprint(trainable):
+        raise PumaError(
+            f"{run_uri}: a checkpoint of run.name {run.name!r} trained with another config (data, model, train, "
+            "...); set another run.name, or delete that directory to start over"
+        )
+
+
 def fit(trainable: Trainable, callbacks: tuple = ()) -> Trained:
     """Run :func:`train_loop_per_worker` on a TorchTrainer and load the trained shared module from
     its last checkpoint (raises PumaError on failure). ``callbacks``: extra Ray Train callbacks,
     e.g. Tune's TuneReportCallback in a trial."""
     cfg = trainable.cfg
     s = cfg.scaling
+    check_resume(trainable)
     path, fs = _run_storage(cfg.run.storage_path)
     with console.Relay() as relay:
         trainer = TorchTrainer(

@@ -176,3 +176,11 @@ def test_min_steps_shrinks_micro_batches_not_passes():
     assert steps_per_epoch(800, t) == 800 // C.MIN_MICRO  # at most one step per 8 rows
     assert steps_per_epoch(5_700, t.model_copy(update={"min_steps": 0})) == 45
     assert steps_per_epoch(3, t) == 1
+
+
+def test_a_run_name_trained_with_another_config_is_refused(tmp_path, stage1_run):
+    """Resuming run.name with other training settings would return the old run's result as this one's."""
+    cfg, _ = stage1_run
+    other = cfg.model_copy(update={"output": str(tmp_path / "out"), "train": cfg.train.model_copy(update={"lr": 1e-3})})
+    with pytest.raises(PumaError, match=f"run.name '{cfg.run.name}' trained with another config"):
+        train_prompts(other)
