@@ -61,7 +61,7 @@ def _with_decile(batch: pa.Table, edges: list[float]) -> pa.Table:
     """(run, user_id, e, rows, activity | null) -> activity (0 for a user without training rows) and
     its decile (0..9: the bins of ``edges``' inner edges)."""
     act = np.nan_to_num(np.asarray(batch.column("activity").to_numpy(zero_copy_only=False), np.float64))
-    decile = np.clip(np.searchsorted(np.asarray(edges[1:-1]), act, side="right"), 0, DECILES - 1)
+    decile = np.clip(np.searchsorted(np.asarray(edges[1:-1]), act, side="right"), 0, len(edges) - 2)
     batch = batch.drop_columns(["activity"])
     return batch.append_column("activity", pa.array(act.astype(np.int64))).append_column("decile", pa.array(decile))
 
@@ -182,21 +182,23 @@ def _activity(train_ds):
 
 def _decile_edges(activity, users: int) -> list[float]:
     """The 0, 10, ..., 100th percentiles of the users' activity (from a stable hash sample of at most
-    ACTIVITY_SAMPLE users)."""
+    ACTIVITY_SAMPLE users), tied ones merged: fewer than 10 groups when many users share a value (an
+    importer's cap on rows per user)."""
     fraction = min(1.0, ACTIVITY_SAMPLE / max(users, 1))
     sample = activity if fraction >= 1 else activity.map_batches(keep_hashed, fn_kwargs={"fraction": fraction})
     parts = [b["activity"] for b in sample.select_columns(["activity"]).iter_batches(batch_format="numpy")]
     values = np.concatenate(parts) if parts else np.zeros(1)
-    return [float(x) for x in np.quantile(values, np.linspace(0, 1, DECILES + 1))]
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, DECILES + 1)))  # tied edges (a cap on rows) merge
+    return [float(x) for x in (edges if len(edges) > 1 else np.r_[edges, edges])]
 
 
-def _by_decile(per_user, metric: str) -> dict:
+def _by_decile(per_user, metric: str, groups: int) -> dict:
     """(run, user_id, e, rows, activity, decile) -> {run: {"value": [error per decile, None where no
     user], "users": [users per decile]}}: a decile's error pools its users' rows."""
     sums = sum_by(per_user, ["run", "decile"], ["e", "rows"]).to_pandas()
     out = {}
     for run, g in sums.groupby("run"):
-        value, users = [None] * DECILES, [0] * DECILES
+        value, users = [None] * groups, [0] * groups
         for _, r in g.iterrows():
             value[int(r["decile"])] = float(error_of(r["e"], r["rows"], metric))
             users[int(r["decile"])] = int(r["n"])
@@ -278,7 +280,10 @@ def per_user(task: str, scored, train_ds, gate: tuple[str, str, GateConfig, str]
     joined = join_on(sums, activity, "user_id", sums.count(), users * 48, how="left_outer")
     per_user_ds = joined.map_batches(_with_decile, fn_kwargs={"edges": edges}, batch_format="pyarrow").materialize()
     report = {
-        "per_user": {"metric": metric, "activity_deciles": {"edges": edges, "methods": _by_decile(per_user_ds, metric)}}
+        "per_user": {
+            "metric": metric,
+            "activity_deciles": {"edges": edges, "methods": _by_decile(per_user_ds, metric, len(edges) - 1)},
+        }
     }
     if gate is not None:
         run, reference, cfg, out = gate
