@@ -284,7 +284,7 @@ def plan_gate(cfg: EvaluateConfig) -> GatePlan | None:
     source run is not gated."""
     g = cfg.gate
     if g.enabled and g.run not in cfg.runs and "run" in g.model_fields_set:
-        raise PumaError(f"gate.run {g.run!r} is not one of the runs ({console.listing(cfg.runs)})")
+        raise PumaError(f"gate.run {g.run!r} is not one of the runs ({console.listing(cfg.runs) or 'none given'})")
     if not g.enabled or g.run not in cfg.runs:
         return None
     explicit = {"run", "reference"} & g.model_fields_set
