@@ -22,5 +22,6 @@ LIGHT_MODULES = (
     "puma_ray.select",
     "puma_ray.datasets.synthetic",
     "puma_ray.report",
+    "puma_ray.gate",
     "puma_ray.cli",
 )

@@ -217,7 +217,7 @@ def base_cfg(**over):
 
 def test_config_defaults_and_mistakes():
     cfg = base_cfg()
-    assert (cfg.metric, cfg.mode, cfg.base.output) == ("val_rmse", "min", "o")
+    assert (cfg.metric, cfg.mode, cfg.base.output) == ("val_rmse", "min", os.path.abspath("o"))  # URIs: absolute
     ctr = base_cfg(base={"task": "ctr"})
     assert (ctr.metric, ctr.mode) == ("val_auc", "max")
     for over, msg in [
