@@ -26,7 +26,7 @@ from puma_ray.gate import per_user
 from puma_ray.heads import load_head
 from puma_ray.llm import FrozenLM, model_info, row_texts
 from puma_ray.metrics import as_run, report_metrics, tag_run
-from puma_ray.report import format_table
+from puma_ray.report import format_table, gate_line
 from puma_ray.runtime import actor_device, actor_pool, actor_pool_size, init_ray
 from puma_ray.schema import decode_prompts, read_store_meta
 
@@ -257,7 +257,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     report["timings"] = {"wall_s": time.time() - t_start, "loop_s": scoring_s}  # loop: the runs' scoring pass
     print(format_table(report))
     if "gate" in report:
-        console.say(gate_line(report["gate"]))
+        console.say(f"{gate_line(report)} -> {storage.join(report['gate']['uri'], 'flagged')}")
     if cfg.output:
         storage.write_json(cfg.output, outputs.stamp(report, "evaluate", cfg))
     return report
@@ -288,8 +288,6 @@ def plan_gate(cfg: EvaluateConfig) -> GatePlan | None:
     if not g.enabled or g.run not in cfg.runs:
         return None
     explicit = {"run", "reference"} & g.model_fields_set
-    if not explicit and g.reference not in (*cfg.runs, *cfg.baselines) and not has_source_run(cfg.runs[g.run]):
-        return None
     extra = {}
     if g.reference == g.run:
         raise PumaError(f"gate.reference {g.reference!r} is the gated run itself")
@@ -299,7 +297,12 @@ def plan_gate(cfg: EvaluateConfig) -> GatePlan | None:
             raise PumaError(
                 f"gate.reference {g.reference!r} is not 'source' nor a method of this evaluation ({methods})"
             )
-        extra["source"] = source_run(cfg.runs[g.run])
+        try:
+            extra["source"] = source_run(cfg.runs[g.run])
+        except PumaError:
+            if explicit:
+                raise
+            return None  # left at its defaults: a run that is not a migration with a source run is not gated
     out = storage.join(cfg.runs[g.run], "gate")
     if (
         storage.list_files(out)
@@ -308,15 +311,6 @@ def plan_gate(cfg: EvaluateConfig) -> GatePlan | None:
     ):
         raise PumaError(f"{out}: not empty and holds no gate; move it away, or {outputs.OVERWRITE_HINT}")
     return GatePlan(g.run, g.reference, extra, out)
-
-
-def has_source_run(run_uri: str) -> bool:
-    """Whether ``run_uri`` is a migrated run whose (first) source store is a run's prompts/ (:func:`source_run`)."""
-    try:
-        source_run(run_uri)
-    except PumaError:
-        return False
-    return True
 
 
 def source_run(run_uri: str) -> str:
@@ -339,13 +333,3 @@ def store_run(store: str) -> str | None:
     """The run a prompt store belongs to (RUN for RUN/prompts with RUN/head.safetensors beside it), else None."""
     parent, name = posixpath.split(store.rstrip("/"))
     return parent if name == "prompts" and storage.exists(storage.join(parent, "head.safetensors")) else None
-
-
-def gate_line(gate: dict) -> str:
-    """The gate's verdict in one console line."""
-    how = f"{gate['max_regression']:.0%}" if gate["mode"] == "relative" else f"{gate['max_regression']:g}"
-    return (
-        f"gate: {gate['flagged']:,} of {gate['judged']:,} users ({gate['flagged_share']:.1%}) worse than "
-        f"{gate['reference']} by more than {how} {gate['metric'].upper()}; {gate['undecided']:,} undecided "
-        f"(< {gate['min_rows']} validation rows) -> {storage.join(gate['uri'], 'flagged')}"
-    )

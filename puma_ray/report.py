@@ -333,7 +333,7 @@ def _quality_line(report: dict) -> str:
     return line
 
 
-def _gate_line(report: dict) -> str:
+def gate_line(report: dict) -> str:
     """'gate: 12 of 400 judged users (3.0%) worse by more than 0.0500 RMSE than under source; ...'."""
     gate = report.get("gate")
     if not gate:
@@ -359,7 +359,7 @@ def _retrain_line(report: dict) -> str | None:
 
 def verdict(report: dict) -> str:
     """The report's first paragraph: the run against full retraining, and the gate's count."""
-    lines = [_quality_line(report) + ";", _gate_line(report) + "."]
+    lines = [_quality_line(report) + ";", gate_line(report) + "."]
     retrained = _retrained(report)
     if retrained in report["methods"]:
         metric = main_metric(report)
