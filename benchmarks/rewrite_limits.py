@@ -5,7 +5,8 @@ On the same N source prompts (d_in 256 -> d_out 384, adapter width h = 1024, l =
         same with a trivial map to an output-width prompt column: the bytes the rewrite writes);
   (ii)  compute limit: the adapter's in-process batched forward (torch, no Ray, no I/O) on the
         same rows' prompts, with all cores and with the threads the rewrite config gives it;
-  (iii) the rewrite itself: ``puma_ray.rewrite.rewrite_store`` with the given RewriteConfig;
+  (iii) the rewrite itself: ``puma_ray.rewrite.rewrite_store`` with the given RewriteConfig, and its
+        publish (``rewrite.commit``: the staged files moved into place, the manifest written);
 and a per-part profile of one actor's work on the same batches (Parquet decode, arrow -> numpy,
 finite check, adapter, numpy -> arrow, Parquet encode with and without the sha256 tee), plus the
 rewrite's uniqueness check (rows per user over the output, ``data.sum_by``) timed on its own.
@@ -215,11 +216,15 @@ def main() -> None:
     del prompts
     # (iii) the rewrite, then its uniqueness check alone.
     out = f"{work}/rewrite"
-    manifest, wall = _phase("rewrite", lambda: R.rewrite_store(src, adapter, tmeta, out, rcfg))
+
+    def staged_rewrite() -> dict:  # what `puma-ray rewrite` does: staged units, then publish + manifest
+        manifest = R.rewrite_store(src, adapter, tmeta, out, rcfg)
+        R.commit(out, manifest)
+        return manifest
+
+    manifest, wall = _phase("rewrite", staged_rewrite)
     rows["rewrite"] = wall
-    dup_s = None
-    if hasattr(R, "_duplicates"):
-        _, dup_s = _phase("uniqueness_check", lambda: R._duplicates(f"{out}/prompts"))
+    _, dup_s = _phase("uniqueness_check", lambda: R.duplicates(f"{out}/prompts"))
     profile = part_profile(
         storage.list_files(src, ".parquet")[0],
         adapter,
@@ -264,8 +269,8 @@ def main() -> None:
             for k, v in CPU.items()
             if v > 0 and k != "uniqueness_check"
         },
-        "uniqueness_check_s": None if dup_s is None else round(dup_s, 2),
-        "uniqueness_check_share_of_rewrite": None if dup_s is None else round(dup_s / rows["rewrite"], 3),
+        "uniqueness_check_s": round(dup_s, 2),
+        "uniqueness_check_share_of_rewrite": round(dup_s / rows["rewrite"], 3),
         "manifest_files": len(manifest["output"]["files"]),
         "actor_profile": profile,
         "io_limit_ray_data_stats": io_stats,

@@ -27,12 +27,11 @@ from puma_ray.console import say
 from puma_ray.data import keep_users, load_interactions, mean_by
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.evaluate import run_model, score_runs
-from puma_ray.heads import load_head
+from puma_ray.heads import HEAD_FILES, load_head
 from puma_ray.runtime import init_ray
 from puma_ray.schema import check_prompt_values, read_store_meta, write_prompt_store
 from puma_ray.select import fit_kmeans, kmeans_sample
 
-HEAD_FILES = ("head.safetensors", "head.json")
 COMMAND = "prompts coldstart"
 
 
@@ -71,9 +70,9 @@ def cold_start(cfg: ColdStartConfig) -> dict:
     sample = storage.read_table(store, filters=pc.field("user_id").isin(sample_ids)).sort_by("user_id")
     centroids = fit_kmeans(check_prompt_values(store, meta, sample), sel).cluster_centers_.astype(np.float32)
 
-    work = storage.join(cfg.output, "candidates")  # one store per centroid: every new user holds it
+    work = outputs.staged(cfg.output, "candidates")  # one store per centroid: every new user holds it
     outputs.mark_output(cfg.output, COMMAND, cfg)
-    storage.delete_dir(work)
+    outputs.start_staging(cfg.output)
     runs = {}
     for j, c in enumerate(centroids):
         store_j = storage.join(work, f"c{j:03d}")
@@ -90,11 +89,10 @@ def cold_start(cfg: ColdStartConfig) -> dict:
     pick = best.loc[new.to_pylist(), "run"].map(lambda r: int(r[1:])).to_numpy()
 
     out_meta = dataclasses.replace(meta, stage="coldstart")
-    storage.delete_dir(storage.join(cfg.output, "prompts"))
-    write_prompt_store(storage.join(cfg.output, "prompts"), out_meta, new.to_pylist(), centroids[pick])
+    write_prompt_store(outputs.staged(cfg.output, "prompts"), out_meta, new.to_pylist(), centroids[pick])
     for name in HEAD_FILES:  # the output is a run directory: the migrated head beside its prompts
-        storage.write_bytes(storage.join(cfg.output, name), storage.read_bytes(storage.join(cfg.run, name)))
-    storage.delete_dir(work)
+        storage.write_bytes(outputs.staged(cfg.output, name), storage.read_bytes(storage.join(cfg.run, name)))
+    outputs.publish(cfg.output, ["prompts", *HEAD_FILES], retire=["summary.json"])  # the candidates go with the staging
     summary = {
         "stage": "coldstart",
         "run": cfg.run,

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data import SaveMode
 
-from puma_ray import storage
+from puma_ray import outputs, storage
 from puma_ray.config import GateConfig
 from puma_ray.data import join_on, keep_hashed, sum_by
 
@@ -219,14 +219,11 @@ def _gate(per_user, metric: str, run: str, reference: str, cfg: GateConfig, out:
     users = pairs.map_batches(
         _verdicts, fn_kwargs={"metric": metric, "cfg": cfg.model_dump()}, batch_format="pyarrow"
     ).materialize()
-    manifest = storage.join(out, "gate.json")
-    if storage.exists(manifest):
-        storage.delete_file(manifest)  # from here on the old gate is visibly incomplete
-    _write(users, storage.join(out, "users"))
-    storage.delete_dir(storage.join(out, "flagged"))
+    outputs.start_staging(out)  # users/ and flagged/ staged, published together, gate.json last
+    _write(users, outputs.staged(out, "users"))
     _write(
         users.map_batches(_keep_verdict, fn_kwargs={"verdict": "flagged"}, batch_format="pyarrow"),
-        storage.join(out, "flagged"),
+        outputs.staged(out, "flagged"),
     )
     c = users.map_batches(_counts, batch_format="pyarrow", batch_size=None).to_pandas()
     lo, hi = c["change_min"].min(), c["change_max"].max()
@@ -261,7 +258,8 @@ def _gate(per_user, metric: str, run: str, reference: str, cfg: GateConfig, out:
         "histogram": {"edges": edges.tolist(), "counts": [int(x) for x in counts], "range": [float(lo), float(hi)]},
         "uri": out,
     }
-    storage.write_json(manifest, summary)
+    outputs.publish(out, ["users", "flagged"], retire=["gate.json"])
+    storage.write_json(storage.join(out, "gate.json"), summary)
     return summary
 
 

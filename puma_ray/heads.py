@@ -110,11 +110,14 @@ def build_head(task: str, hidden_size: int, head_cfg) -> Head:
     return CtrHead(hidden_size)
 
 
+HEAD_FILES = ("head.safetensors", "head.json")  # what save_head writes into its directory
+
+
 def save_head(uri_dir: str, head: Head, task: str, head_cfg: dict, model_fingerprint: str, hidden_size: int) -> None:
-    """uri_dir/head.safetensors + uri_dir/head.json."""
-    storage.write_bytes(storage.join(uri_dir, "head.safetensors"), weights.to_bytes(head))
+    """uri_dir/head.safetensors + uri_dir/head.json (:data:`HEAD_FILES`)."""
+    storage.write_bytes(storage.join(uri_dir, HEAD_FILES[0]), weights.to_bytes(head))
     storage.write_json(
-        storage.join(uri_dir, "head.json"),
+        storage.join(uri_dir, HEAD_FILES[1]),
         {
             "task": task,
             "head": head_cfg,

@@ -120,7 +120,8 @@ def marker(command: str, config=None) -> dict:
     return {"generator": "puma-ray", "command": command, "config_sha256": config_hash(config)}
 
 
-def _json(uri: str):
+def read_record(uri: str):
+    """A JSON record (marker, manifest, summary) -> its value; None when absent or unreadable."""
     try:
         return storage.read_json(uri) if storage.exists(uri) else None
     except PumaError:
@@ -128,7 +129,7 @@ def _json(uri: str):
 
 
 def _summary_stage(stage: str) -> Callable[[str], bool]:
-    return lambda out: (_json(storage.join(out, "summary.json")) or {}).get("stage") == stage
+    return lambda out: (read_record(storage.join(out, "summary.json")) or {}).get("stage") == stage
 
 
 # What each command left in its output before markers existed (outputs of earlier versions), and
@@ -142,14 +143,16 @@ _EARLIER: dict[str, Callable[[str], bool]] = {
         and not storage.exists(storage.join(out, "summary.json"))
     ),
     "tune": lambda out: storage.exists(storage.join(out, "search.json")),
-    "data import": lambda out: (_json(storage.join(out, "meta.json")) or {}).get("generator") == "puma_ray.importers",
+    "data import": lambda out: (
+        (read_record(storage.join(out, "meta.json")) or {}).get("generator") == "puma_ray.importers"
+    ),
     "models import": lambda out: storage.exists(storage.join(out, "puma_import.json")),
 }
 
 
 def written_by(output: str) -> str | None:
     """The command whose marker ``output`` holds (None: no marker)."""
-    record = _json(storage.join(output, MARKER))
+    record = read_record(storage.join(output, MARKER))
     return record.get("command") if isinstance(record, dict) else None
 
 
@@ -229,3 +232,96 @@ def check_output_file(
 def stamp(report: dict, command: str, config=None) -> dict:
     """``report`` with the marker of ``command`` under ``"written_by"`` (a one-file output)."""
     return {**report, "written_by": marker(command, config)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Staged writes: nothing half-written is visible, and a failed run leaves the previous output whole
+
+STAGING = ".staging"
+PUBLISH = "publish.json"
+
+
+def staged(out: str, *names: str) -> str:
+    """Where a command writes what it will publish as ``out/name/...``: ``out/.staging/name/...``."""
+    return storage.join(out, STAGING, *names)
+
+
+def start_staging(out: str, keep: Iterable[str] = ()) -> None:
+    """Before a command stages anything in ``out``: finish the publish an earlier run was cut off in
+    (:func:`finish_publish`), then discard what an earlier failed run staged but the names in
+    ``keep`` (a resumable stage keeps its finished parts and checks them itself)."""
+    finish_publish(out)
+    kept = tuple(staged(out, name) + "/" for name in keep)
+    for uri in storage.list_files(staged(out)):
+        if not uri.startswith(kept):
+            storage.delete_file(uri)
+
+
+def publish(out: str, names: list[str], retire: Iterable[str] = ()) -> None:
+    """Make each staged ``out/.staging/<name>`` (a file or a directory) the output's ``out/<name>``.
+
+    1. ``out/.staging/publish.json`` records every staged name's files: the commit point (from here
+       on the publish is finished, by this run or by :func:`finish_publish` in the next one);
+    2. the old output's records ``retire`` (its manifest, summary; files or directories) are deleted: until the caller
+       writes the new ones the output is visibly incomplete, and readers refuse it
+       (:func:`check_published`);
+    3. per name, final files that are not staged are deleted and the staged ones moved over (a
+       rename locally, copy + delete per object on S3);
+    4. the staging directory is deleted, ``publish.json`` last.
+    Names with nothing staged are left as they are. The caller writes its record last."""
+    record: dict = {"retire": list(retire), "names": {}}
+    for name in names:
+        kind = _kind(staged(out, name))
+        if kind == pafs.FileType.File:
+            record["names"][name] = None
+        elif kind == pafs.FileType.Directory:
+            record["names"][name] = [u[len(staged(out, name)) + 1 :] for u in storage.list_files(staged(out, name))]
+    storage.write_json(storage.join(staged(out), PUBLISH), record)
+    finish_publish(out)
+
+
+def finish_publish(out: str) -> bool:
+    """Finish the publish recorded in ``out/.staging/publish.json`` (steps 2-4 of :func:`publish`;
+    every step may be repeated). False when there is none."""
+    record_uri = storage.join(staged(out), PUBLISH)
+    record = read_record(record_uri)
+    if not isinstance(record, dict):
+        return False
+    for name in record["retire"]:
+        storage.delete_file(storage.join(out, name))
+        storage.delete_dir(storage.join(out, name))
+    for name, files in record["names"].items():
+        src, dst = staged(out, name), storage.join(out, name)
+        if files is None:
+            if storage.exists(src):
+                storage.move(src, dst)
+            continue
+        keep = set(files)
+        for uri in storage.list_files(dst):
+            if uri[len(dst) + 1 :] not in keep:
+                storage.delete_file(uri)
+        for f in files:
+            if storage.exists(storage.join(src, f)):
+                storage.move(storage.join(src, f), storage.join(dst, f))
+    for uri in storage.list_files(staged(out)):
+        if uri != record_uri:
+            storage.delete_file(uri)
+    storage.delete_dir(staged(out))
+    return True
+
+
+def final(out: str, uri: str) -> str:
+    """The URI a staged ``uri`` of ``out`` will have once published (any other URI as it is)."""
+    prefix = staged(out) + "/"
+    return storage.join(out, uri[len(prefix) :]) if uri.startswith(prefix) else uri
+
+
+def check_published(uri: str) -> None:
+    """Refuse (one line) a store or data directory whose output is in the middle of a publish (a run
+    cut off between its commit point and its last write)."""
+    parent = uri.rstrip("/").rsplit("/", 1)[0]
+    if storage.exists(storage.join(staged(parent), PUBLISH)):
+        raise PumaError(
+            f"{uri}: its output {parent} is being replaced (a run was cut off while publishing it); "
+            "re-run the command that writes it to finish"
+        )

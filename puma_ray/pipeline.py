@@ -16,12 +16,12 @@ from puma_ray.config import NEEDS_SOURCE_MODEL, EvaluateConfig, MigrateConfig, M
 from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.evaluate import evaluate, store_run
-from puma_ray.heads import save_head
+from puma_ray.heads import HEAD_FILES, save_head
 from puma_ray.llm import store_meta
 from puma_ray.profile import profile_users
 from puma_ray.report import format_table, write_report
 from puma_ray.retrain import retrain_flagged
-from puma_ray.rewrite import rewrite_store
+from puma_ray.rewrite import STAGED, commit, rewrite_store
 from puma_ray.runtime import init_ray
 from puma_ray.schema import check_interactions_input, read_store_meta, store_user_ids
 from puma_ray.select import read_selected, select_users
@@ -30,6 +30,8 @@ from puma_ray.sources import join_sources, source_metas
 from puma_ray.stage2 import train_adapter
 
 COMMAND = "migrate"
+# what a migration step stages and publishes beside its prompt store (puma_ray.outputs)
+PUBLISHED = ("profile", "selection", "adapter", *HEAD_FILES, "source_joined")
 
 
 def migrate_step(
@@ -51,18 +53,19 @@ def migrate_step(
     if cfg.select.strategy in NEEDS_SOURCE_MODEL:
         check_source_model(cfg.select, cfg.sources)  # before any work
     outputs.mark_output(root or out, COMMAND, cfg)
-    src = join_sources(cfg.sources, storage.join(out, "source_joined"))
+    outputs.start_staging(out, keep=STAGED if cfg.rewrite.resume else ())  # published together below
+    src = join_sources(cfg.sources, outputs.staged(out, "source_joined"))
     cfg = cfg.model_copy(update={"prompt_length": src.meta.prompt_length})
     meta = store_meta(cfg.model.path, cfg.task, cfg.template, src.meta.prompt_length, "rewrite")
     sources = " + ".join(m.model for m in src.metas)
     say(f"migrate: {sources} (d={src.meta.hidden_size}) -> {cfg.model.path} (d={meta.hidden_size})")
 
     t_profile = time.time()
-    profile = profile or profile_users(cfg.data.train, cfg.task, storage.join(out, "profile"))
+    profile = profile or profile_users(cfg.data.train, cfg.task, outputs.staged(out, "profile"))
     t_select = time.time()
-    sel_out = storage.join(out, "selection")
+    sel_out = outputs.staged(out, "selection")
     selection = select_users(cfg.select, src.uri, profile["uri"], sel_out, cfg.data.train, cfg.task, cfg.scoring)
-    users = read_selected(storage.join(out, "selection"))
+    users = read_selected(sel_out)
     t_train = time.time()
     trained = train_adapter(cfg, src, meta.hidden_size, users, profile["users"], callbacks)
 
@@ -70,11 +73,13 @@ def migrate_step(
     origins = [
         {"model": m.model, "model_fingerprint": m.model_fingerprint, "hidden_size": m.hidden_size} for m in src.metas
     ]
-    adapter_uri = storage.join(out, "adapter")
+    adapter_uri = outputs.staged(out, "adapter")
     save_adapter(adapter_uri, trained.model.adapter, origins, target, src.meta.prompt_length, meta.template)
-    save_head(out, trained.model.head, cfg.task, cfg.head.model_dump(), meta.model_fingerprint, meta.hidden_size)
+    head = (meta.model_fingerprint, meta.hidden_size)
+    save_head(outputs.staged(out), trained.model.head, cfg.task, cfg.head.model_dump(), *head)
     t_rewrite = time.time()
     manifest = rewrite_store(src.uri, adapter_uri, meta, out, cfg.rewrite) if rewrite else None
+    commit(out, manifest, PUBLISHED, retire=("summary.json", "evaluation.json"))
     summary = {
         "stage": "migrate",
         "model": cfg.model.path,

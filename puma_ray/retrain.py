@@ -22,6 +22,7 @@ from puma_ray.console import say
 from puma_ray.data import join_on
 from puma_ray.errors import PumaError
 from puma_ray.evaluate import evaluate
+from puma_ray.heads import HEAD_FILES
 from puma_ray.schema import StoreMeta, decode_prompts, prompt_store_schema, prompt_table, read_store_meta
 from puma_ray.stage1 import read_users, train_prompts
 
@@ -48,15 +49,14 @@ def _as_new(batch: pa.Table) -> pa.Table:
 
 def replace_users(base_uri: str, update_uri: str, out_uri: str) -> dict:
     """``out_uri``/prompts: the store ``base_uri`` with the users of ``update_uri`` (a store of the
-    same model and width) holding their prompts from there; ``out_uri``/manifest.json written last
-    after checking every base user is there once and every update user replaced. -> the manifest."""
+    same model and width) holding their prompts from there, staged in ``out_uri`` and published
+    (with the head staged beside it) after checking every base user is there once and every update
+    user replaced; ``out_uri``/manifest.json written last. -> the manifest."""
     t0 = time.time()
     meta, update_meta = read_store_meta(base_uri), read_store_meta(update_uri)
     if (update_meta.model_fingerprint, update_meta.width) != (meta.model_fingerprint, meta.width):
         raise PumaError(f"{update_uri}: made for another model or width than {base_uri}")
-    manifest_uri, store_uri = storage.join(out_uri, "manifest.json"), storage.join(out_uri, "prompts")
-    if storage.exists(manifest_uri):
-        storage.delete_file(manifest_uri)
+    store_uri = outputs.staged(out_uri, "prompts")
     storage.delete_dir(store_uri)
     base_rows, update_rows = storage.parquet_rows(base_uri), storage.parquet_rows(update_uri)
     base = storage.ray_read_parquet(base_uri, columns=["user_id", "prompt"])
@@ -73,8 +73,9 @@ def replace_users(base_uri: str, update_uri: str, out_uri: str) -> dict:
             f"{store_uri}: wrote {rows:,} users ({replaced:,} replaced), expected {base_rows:,} ({update_rows:,})"
         )
     manifest = {"base": base_uri, "update": update_uri, "rows": rows, "replaced": replaced, "wall_s": time.time() - t0}
-    manifest["files"] = sorted(parts["file"].tolist())
-    storage.write_json(manifest_uri, manifest)
+    manifest["files"] = sorted(outputs.final(out_uri, f) for f in parts["file"])
+    outputs.publish(out_uri, ["prompts", *HEAD_FILES], retire=["manifest.json", "summary.json"])
+    storage.write_json(storage.join(out_uri, "manifest.json"), manifest)
     return manifest
 
 
@@ -88,8 +89,9 @@ def retrain_flagged(cfg: MigrateConfig, evaluation: dict, ev: EvaluateConfig) ->
         return evaluation
     t0 = time.time()
     gated = storage.join(out, "gated")
-    for name in ("head.safetensors", "head.json"):  # the final run's head, and the retrain's (fixed) init
-        storage.write_bytes(storage.join(gated, name), storage.read_bytes(storage.join(out, name)))
+    outputs.start_staging(gated)
+    for name in HEAD_FILES:  # the final run's head, and the retrain's (fixed) init
+        storage.write_bytes(outputs.staged(gated, name), storage.read_bytes(storage.join(out, name)))
     meta = read_store_meta(storage.join(out, "prompts"))
     flagged = storage.join(gate["uri"], "flagged")
     # its own Ray Train run per flagged set and settings: a rerun resumes it, another gate starts anew
@@ -105,7 +107,7 @@ def retrain_flagged(cfg: MigrateConfig, evaluation: dict, ev: EvaluateConfig) ->
             "output_mode": cfg.output_mode,
             "prompt_length": meta.prompt_length,
             "template": meta.template,
-            "init_head": gated,
+            "init_head": outputs.staged(gated),
             "init_prompts": storage.join(out, "prompts"),
             "users": flagged,
             "train": cfg.gate.train.model_dump(),

@@ -6,10 +6,15 @@ sends units to an actor pool (the adapter loads once per actor; ``rewrite.num_gp
 actor streams its unit's rows through the adapter into ``prompts/part-<unit>-<k>.parquet`` and
 then writes ``rewrite_state/unit-<unit>.json`` (rows, per-file sha256). Nothing is held whole.
 
-Resumable, exactly once: a re-run with the same output, input and adapter keeps every unit that
-has its marker, deletes leftovers of unfinished units, and rewrites only those. The manifest
-(input/output, row counts, adapter fingerprint, files with checksums) is written LAST, after
-the output was checked to hold every input user exactly once: no manifest = incomplete store.
+Staged (puma_ray.outputs): units are written under ``OUT/.staging/prompts`` with their markers in
+``OUT/.staging/rewrite_state``; only when every input user is there exactly once does
+:func:`commit` publish them as ``OUT/prompts`` and write the manifest (input/output, row counts,
+adapter fingerprint, files with checksums) LAST. No manifest = an incomplete store; a failed or
+killed rewrite leaves the previous complete output as it was.
+
+Resumable, exactly once: a re-run with the same output, input and adapter keeps every staged unit
+that has its marker, deletes leftovers of unfinished units, and rewrites only those; a re-run of a
+complete rewrite (same plan) does nothing.
 """
 
 from __future__ import annotations
@@ -189,18 +194,34 @@ def _duplicates(store_uri: str) -> int:
     return counts.filter(expr=col("n") > 1).count()
 
 
+STAGED = ("prompts", "rewrite_state")  # what a resumed rewrite keeps of an earlier run's staging
+
+
+def _complete(out_uri: str, plan_sha256: str) -> dict | None:
+    """The manifest of a complete rewrite of the same plan at ``out_uri`` (every file still there), else None."""
+    manifest = outputs.read_record(storage.join(out_uri, "manifest.json"))
+    if not manifest or manifest.get("plan_sha256") != plan_sha256:
+        return None
+    present = set(storage.list_files(storage.join(out_uri, "prompts"), ".parquet"))
+    return manifest if all(f["uri"] in present for f in manifest["output"]["files"]) else None
+
+
 def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: str, rcfg: RewriteConfig) -> dict:
-    """Rewrite every prompt of ``source_uri`` into ``out_uri/prompts``; write ``out_uri/manifest.json`` last."""
+    """Rewrite every prompt of ``source_uri`` into the staged ``out_uri/.staging/prompts`` -> the
+    manifest (URIs as published); :func:`commit` publishes the store and writes the manifest."""
     t0 = time.time()
-    manifest_uri, store_uri, state_uri = (
-        storage.join(out_uri, p) for p in ("manifest.json", "prompts", "rewrite_state")
-    )
-    if storage.exists(manifest_uri):
-        storage.delete_file(manifest_uri)  # from here on the old store is visibly incomplete
+    store_uri, state_uri = (outputs.staged(out_uri, p) for p in STAGED)
     adapter_info = storage.read_json(storage.join(adapter_uri, "adapter.json"))
     units = plan_units(source_uri, rcfg)
     n_in = sum(u["rows"] for u in units)
     plan = {"source": source_uri, "adapter": adapter_info["fingerprint"], "target": meta.__dict__, "units": units}
+    plan_sha256 = outputs.config_hash(plan)
+    previous = _complete(out_uri, plan_sha256) if rcfg.resume else None
+    if previous is not None:
+        storage.delete_dir(store_uri)  # another plan's leftovers must not be published with it
+        storage.delete_dir(state_uri)
+        say(f"rewrite: {out_uri} already holds this rewrite ({n_in:,} users); nothing to do")
+        return previous
     done = _start_or_resume(plan, store_uri, state_uri, rcfg.resume)
     todo = [u for u in units if u["unit"] not in done]
     say(
@@ -224,26 +245,36 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
             done[m["unit"]] = m
             progress.add(m["rows"])
         progress.close()
-    files = [f for u in sorted(done) for f in done[u]["files"]]
+    staged_files = [f for u in sorted(done) for f in done[u]["files"]]
+    files = [{**f, "uri": outputs.final(out_uri, f["uri"])} for f in staged_files]
     n_out = sum(f["rows"] for f in files)
     proven = _disjoint_unique(list(done.values()))
     dup = _duplicates(store_uri) if rcfg.verify and not proven else 0
     if len(done) != len(units) or n_out != n_in or dup:
         raise PumaError(f"{store_uri}: rewrite wrote {n_out} rows ({dup} users more than once) for {n_in} input users")
     manifest = {
-        "input": {"uri": source_uri, "rows": n_in},
-        "output": {"uri": store_uri, "rows": n_out, "files": files},
-        "adapter": {"uri": adapter_uri, "fingerprint": adapter_info["fingerprint"]},
+        "input": {"uri": outputs.final(out_uri, source_uri), "rows": n_in},
+        "output": {"uri": storage.join(out_uri, "prompts"), "rows": n_out, "files": files},
+        "adapter": {"uri": outputs.final(out_uri, adapter_uri), "fingerprint": adapter_info["fingerprint"]},
         "target": meta.__dict__,
+        "plan_sha256": plan_sha256,
         "verified_unique": proven or rcfg.verify,
         "unique_by": "disjoint unit id ranges" if proven else ("rows per user" if rcfg.verify else None),
         "wall_s": time.time() - t0,
         # the busiest actor's time reading, adapting and writing its units: the rewrite's own loop
         "loop_s": _busiest_actor_s(done.values()),
     }
-    storage.write_json(manifest_uri, manifest)
     say(f"rewrite: {n_out:,} users exactly once in {len(files)} file(s), {manifest['wall_s']:.1f} s")
     return manifest
+
+
+def commit(out_uri: str, manifest: dict | None, names: tuple[str, ...] = (), retire: tuple[str, ...] = ()) -> None:
+    """Publish what is staged in ``out_uri`` (the rewritten store and ``names``), then write the
+    manifest: the output's last write (puma_ray.outputs.publish). The old manifest and ``retire``
+    are deleted first."""
+    outputs.publish(out_uri, ["prompts", *names], retire=["manifest.json", *retire])
+    if manifest is not None:
+        storage.write_json(storage.join(out_uri, "manifest.json"), manifest)
 
 
 COMMAND = "rewrite"
@@ -280,5 +311,8 @@ def rewrite(cfg: RewriteJobConfig) -> dict:
     meta = store_meta(cfg.model.path, cfg.task, template, metas[0].prompt_length, "rewrite")
     init_ray(cfg.ray, cfg.storage)
     outputs.mark_output(cfg.output, COMMAND, cfg)
-    joined = join_sources(cfg.sources, storage.join(cfg.output, "source_joined"))
-    return rewrite_store(joined.uri, cfg.adapter, meta, cfg.output, cfg.rewrite)
+    outputs.start_staging(cfg.output, keep=STAGED if cfg.rewrite.resume else ())
+    joined = join_sources(cfg.sources, outputs.staged(cfg.output, "source_joined"))
+    manifest = rewrite_store(joined.uri, cfg.adapter, meta, cfg.output, cfg.rewrite)
+    commit(cfg.output, manifest, ("source_joined",))
+    return manifest

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from puma_ray import storage, templates
+from puma_ray import outputs, storage, templates
 from puma_ray.errors import PumaError
 
 FORMAT_VERSION = 1
@@ -115,6 +115,7 @@ def check_interactions_input(uri: str, task: str) -> int:
     one row, and labels inside the task's range as far as the footers' statistics show (a file whose
     statistics show one outside has its labels read, and the first ones are named). NaN is in no
     statistic: :func:`check_interaction_values`, on every batch read, finds it. Returns the rows."""
+    outputs.check_published(uri)
     check_interactions_schema(uri, storage.read_schema(uri))
     footers = storage.parquet_footers(uri)
     rows = sum(md.num_rows for _, md in footers)
@@ -285,6 +286,7 @@ def check_store_input(uri: str) -> StoreMeta:
     here), at least one user, and no infinite prompt value as far as the footers' statistics show (a
     file whose statistics show one has its prompts decoded, and the users are named). NaN is in no
     statistic: :func:`decode_prompts` finds it where prompts are read. Returns the metadata."""
+    outputs.check_published(uri)
     schema = storage.read_schema(uri)
     meta = StoreMeta.from_metadata(uri, schema.metadata)
     typ = schema.field("prompt").type if "prompt" in schema.names else None

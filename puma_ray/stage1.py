@@ -25,7 +25,7 @@ from puma_ray.config import HeadConfig, PromptsConfig, TrainConfig
 from puma_ray.console import say
 from puma_ray.data import keep_users, load_interactions, shard_by_user
 from puma_ray.errors import PumaError, user_errors
-from puma_ray.heads import build_head, load_head, save_head
+from puma_ray.heads import HEAD_FILES, build_head, load_head, save_head
 from puma_ray.llm import FrozenLM, row_texts, store_meta
 from puma_ray.runtime import init_ray
 from puma_ray.schema import (
@@ -258,12 +258,14 @@ def train_prompts(cfg: PromptsConfig, callbacks: tuple = ()) -> dict:
     if users is not None:  # the shards hold only these users' rows
         key["users"] = outputs.config_hash({"users": users.to_pylist()})
     shards = shard_by_user(datasets, world, storage.join(cfg.run.storage_path, f"{cfg.run.name}-shards"), key)
-    store = storage.join(cfg.output, "prompts")
     outputs.mark_output(cfg.output, COMMAND, cfg)
-    storage.delete_dir(store)
+    outputs.start_staging(cfg.output)  # the store and head are staged, then published together
+    store = outputs.staged(cfg.output, "prompts")
     identity = {"users": key["users"]} if users is not None else {}
     trained = fit(PromptsTrainable(cfg, meta.hidden_size, train_rows, shards, store, meta, identity), callbacks)
-    save_head(cfg.output, trained.model.head, cfg.task, cfg.head.model_dump(), meta.model_fingerprint, meta.hidden_size)
+    head = (meta.model_fingerprint, meta.hidden_size)
+    save_head(outputs.staged(cfg.output), trained.model.head, cfg.task, cfg.head.model_dump(), *head)
+    outputs.publish(cfg.output, ["prompts", *HEAD_FILES], retire=["summary.json"])
     metrics = trained.metrics
     summary = {
         "stage": "prompts",

@@ -180,6 +180,16 @@ def delete_file(uri: str) -> None:
             fs.delete_file(path)
 
 
+def move(src: str, dst: str) -> None:
+    """Move one file ``src`` -> ``dst`` on the same filesystem (local: a rename; S3: copy + delete),
+    replacing ``dst``."""
+    fs, path = resolve(src)
+    _, to = resolve(dst)
+    with _errors(src):
+        _make_parent(fs, to)
+        fs.move(path, to)
+
+
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Files under a directory URI (recursive, sorted), as URIs."""
     fs, path = resolve(uri)

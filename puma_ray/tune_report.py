@@ -19,7 +19,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import yaml
 
-from puma_ray import storage
+from puma_ray import outputs, storage
 from puma_ray.config import TuneConfig, nest
 from puma_ray.console import say
 from puma_ray.errors import PumaError, find_user_error
@@ -69,7 +69,18 @@ def trial_row(result, cfg: TuneConfig) -> dict:
     m = result.metrics or {}
     trial_id = os.path.basename(str(result.path).rstrip("/"))  # trial dirs are named by _trial_dirname
     out = storage.join(cfg.output, "trials", trial_id)
-    sel_uri = storage.join(out, "selection", "selection.json")
+    # a trial stopped by the scheduler never publishes its output: its selection is still staged
+    sel_uri = next(
+        (
+            u
+            for u in (
+                storage.join(out, "selection", "selection.json"),
+                outputs.staged(out, "selection", "selection.json"),
+            )
+            if storage.exists(u)
+        ),
+        None,
+    )
     done = storage.exists(storage.join(out, "summary.json")) and storage.exists(
         storage.join(out, "adapter", "adapter.json")
     )
@@ -84,7 +95,7 @@ def trial_row(result, cfg: TuneConfig) -> dict:
         "epochs_done": m.get("epochs_done", 0),
         "epochs": cfg.base.train.epochs,
         cfg.metric: m.get(cfg.metric),
-        "selected_users": storage.read_json(sel_uri)["selected"] if storage.exists(sel_uri) else None,
+        "selected_users": storage.read_json(sel_uri)["selected"] if sel_uri else None,
         "lm_sample_passes": m.get("lm_sample_passes"),
         "wall_s": m.get("time_total_s"),
         "train_wall_s": m.get("wall_s"),

@@ -34,7 +34,7 @@ import requests
 import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from puma_ray import storage
+from puma_ray import outputs, storage
 from puma_ray.llm import model_info
 from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table, read_prompt_store
 
@@ -259,7 +259,7 @@ def test_jobs_on_a_local_multi_node_cluster(local_cluster, s3_bucket, tiny_model
         "rewrite": {"batch_size": 60, "min_rows_per_file": 120, "max_rows_per_file": 120},
     }
     storage.write_bytes(f"{b}/configs/rewrite.yaml", yaml.safe_dump(rw).encode())
-    state = f"{b}/out/rewrite/rewrite_state"
+    state = outputs.staged(f"{b}/out/rewrite", "rewrite_state")
     job = submit(client, "rewrite", f"{b}/configs/rewrite.yaml")
     wait(client, job, {JobStatus.RUNNING}, timeout=300, poll=0.2)
     deadline = time.time() + 300

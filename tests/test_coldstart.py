@@ -11,7 +11,7 @@ import torch
 from sklearn.cluster import KMeans
 
 from puma_ray import config as C
-from puma_ray import storage
+from puma_ray import outputs, storage
 from puma_ray.coldstart import cold_start
 from puma_ray.errors import PumaError
 from puma_ray.heads import load_head
@@ -53,7 +53,7 @@ def test_coldstart_gives_each_new_user_its_best_centroid(arrivals, ray_session):
     meta, ids, prompts = read_prompt_store(f"{out}/prompts")
     assert sorted(ids) == ids and all(u.startswith("new-") for u in ids) and len(ids) == NEW
     assert meta.stage == "coldstart"
-    assert not storage.exists(f"{out}/candidates")
+    assert not storage.exists(f"{out}/candidates") and not storage.exists(outputs.staged(out))
 
     # Every prompt is a centroid; it is the one with the lowest loss on the user's rows.
     _, known, migrated = read_prompt_store(f"{arrivals['run']}/prompts")

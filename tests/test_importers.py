@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from puma_ray import schema, storage
+from puma_ray import outputs, schema, storage
 from puma_ray.config import ImportOptions
 from puma_ray.datasets import importers
 from puma_ray.datasets.importers import import_interactions
@@ -417,7 +417,8 @@ def test_deterministic_bytes_and_reimport(tmp_path):
         k: v for k, v in chunked.items() if k != "meta.json"
     }
     assert first == run(str(tmp_path / "a"))  # a previous import is replaced
-    assert sorted(first) == ["meta.json", *(f"{s}/part-{b:05d}.parquet" for s in ("train", "valid") for b in range(3))]
+    parts = [f"{s}/part-{b:05d}.parquet" for s in ("train", "valid") for b in range(3)]
+    assert sorted(first) == [outputs.MARKER, "meta.json", *parts]  # nothing staged is left
     # another process with another hash seed writes the same bytes
     code = (
         "import sys; from puma_ray.datasets.importers import ImportOptions as O, import_interactions as run; "

@@ -10,7 +10,7 @@ import pytest
 from test_rewrite import make_adapter
 
 from puma_ray import config as C
-from puma_ray import storage
+from puma_ray import outputs, storage
 from puma_ray.data import hashed_fraction
 from puma_ray.errors import PumaError
 from puma_ray.llm import model_info
@@ -76,6 +76,11 @@ def test_migrate_ctr(tmp_path, tiny_models, ctr_data, ray_session):
     assert report["summary"]["source_users"] == len(users) + 2  # ...but every user is still rewritten
     _, ids, _ = read_prompt_store(str(tmp_path / "mc" / "prompts"))
     assert sorted(ids) == sorted(users + ["ghost1", "ghost2"])
+    # everything was staged and published: nothing left in the staging, every part in place
+    out = str(tmp_path / "mc")
+    assert not storage.exists(outputs.staged(out))
+    for part in ("profile", "selection", "adapter/adapter.json", "head.json", "head.safetensors", "manifest.json"):
+        assert storage.exists(f"{out}/{part}"), part
 
 
 def test_chain_and_aggregate(tmp_path, tiny_models, rating_data, ray_session):

@@ -229,3 +229,71 @@ def test_cli_refuses_a_foreign_output(runs, no_ray, monkeypatch, capsys, command
     cfg = _config(root, "job", {**body, "output": "busy", "output_mode": "nope"})
     assert main([*command, "--config", cfg]) == 2
     assert "output_mode" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Staged writes (issue 25, item 2): publish is all or nothing for readers, and finishes after a cut
+
+
+def _tree(root: str) -> dict[str, bytes]:
+    return {u[len(root) + 1 :]: storage.read_bytes(u) for u in storage.list_files(root)}
+
+
+def _old_and_staged(out: str) -> None:
+    """A complete earlier output (prompts a, b + summary) and a new one staged (prompts b, c + a head)."""
+    for name in ("a", "b"):
+        storage.write_bytes(storage.join(out, "prompts", f"{name}.parquet"), b"old " + name.encode())
+    storage.write_json(storage.join(out, "summary.json"), {"stage": "prompts", "run": "old"})
+    for name in ("b", "c"):
+        storage.write_bytes(outputs.staged(out, "prompts", f"{name}.parquet"), b"new " + name.encode())
+    storage.write_bytes(outputs.staged(out, "head.json"), b"new head")
+
+
+@pytest.fixture(params=["local", "s3"])
+def out_root(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "out")
+    return storage.join(request.getfixturevalue("s3_bucket"), "out")
+
+
+def test_publish_replaces_the_output_at_once(out_root):
+    out = out_root
+    _old_and_staged(out)
+    outputs.publish(out, ["prompts", "head.json", "adapter"], retire=["summary.json"])  # adapter: nothing staged
+    assert _tree(out) == {"prompts/b.parquet": b"new b", "prompts/c.parquet": b"new c", "head.json": b"new head"}
+    outputs.check_published(storage.join(out, "prompts"))  # nothing pending
+
+
+def test_a_publish_cut_off_is_refused_by_readers_and_finished_by_the_next_run(out_root, monkeypatch):
+    out = out_root
+    _old_and_staged(out)
+    real_move, moves = storage.move, []
+
+    def cut_after_one(src: str, dst: str) -> None:
+        if moves:
+            raise RuntimeError("killed")
+        moves.append(dst)
+        real_move(src, dst)
+
+    monkeypatch.setattr(storage, "move", cut_after_one)
+    with pytest.raises(RuntimeError, match="killed"):
+        outputs.publish(out, ["prompts", "head.json"], retire=["summary.json"])
+    monkeypatch.setattr(storage, "move", real_move)
+    assert len(moves) == 1 and not storage.exists(storage.join(out, "summary.json"))  # visibly incomplete
+    with pytest.raises(PumaError, match="being replaced .* re-run the command"):
+        outputs.check_published(storage.join(out, "prompts"))
+    outputs.start_staging(out)  # what the next run of the command does first
+    assert _tree(out) == {"prompts/b.parquet": b"new b", "prompts/c.parquet": b"new c", "head.json": b"new head"}
+    outputs.check_published(storage.join(out, "prompts"))
+
+
+def test_a_run_that_fails_before_publishing_leaves_the_previous_output_whole(out_root):
+    out = out_root
+    _old_and_staged(out)  # the new run staged its files, then failed: no publish
+    before = {k: v for k, v in _tree(out).items() if not k.startswith(outputs.STAGING)}
+    outputs.check_published(storage.join(out, "prompts"))  # readers see the old output, complete
+    storage.write_bytes(outputs.staged(out, "rewrite_state", "unit-000000.json"), b"{}")
+    outputs.start_staging(out, keep=["rewrite_state"])  # a resumable stage keeps its finished parts
+    assert _tree(out) == {**before, f"{outputs.STAGING}/rewrite_state/unit-000000.json": b"{}"}
+    outputs.start_staging(out)
+    assert _tree(out) == before

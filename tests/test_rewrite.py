@@ -14,14 +14,14 @@ import pytest
 import ray
 import yaml
 
-from puma_ray import storage
+from puma_ray import outputs, storage
 from puma_ray.adapter import MigrationAdapter, save_adapter
 from puma_ray.config import RewriteConfig, RewriteJobConfig, ScoringConfig, build
 from puma_ray.errors import PumaError
 from puma_ray.llm import model_info
 from puma_ray.rewrite import actors_for, plan_units, rewrite
 from puma_ray.runtime import CORES, actor_pool_size, cores, task_concurrency
-from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table
+from puma_ray.schema import StoreMeta, check_store_input, prompt_store_schema, prompt_table
 
 
 def chunked_store(uri, model_path, n_users, rows_per_group, seed=0, ids=None):
@@ -122,15 +122,18 @@ def test_small_stores_start_fewer_actors():
 
 
 def test_killed_rewrite_resumes_exactly_once(tmp_path, tiny_models, ray_session):
-    """Kill `puma-ray rewrite` (its whole process group) midway, re-run with the same output:
-    every user exactly once, and files finished before the kill are neither rewritten nor moved."""
+    """Kill `puma-ray rewrite` (its whole process group) midway through replacing an earlier complete
+    rewrite: the earlier output stays whole and readable; re-run with the same output: every user
+    exactly once, and files finished before the kill are neither rewritten nor changed."""
 
     n = 6000
-    src = chunked_store(str(tmp_path / "src"), tiny_models["llama"], n, rows_per_group=20)
     out = str(tmp_path / "out")
+    old_src = chunked_store(str(tmp_path / "old"), tiny_models["llama"], 100, rows_per_group=50, seed=3)
+    old = rewrite(job(tmp_path, tiny_models, old_src, out, min_rows_per_file=50, max_rows_per_file=50))
+    src = chunked_store(str(tmp_path / "src"), tiny_models["llama"], n, rows_per_group=20)
     cfg = job(tmp_path, tiny_models, src, out, min_rows_per_file=20, max_rows_per_file=20)
     (tmp_path / "rewrite.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
-    state = f"{out}/rewrite_state"
+    state = outputs.staged(out, "rewrite_state")
     proc = subprocess.Popen(
         [sys.executable, "-m", "puma_ray.cli", "rewrite", "--config", str(tmp_path / "rewrite.yaml"), "ray.num_cpus=2"],
         start_new_session=True,
@@ -148,9 +151,12 @@ def test_killed_rewrite_resumes_exactly_once(tmp_path, tiny_models, ray_session)
         err = proc.communicate()[1].decode()
     markers = [u for u in storage.list_files(state, ".json") if "unit-" in u]
     assert 10 <= len(markers) < n // 20, f"the rewrite was not caught midway ({len(markers)} units done)\n{err[-2000:]}"
-    assert not storage.exists(f"{out}/manifest.json")
+    assert storage.read_json(f"{out}/manifest.json") == old  # the earlier rewrite, whole and readable
+    assert check_store_input(f"{out}/prompts") and ids_of(f"{out}/prompts") == [f"user{j:06d}" for j in range(100)]
     finished = {
-        f["uri"]: (os.stat(f["uri"]).st_mtime_ns, f["sha256"]) for m in markers for f in storage.read_json(m)["files"]
+        outputs.final(out, f["uri"]): (os.stat(f["uri"]).st_mtime_ns, f["sha256"])
+        for m in markers
+        for f in storage.read_json(m)["files"]
     }
 
     manifest = rewrite(cfg)
@@ -160,6 +166,8 @@ def test_killed_rewrite_resumes_exactly_once(tmp_path, tiny_models, ray_session)
     for uri, (mtime, sha) in finished.items():
         assert os.stat(uri).st_mtime_ns == mtime and after[uri] == sha
     assert len(after) == n // 20
+    assert not storage.exists(outputs.staged(out))
+    assert rewrite(cfg) == manifest  # a complete rewrite of the same plan: nothing to do
 
 
 def test_changed_input_starts_over(tmp_path, tiny_models, ray_session):

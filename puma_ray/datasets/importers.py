@@ -9,7 +9,7 @@ Output (the layout of :mod:`puma_ray.datasets.synthetic`)::
     OUT/train/part-BBBBB.parquet, OUT/valid/part-BBBBB.parquet   exactly schema.interactions_schema(task):
         user_id string, item_id string, label float32, item_text string, [history_text list<string> (ctr)],
         timestamp int64 (unix seconds); rows sorted by (user_id, timestamp, item_id) within each part
-    OUT/meta.json   generator ("puma_ray.importers"), complete (false while an import runs), format, variant,
+    OUT/meta.json   generator ("puma_ray.importers"), complete (written last, after train/ and valid/), format, variant,
         source, files {interactions, items}, task, options, buckets, rows {train, valid}, users, items,
         rows_read (source records: lines, MIND impressions; rows_read = sum(dropped) + train + valid),
         dropped {reason: rows}, item_table {lines_read, malformed_line, missing_text, duplicate, items_with_text},
@@ -557,18 +557,19 @@ def import_interactions(fmt: str, src: str, out: str, opts: ImportOptions, overw
     """Import the ``fmt`` data set at ``src`` into ``out`` (see the module docstring); returns the meta.json dict.
 
     A previous import at ``out`` is replaced; any other non-empty ``out`` is refused unless ``overwrite``,
-    and so is an ``out`` that is or holds a file it reads (puma_ray.outputs). Until the import
-    ends, OUT/meta.json says ``"complete": false``. An import that keeps no row (every record dropped)
-    is a one-line PumaError and leaves no file in ``out``.
+    and so is an ``out`` that is or holds a file it reads (puma_ray.outputs). train/ and valid/ are
+    staged and published at the end, meta.json last: a failed import leaves a previous one whole. An
+    import that keeps no row (every record dropped) is a one-line PumaError and leaves no file in
+    ``out`` (a previous import there as it was).
     """
     source = _open(fmt, src, opts)
     # the inputs are the files read (a format reads only files directly in src: an OUT inside src is apart)
     outputs.check_output(out, "data import", {"src": source.files}, overwrite, hint=outputs.TOOL_OVERWRITE_HINT)
     fresh = not storage.exists(out)
     n_buckets = opts.buckets or min(_MAX_AUTO_BUCKETS, max(1, math.ceil(source.size / _BUCKET_BYTES)))
-    tmp = storage.join(opts.tmp_dir, f"puma-import-{uuid.uuid4().hex}") if opts.tmp_dir else storage.join(out, "_tmp")
-    for sub in ("train", "valid", "_tmp"):
-        storage.delete_dir(storage.join(out, sub))
+    tmp = storage.join(opts.tmp_dir, f"puma-import-{uuid.uuid4().hex}") if opts.tmp_dir else outputs.staged(out, "tmp")
+    outputs.mark_output(out, "data import")  # train/ and valid/ are staged, published with meta.json last
+    outputs.start_staging(out)
     meta = {
         "generator": GENERATOR,
         "complete": False,
@@ -580,20 +581,17 @@ def import_interactions(fmt: str, src: str, out: str, opts: ImportOptions, overw
         "options": opts.model_dump(),
         "buckets": n_buckets,
     }
-    storage.write_json(storage.join(out, "meta.json"), meta)
     try:
         meta.update(_run(source, out, opts, _Buckets(tmp, n_buckets, _bucket_schema(source.task)), f"import {fmt}"))
     except _NothingKept as exc:
-        storage.delete_dir(tmp)
-        storage.delete_file(storage.join(out, "meta.json"))
-        for sub in ("train", "valid", "_tmp"):
-            storage.delete_dir(storage.join(out, sub))
+        storage.delete_dir(outputs.staged(out))
         if fresh:
             storage.delete_dir(out)
         raise PumaError(str(exc)) from None
     finally:
         storage.delete_dir(tmp)
     meta["complete"] = True
+    outputs.publish(out, ["train", "valid"], retire=["meta.json"])
     storage.write_json(storage.join(out, "meta.json"), meta)
     say(
         f"import {fmt}: {meta['rows_read']:,} records -> {meta['rows']['train']:,} train + {meta['rows']['valid']:,} "
@@ -661,7 +659,7 @@ def _run(source: Source, out: str, opts: ImportOptions, buckets: _Buckets, label
         for split, mask in (("train", ~valid), ("valid", valid)):
             part = table.filter(pa.array(mask))
             if part.num_rows:
-                with storage.parquet_writer(storage.join(out, split, f"part-{b:05d}.parquet"), iface) as w:
+                with storage.parquet_writer(outputs.staged(out, split, f"part-{b:05d}.parquet"), iface) as w:
                     w.write_table(part)
                 rows[split] += part.num_rows
         progress.add(1, detail=f"{rows['train'] + rows['valid']:,} rows written")
@@ -674,7 +672,7 @@ def _run(source: Source, out: str, opts: ImportOptions, buckets: _Buckets, label
         )
     for split, n in rows.items():
         if not n:
-            with storage.parquet_writer(storage.join(out, split, "part-00000.parquet"), iface) as w:
+            with storage.parquet_writer(outputs.staged(out, split, "part-00000.parquet"), iface) as w:
                 w.write_table(iface.empty_table())
     n_items = len(pc.unique(pa.chunked_array(out_items, pa.string()))) if out_items else 0
     stats = {

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from puma_ray import schema, storage
+from puma_ray import outputs, schema, storage
 from puma_ray.errors import PumaError
 
 WORDS_VERSION = 1
@@ -219,7 +219,8 @@ def synthesize(
     earlier clicked titles. The last 20% of each user's records (by time) are validation.
     ``prompt_width`` > 0 also writes ``prompts/``, a prompt store of every user (l = ``prompt_length``
     positions of d = ``prompt_width``; metadata from :func:`prompt_meta`), one part per chunk.
-    An existing output of this generator at ``out_uri`` is replaced. Returns the meta.json dict.
+    An existing output of this generator at ``out_uri`` is replaced (staged, published at the end with
+    meta.json last: a failed run leaves it whole). Returns the meta.json dict.
     """
     if not isinstance(users, int) or users < 1:
         raise PumaError(f"synthetic data: users must be an integer >= 1, got {users!r}")
@@ -238,12 +239,12 @@ def synthesize(
             f"got {prompt_width!r}, {prompt_length!r}"
         )
     pmeta = prompt_meta(task, prompt_width, prompt_length, prompt_model) if prompt_width else None
-    if storage.list_files(out_uri):
+    staging = outputs.staged(out_uri)
+    if any(not f.startswith(staging + "/") for f in storage.list_files(out_uri)):  # a failed run stages only
         meta_uri = storage.join(out_uri, "meta.json")
         if not storage.exists(meta_uri) or storage.read_json(meta_uri).get("generator") != "puma_ray.synthetic":
             raise PumaError(f"{out_uri}: not empty and not a synthetic data set; choose another output path")
-        for sub in ("train", "valid", "users", "prompts"):
-            storage.delete_dir(storage.join(out_uri, sub))
+    outputs.start_staging(out_uri)  # the parts are staged, published at the end, meta.json last
     item_table = _Items(seed, n_items)
     iface = schema.interactions_schema(task)
     if pmeta is not None:
@@ -256,13 +257,15 @@ def synthesize(
         for split, mask in (("train", pc.invert(table["valid"])), ("valid", table["valid"])):
             sub = table.filter(mask).drop_columns(["valid"])
             rows[split] += sub.num_rows
-            with storage.parquet_writer(storage.join(out_uri, split, part), iface) as w:
+            with storage.parquet_writer(outputs.staged(out_uri, split, part), iface) as w:
                 w.write_table(sub)
-        with storage.parquet_writer(storage.join(out_uri, "users", part), truth.schema) as w:
+        with storage.parquet_writer(outputs.staged(out_uri, "users", part), truth.schema) as w:
             w.write_table(truth)
         if pmeta is not None:
             prompts = _prompts(seed, index, latent, pmeta.width, proj)
-            with storage.parquet_writer(storage.join(out_uri, "prompts", part), schema.prompt_store_schema(pmeta)) as w:
+            with storage.parquet_writer(
+                outputs.staged(out_uri, "prompts", part), schema.prompt_store_schema(pmeta)
+            ) as w:
                 w.write_table(schema.prompt_table(pmeta, truth["user_id"], prompts))
         if progress:
             done = min(users, u0 + chunk_users)
@@ -284,5 +287,7 @@ def synthesize(
             "hidden_size": pmeta.hidden_size,
             "prompt_length": pmeta.prompt_length,
         }
+    gone = [] if pmeta is not None else ["prompts"]  # an earlier data set's prompts would not match
+    outputs.publish(out_uri, ["train", "valid", "users", "prompts"], retire=["meta.json", *gone])
     storage.write_json(storage.join(out_uri, "meta.json"), meta)
     return meta
