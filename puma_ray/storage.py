@@ -12,7 +12,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
@@ -31,6 +33,12 @@ _S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 S3_CONNECT_TIMEOUT_S = float(os.environ.get("PUMA_S3_CONNECT_TIMEOUT", 2))
 S3_REQUEST_TIMEOUT_S = float(os.environ.get("PUMA_S3_REQUEST_TIMEOUT", 3))
 S3_MAX_ATTEMPTS = int(os.environ.get("PUMA_S3_MAX_ATTEMPTS", 3))
+# The AWS SDK writes an error response's body (S3's XML) into the buffer that a ranged read provides:
+# a read smaller than that (a small JSON or Parquet file) then fails with this message, which the SDK
+# files as a non-retryable INTERNAL_FAILURE whatever the status was (a 503 SlowDown included). The
+# reads here retry it themselves (S3_MAX_ATTEMPTS in all, backoff below S3_READ_BACKOFF_S).
+_MISFILED = "Failed to flush response stream"
+S3_READ_BACKOFF_S = 2.0
 _SECRET_ENVS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")  # redacted from messages, should one echo them
 _DENIED = (
     "ACCESS_DENIED",
@@ -125,6 +133,16 @@ def _describe(uri: str, exc: BaseException) -> PumaError:
         detail = aws.group(3).split("Details: ")[-1]
         where = _s3_endpoint() or "(AWS default)"
         msg = f"cannot reach the S3 endpoint {where} after {S3_MAX_ATTEMPTS} attempt(s): {detail}"
+    elif aws and _MISFILED in aws.group(3):
+        msg = (
+            f"the S3 endpoint answered {aws.group(2)} with an error after {S3_MAX_ATTEMPTS} attempt(s) "
+            f"(the AWS SDK lost its status: {aws.group(3).strip()})"
+        )
+    elif aws and re.search(r"HTTP status 5\d\d|INTERNAL_FAILURE|SLOW_DOWN|SERVICE_UNAVAILABLE|THROTTL", aws.group(1)):
+        detail = aws.group(3).replace("No response body.", "").strip()
+        msg = f"the S3 endpoint failed {aws.group(2)} after {S3_MAX_ATTEMPTS} attempt(s): {aws.group(1)}" + (
+            f" ({detail})" if detail else ""
+        )
     elif "magic bytes not found" in msg or "deserialize thrift" in msg:
         name = re.search(r"source '([^']+)'", msg)
         file = f" {name.group(1)}" if name else ""
@@ -146,6 +164,20 @@ def _errors(uri: str) -> Iterator[None]:
         if isinstance(getattr(exc, "cause", None), FileNotFoundError):
             raise _not_found(uri) from None
         raise _describe(uri, exc) from None
+
+
+def _reading(read):
+    """``read()``, tried up to S3_MAX_ATTEMPTS times while it fails with the AWS SDK's misfiled
+    transient error (:data:`_MISFILED`), with jittered exponential backoff. Only for reads that can
+    start over: whole files, footers (not the row groups a ParquetFile reads later, nor the chunks of
+    :func:`open_input_stream`: a small one of those still fails on a 5xx)."""
+    for attempt in range(1, S3_MAX_ATTEMPTS + 1):
+        try:
+            return read()
+        except OSError as exc:
+            if attempt == S3_MAX_ATTEMPTS or _MISFILED not in str(exc):
+                raise
+        time.sleep(random.uniform(0, min(S3_READ_BACKOFF_S, 0.1 * 2**attempt)))
 
 
 def _make_parent(fs: pafs.FileSystem, path: str) -> None:
@@ -211,8 +243,13 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    with _errors(uri), fs.open_input_stream(path) as f:
-        return f.read()
+
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    with _errors(uri):
+        return _reading(read)
 
 
 def write_json(uri: str, obj) -> None:
@@ -272,7 +309,7 @@ def parquet_file(uri: str) -> pq.ParquetFile:
     """An open Parquet file (footer read; row groups read on demand)."""
     fs, path = resolve(uri)
     with _errors(uri):
-        return pq.ParquetFile(fs.open_input_file(path))
+        return _reading(lambda: pq.ParquetFile(fs.open_input_file(path)))
 
 
 def parquet_files(uri: str) -> list[str]:
@@ -303,7 +340,7 @@ def read_table(uri: str, columns: list[str] | None = None, filters=None) -> pa.T
     ``filters`` as in pyarrow.parquet.read_table (rows outside are never materialised)."""
     fs, path = resolve(uri)
     with _errors(uri):
-        return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
+        return _reading(lambda: pq.read_table(path, filesystem=fs, columns=columns, filters=filters))
 
 
 def read_schema(uri: str) -> pa.Schema:
@@ -324,7 +361,7 @@ def read_schema(uri: str) -> pa.Schema:
         )
         if not files:
             raise PumaError(f"{uri}: empty input (no .parquet files)")
-        return pads.dataset(files[0], filesystem=fs, format="parquet").schema
+        return _reading(lambda: pads.dataset(files[0], filesystem=fs, format="parquet").schema)
 
 
 def ray_read_parquet(uri: str, **kwargs):
