@@ -35,7 +35,7 @@ from puma_ray.config import RewriteConfig, RewriteJobConfig
 from puma_ray.console import Progress, say
 from puma_ray.data import sum_by
 from puma_ray.errors import PumaError, user_errors
-from puma_ray.runtime import actor_device, actor_pool, init_ray
+from puma_ray.runtime import actor_device, actor_pool, actor_pool_size, init_ray
 from puma_ray.schema import StoreMeta, decode_prompts, prompt_store_schema, prompt_table
 from puma_ray.sources import join_sources, source_metas
 
@@ -141,12 +141,25 @@ class UnitRewriter:
         )
 
 
+EAGER_FILES_PER_ACTOR = 4  # from this much work per actor on, the rewrite starts its whole pool at once
+
+
 def actors_for(units: list[dict], rcfg: RewriteConfig) -> int:
     """The most actors the rewrite of ``units`` may start: one per unit, and unless ``rcfg.actors``
     is set, one per ``rcfg.min_rows_per_file`` users (a small store is done by one actor in well
     under a second, while starting another, a process importing torch, costs seconds)."""
     per_rows = -(-sum(u["rows"] for u in units) // rcfg.min_rows_per_file)
     return len(units) if rcfg.actors else max(1, min(len(units), per_rows))
+
+
+def eager_pool(units: list[dict], rcfg: RewriteConfig, actors: int) -> bool:
+    """Start all ``actors`` at once: every one has at least :data:`EAGER_FILES_PER_ACTOR` units and
+    that many times ``rcfg.min_rows_per_file`` users to rewrite (at 500k users an autoscaling pool
+    added its second actor seconds into a 19 s rewrite: benchmarks/RESULTS.md)."""
+    rows = sum(u["rows"] for u in units)
+    return (
+        len(units) >= EAGER_FILES_PER_ACTOR * actors and rows >= EAGER_FILES_PER_ACTOR * actors * rcfg.min_rows_per_file
+    )
 
 
 def _start_or_resume(plan: dict, store_uri: str, state_uri: str, resume: bool) -> dict[int, dict]:
@@ -230,6 +243,7 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
     )
     if todo:
         args = {"adapter_uri": adapter_uri, "meta": meta.__dict__, "store_uri": store_uri, "state_uri": state_uri}
+        actors = min(actors_for(todo, rcfg), actor_pool_size(rcfg, "rewrite"))
         results = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
             UnitRewriter,
             fn_constructor_kwargs={**args, "rcfg": rcfg.model_dump()},
@@ -237,7 +251,7 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
             batch_format="pyarrow",
             num_gpus=rcfg.num_gpus,
             num_cpus=rcfg.cpus_per_actor,
-            compute=actor_pool(rcfg, "rewrite", limit=actors_for(todo, rcfg)),
+            compute=actor_pool(rcfg, "rewrite", limit=actors, eager=eager_pool(todo, rcfg, actors)),
         )
         progress = Progress("rewrite", sum(u["rows"] for u in todo), "users")
         for row in results.iter_rows():

@@ -100,13 +100,15 @@ def task_concurrency(tasks: int) -> int | None:
     return n if CORES in ray.cluster_resources() and tasks > n else None
 
 
-def actor_pool(pool, section: str, limit: int | None = None) -> ray.data.ActorPoolStrategy:
-    """Ray Data's autoscaling actor pool for ``pool`` (a config.ActorPoolConfig): it starts one actor
-    and adds actors, up to :func:`actor_pool_size` (and ``limit``, e.g. the work units), while
-    inputs wait. A small input is done by the first actor; starting the others (a process each,
-    importing torch and loading the LM: seconds) would cost more than they save."""
-    size = actor_pool_size(pool, section)
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(size, limit) if limit else size))
+def actor_pool(pool, section: str, limit: int | None = None, eager: bool = False) -> ray.data.ActorPoolStrategy:
+    """Ray Data's actor pool for ``pool`` (a config.ActorPoolConfig), up to :func:`actor_pool_size`
+    actors (and ``limit``, e.g. the work units). Autoscaling by default: it starts one actor and adds
+    actors while inputs wait, so a small input is done by the first actor (starting the others, a
+    process each importing torch and loading the LM, costs seconds). ``eager``: the whole pool from
+    the start, for an input long enough that every actor would be added anyway (waiting for inputs
+    to queue up before each one starts would cost its start-up time at full load)."""
+    size = max(1, min(actor_pool_size(pool, section), limit) if limit else actor_pool_size(pool, section))
+    return ray.data.ActorPoolStrategy(min_size=size if eager else 1, max_size=size)
 
 
 def setup_worker(scaling) -> torch.device:
