@@ -200,7 +200,7 @@ def _disjoint_unique(markers: list[dict]) -> bool:
     return all(m.get("unique", False) for m in markers) and all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))
 
 
-def _duplicates(store_uri: str) -> int:
+def duplicates(store_uri: str) -> int:
     """Users appearing more than once in the store, from its rows per user (``data.sum_by``; nothing
     collected)."""
     counts = sum_by(storage.ray_read_parquet(store_uri, columns=["user_id"]), ["user_id"])
@@ -263,7 +263,7 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
     files = [{**f, "uri": outputs.final(out_uri, f["uri"])} for f in staged_files]
     n_out = sum(f["rows"] for f in files)
     proven = _disjoint_unique(list(done.values()))
-    dup = _duplicates(store_uri) if rcfg.verify and not proven else 0
+    dup = duplicates(store_uri) if rcfg.verify and not proven else 0
     if len(done) != len(units) or n_out != n_in or dup:
         raise PumaError(f"{store_uri}: rewrite wrote {n_out} rows ({dup} users more than once) for {n_in} input users")
     manifest = {
