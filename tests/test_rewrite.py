@@ -19,7 +19,7 @@ from puma_ray.adapter import MigrationAdapter, save_adapter
 from puma_ray.config import RewriteConfig, RewriteJobConfig, ScoringConfig, build
 from puma_ray.errors import PumaError
 from puma_ray.llm import model_info
-from puma_ray.rewrite import actors_for, plan_units, rewrite
+from puma_ray.rewrite import actors_for, eager_pool, plan_units, rewrite
 from puma_ray.runtime import CORES, actor_pool_size, cores, task_concurrency
 from puma_ray.schema import StoreMeta, check_store_input, prompt_store_schema, prompt_table
 
@@ -119,6 +119,11 @@ def test_small_stores_start_fewer_actors():
     assert actors_for(small, RewriteConfig(min_rows_per_file=50, max_rows_per_file=200)) == 3
     assert actors_for(small, RewriteConfig(min_rows_per_file=200, max_rows_per_file=200, actors=3)) == 3
     assert actors_for(big, RewriteConfig()) == 3
+    # the whole pool at once only when every actor has >= 4 files and 4 x min_rows_per_file users to do
+    assert not eager_pool(small, RewriteConfig(min_rows_per_file=10, max_rows_per_file=200), 1)
+    assert eager_pool([{"rows": 20_000}] * 25, RewriteConfig(), 2)  # benchmarks/rewrite_limits: 500k users
+    assert not eager_pool([{"rows": 20_000}] * 25, RewriteConfig(), 8)
+    assert not eager_pool([{"rows": 5_000}] * 25, RewriteConfig(), 2)
 
 
 def test_killed_rewrite_resumes_exactly_once(tmp_path, tiny_models, ray_session):
