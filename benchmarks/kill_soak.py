@@ -44,7 +44,7 @@ from moto.server import ThreadedMotoServer
 
 from puma_ray import outputs, storage
 from puma_ray.adapter import MigrationAdapter, save_adapter
-from puma_ray.llm import model_info
+from puma_ray.identity import model_info
 from puma_ray.models import build_tiny
 from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table
 

@@ -33,7 +33,7 @@ import ray.train
 from puma_ray import config as C
 from puma_ray import storage
 from puma_ray.datasets.packaged import movielens_100k, user_subset
-from puma_ray.llm import store_meta
+from puma_ray.identity import store_meta
 from puma_ray.models import packaged_import
 from puma_ray.runtime import init_ray
 from puma_ray.schema import write_prompt_store

@@ -36,7 +36,8 @@ from puma_ray import config as C
 from puma_ray import storage, trainer
 from puma_ray.data import load_interactions, shard_by_user
 from puma_ray.datasets.synthetic import synthesize
-from puma_ray.llm import FrozenLM, store_meta
+from puma_ray.identity import store_meta
+from puma_ray.llm import FrozenLM
 from puma_ray.models import build_tiny
 from puma_ray.runtime import init_ray
 from puma_ray.sources import join_sources

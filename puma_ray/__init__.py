@@ -11,6 +11,7 @@ LIGHT_MODULES = (
     "puma_ray.storage",
     "puma_ray.templates",
     "puma_ray.schema",
+    "puma_ray.identity",
     "puma_ray.config",
     "puma_ray.outputs",
     "puma_ray.console",

@@ -24,7 +24,8 @@ from puma_ray.data import column_mean, compact, distinct, join_on, load_interact
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.gate import per_user
 from puma_ray.heads import load_head
-from puma_ray.llm import FrozenLM, model_info, row_texts
+from puma_ray.identity import model_info
+from puma_ray.llm import FrozenLM, row_texts
 from puma_ray.metrics import as_run, report_metrics, tag_run
 from puma_ray.report import format_table, gate_line
 from puma_ray.runtime import actor_device, actor_pool, actor_pool_size, init_ray

@@ -29,7 +29,8 @@ from transformers.utils import logging as hf_logging
 from puma_ray import outputs
 from puma_ray.datasets.synthetic import vocabulary
 from puma_ray.errors import PumaError
-from puma_ray.llm import TORCH_DTYPES, model_fingerprint, model_info
+from puma_ray.identity import model_fingerprint, model_info
+from puma_ray.llm import TORCH_DTYPES
 from puma_ray.templates import BUILTIN
 from puma_ray.wheels import pip_download
 

@@ -17,7 +17,7 @@ from puma_ray.console import say
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.evaluate import evaluate, store_run
 from puma_ray.heads import HEAD_FILES, save_head
-from puma_ray.llm import store_meta
+from puma_ray.identity import store_meta
 from puma_ray.profile import profile_users
 from puma_ray.report import format_table, write_report
 from puma_ray.retrain import retrain_flagged

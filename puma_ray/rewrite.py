@@ -35,6 +35,7 @@ from puma_ray.config import RewriteConfig, RewriteJobConfig
 from puma_ray.console import Progress, say
 from puma_ray.data import sum_by
 from puma_ray.errors import PumaError, user_errors
+from puma_ray.identity import model_info, store_meta
 from puma_ray.runtime import actor_device, actor_pool, actor_pool_size, init_ray
 from puma_ray.schema import StoreMeta, decode_prompts, prompt_store_schema, prompt_table
 from puma_ray.sources import join_sources, source_metas
@@ -299,9 +300,6 @@ def rewrite(cfg: RewriteJobConfig) -> dict:
     """`puma-ray rewrite` entry: check the output and the pairing (sources, adapter, target model,
     template) before Ray starts and before anything is written, then rewrite (joining several sources
     first)."""
-    # the entry's only: the rewrite's actors import this module, and transformers costs each ~2 s
-    from puma_ray.llm import model_info, store_meta  # noqa: PLC0415
-
     inputs = {"sources": cfg.sources, "adapter": cfg.adapter, "model.path": outputs.local_model(cfg.model.path)}
     storage.set_s3_endpoint(cfg.storage.s3_endpoint)  # the check may read s3://
     outputs.check_output(cfg.output, COMMAND, inputs, cfg.output_mode == "overwrite")  # before Ray, before any delete

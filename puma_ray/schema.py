@@ -151,7 +151,7 @@ class StoreMeta:
     """What a prompt store was made for. Stored as Arrow schema metadata ``puma.<field>``."""
 
     model: str  # model name or path it was trained/migrated for
-    model_fingerprint: str  # see llm.model_fingerprint
+    model_fingerprint: str  # see identity.model_fingerprint
     hidden_size: int  # d
     prompt_length: int  # l
     template: str  # a built-in template id, or the template's text (puma_ray.templates)

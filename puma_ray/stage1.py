@@ -26,7 +26,8 @@ from puma_ray.console import say
 from puma_ray.data import keep_users, load_interactions, shard_by_user
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.heads import HEAD_FILES, build_head, load_head, save_head
-from puma_ray.llm import FrozenLM, row_texts, store_meta
+from puma_ray.identity import store_meta
+from puma_ray.llm import FrozenLM, row_texts
 from puma_ray.runtime import init_ray
 from puma_ray.schema import (
     StoreMeta,

@@ -31,7 +31,7 @@ from puma_ray.adapter import MigrationAdapter, save_adapter
 from puma_ray.cli import main
 from puma_ray.config import HeadConfig
 from puma_ray.heads import build_head, save_head
-from puma_ray.llm import store_meta
+from puma_ray.identity import store_meta
 from puma_ray.models import build_tiny
 from puma_ray.schema import write_prompt_store
 

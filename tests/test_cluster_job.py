@@ -35,7 +35,7 @@ import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from puma_ray import outputs, storage
-from puma_ray.llm import model_info
+from puma_ray.identity import model_info
 from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table, read_prompt_store
 
 REPO = Path(__file__).resolve().parent.parent

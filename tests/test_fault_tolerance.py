@@ -18,7 +18,7 @@ import ray.train
 from ray.util.state import list_actors
 
 from puma_ray import config as C
-from puma_ray.llm import model_info
+from puma_ray.identity import model_info
 from puma_ray.pipeline import migrate_step
 from puma_ray.schema import StoreMeta, write_prompt_store
 from puma_ray.stage1 import train_prompts

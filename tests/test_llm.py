@@ -5,8 +5,9 @@ import shutil
 
 import pytest
 import torch
+from transformers import AutoConfig
 
-from puma_ray import llm
+from puma_ray import identity
 from puma_ray.errors import PumaError
 from puma_ray.llm import FrozenLM, answer_token_id
 from puma_ray.models import FAMILIES
@@ -187,11 +188,11 @@ def test_model_info_reads_a_config_once_until_it_changes(tiny_models, tmp_path, 
     shutil.copytree(tiny_models["qwen2"], tmp_path / "m")
     path = str(tmp_path / "m")
     reads = []
-    real = llm.AutoConfig.from_pretrained
-    monkeypatch.setattr(llm.AutoConfig, "from_pretrained", lambda *a, **k: reads.append(a) or real(*a, **k))
-    first = llm.model_info(path)
-    assert llm.model_info(path) == first and len(reads) == 1
+    real = AutoConfig.from_pretrained
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda *a, **k: reads.append(a) or real(*a, **k))
+    first = identity.model_info(path)
+    assert identity.model_info(path) == first and len(reads) == 1
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["hidden_size"] = 1024  # (a longer file, too: a coarse mtime cannot hide it)
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))  # another model at the same path
-    assert llm.model_info(path)[1] == 1024 and len(reads) == 2
+    assert identity.model_info(path)[1] == 1024 and len(reads) == 2

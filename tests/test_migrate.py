@@ -13,7 +13,7 @@ from puma_ray import config as C
 from puma_ray import outputs, storage
 from puma_ray.data import hashed_fraction
 from puma_ray.errors import PumaError
-from puma_ray.llm import model_info
+from puma_ray.identity import model_info
 from puma_ray.pipeline import migrate
 from puma_ray.rewrite import rewrite
 from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store

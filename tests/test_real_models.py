@@ -21,7 +21,8 @@ from puma_ray import config as C
 from puma_ray.cli import main
 from puma_ray.datasets.synthetic import synthesize
 from puma_ray.errors import PumaError
-from puma_ray.llm import FrozenLM, answer_token_id, model_fingerprint, model_info
+from puma_ray.identity import model_fingerprint, model_info
+from puma_ray.llm import FrozenLM, answer_token_id
 from puma_ray.models import IMPORT_META, PACKAGED_MODELS, fetch_packaged_model, import_model
 from puma_ray.pipeline import migrate
 from puma_ray.schema import read_prompt_store

@@ -18,7 +18,7 @@ from puma_ray import outputs, storage
 from puma_ray.adapter import MigrationAdapter, save_adapter
 from puma_ray.config import RewriteConfig, RewriteJobConfig, ScoringConfig, build
 from puma_ray.errors import PumaError
-from puma_ray.llm import model_info
+from puma_ray.identity import model_info
 from puma_ray.rewrite import actors_for, eager_pool, plan_units, rewrite
 from puma_ray.runtime import CORES, actor_pool_size, cores, task_concurrency
 from puma_ray.schema import StoreMeta, check_store_input, prompt_store_schema, prompt_table

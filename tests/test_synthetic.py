@@ -15,7 +15,7 @@ from transformers import LlamaConfig
 from puma_ray import schema, storage
 from puma_ray.datasets import synthetic
 from puma_ray.errors import PumaError
-from puma_ray.llm import model_info
+from puma_ray.identity import model_info
 from puma_ray.templates import DEFAULT as DEFAULT_TEMPLATE
 
 USERS = 2000

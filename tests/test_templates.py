@@ -7,7 +7,7 @@ import pytest
 from puma_ray import config as C
 from puma_ray import templates
 from puma_ray.errors import PumaError
-from puma_ray.llm import store_meta
+from puma_ray.identity import store_meta
 from puma_ray.pipeline import migrate
 from puma_ray.schema import StoreMeta, read_store_meta, write_prompt_store
 from puma_ray.stage1 import train_prompts

@@ -21,7 +21,7 @@ from puma_ray import config as C
 from puma_ray import storage
 from puma_ray.cli import main
 from puma_ray.errors import PumaError
-from puma_ray.llm import model_info
+from puma_ray.identity import model_info
 from puma_ray.rewrite import rewrite
 from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
 from puma_ray.tune import check_search, expected_trials, max_concurrent, tune

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from puma_ray import outputs, schema, storage
 from puma_ray.errors import PumaError
+from puma_ray.identity import model_info
 
 WORDS_VERSION = 1
 GENRES: tuple[tuple[str, ...], ...] = tuple(
@@ -172,8 +173,6 @@ def prompt_meta(task: str, width: int, length: int = 1, model: str | None = None
     gets a fingerprint hashed from the name and width."""
     name = model or f"synthetic-d{width}"
     if storage.exists(storage.join(name, "config.json")):
-        from puma_ray.llm import model_info  # noqa: PLC0415 -- llm loads torch: only a real model's store needs it
-
         fingerprint, d = model_info(name)
         if d != width:
             raise PumaError(f"{name}: model hidden size is {d}, prompt width {width} asked for")
