@@ -5,7 +5,7 @@ Users with interactions but no source prompt have nothing to migrate. Each gets 
 group prompts: the centroids of a K-means fit on the migrated prompts (the target model's user
 groups), the one under which the migrated model (target LM + migrated head, both unchanged) has
 the lowest training loss on the user's interactions: k forward passes per interaction, in one Ray
-Data scoring pass for all k (puma_ray.evaluate.score_runs). The output is a run directory like
+Data scoring pass for all k (puma_ray.scorer.score_runs). The output is a run directory like
 any other (prompts/ of the new users only, the migrated head, summary.json): it can be scored by
 `puma-ray evaluate`, or refined with `puma-ray prompts train` (``init_prompts`` = its prompts/,
 ``init_head`` = the migrated run, ``train.head_lr=0``: only the new users' prompts train).
@@ -26,10 +26,10 @@ from puma_ray.config import ColdStartConfig, SelectConfig
 from puma_ray.console import say
 from puma_ray.data import keep_users, load_interactions, mean_by
 from puma_ray.errors import PumaError, user_errors
-from puma_ray.evaluate import run_model, score_runs
 from puma_ray.heads import HEAD_FILES, load_head
 from puma_ray.runtime import init_ray
 from puma_ray.schema import check_prompt_values, read_store_meta, write_prompt_store
+from puma_ray.scorer import run_model, score_runs
 from puma_ray.select import fit_kmeans, kmeans_sample
 
 COMMAND = "prompts coldstart"

@@ -23,10 +23,10 @@ from puma_ray import console, storage
 from puma_ray.config import NEEDS_LOSS, ScoringConfig, SelectConfig
 from puma_ray.data import load_interactions, mean_by
 from puma_ray.errors import PumaError
-from puma_ray.evaluate import run_model, score_runs
 from puma_ray.llm import FrozenLM
 from puma_ray.runtime import actor_device, actor_pool
 from puma_ray.schema import decode_prompts, read_store_meta
+from puma_ray.scorer import run_model, score_runs
 
 
 def source_run(store_uri: str) -> str:

@@ -10,12 +10,12 @@ import torch
 from puma_ray import storage
 from puma_ray.config import MigrateConfig, ScoringConfig, SelectConfig, build
 from puma_ray.errors import PumaError
-from puma_ray.evaluate import run_model
 from puma_ray.heads import load_head
 from puma_ray.llm import FrozenLM, row_texts
 from puma_ray.pipeline import migrate
 from puma_ray.profile import profile_users
 from puma_ray.schema import decode_prompts, read_prompt_store
+from puma_ray.scorer import run_model
 from puma_ray.select import STRATEGIES, Candidates, read_selected, select_users
 from puma_ray.signals import FfnFeatures, check_source_model, ffn_features, source_losses
 
