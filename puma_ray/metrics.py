@@ -101,6 +101,18 @@ class SortedAUC:
         return pairs / (p * n) if p and n else float("nan")
 
 
+def error_metrics(se: float, ae: float, n: float) -> dict[str, float]:
+    """Rating metrics from error sums over ``n`` rows: {"rmse": sqrt(se / n), "mae": ae / n}."""
+    return {"rmse": math.sqrt(se / n), "mae": float(ae / n)}
+
+
+def auc(label: np.ndarray, pred: np.ndarray) -> float:
+    """Exact ROC AUC of rows held in memory (a training worker's validation rows); NaN without both
+    classes (see SortedAUC)."""
+    order = np.argsort(np.asarray(pred, np.float64), kind="stable")
+    return sorted_auc([{"pred": np.asarray(pred)[order], "label": np.asarray(label)[order]}])
+
+
 def sorted_auc(batches) -> float:
     """Exact ROC AUC of batches ({"pred", "label"}) sorted by pred ascending (see SortedAUC)."""
     auc = SortedAUC()
@@ -164,8 +176,8 @@ def run_metrics(task: str, ds, groups: tuple[str, ...] = ()) -> dict[str, dict]:
             m = out.setdefault(run, {"rows": int(s["n"]), "users": int(users.loc[run, "users"])})
             for side in _sides(groups):
                 if s[f"n{side}"] > 0:
-                    m.update({f"rmse{side}": math.sqrt(s[f"se{side}"] / s[f"n{side}"])})
-                    m.update({f"mae{side}": float(s[f"ae{side}"] / s[f"n{side}"])})
+                    errors = error_metrics(s[f"se{side}"], s[f"ae{side}"], s[f"n{side}"])
+                    m.update({f"{k}{side}": v for k, v in errors.items()})
         return out
     aucs: dict[tuple[str, str], SortedAUC] = {}
     by_pred = ds.select_columns(["run", "label", "pred", *flags]).sort(["run", "pred"])

@@ -6,7 +6,7 @@ partitioned over the workers), its shared module (a :class:`TaskModel`, in the D
 and all-reduced: the task head, and in stage 2 the adapter), an optional *local* part (stage 1's
 prompt table of the worker's own users: outside the engine, with its own optimizer, checkpointed
 per rank), and how rows become batches. This module says HOW: :func:`train_loop_per_worker`
-(the loop), checkpoint restore and report, and :func:`fit` (the TorchTrainer launch).
+(the loop) and :func:`fit` (the TorchTrainer launch); its checkpoints are puma_ray.checkpoints'.
 
 Each worker streams its own shard from storage (``data.iter_shard``: no Ray Data executor starts
 per epoch), regroups every ``train.length_groups`` micro-batches by token length (less padding),
@@ -15,14 +15,12 @@ and keeps the frozen LM out of the engine, so it is neither optimised nor partit
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -32,16 +30,15 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
-from puma_ray import console, outputs, storage, weights
+from puma_ray import checkpoints, console, outputs, storage
 from puma_ray.config import MIN_MICRO, MigrateConfig, PromptsConfig, TrainConfig
 from puma_ray.data import iter_shard
 from puma_ray.errors import PumaError
 from puma_ray.heads import Head
 from puma_ray.llm import FrozenLM, row_texts
+from puma_ray.metrics import auc, error_metrics
 from puma_ray.runtime import deepspeed_config, setup_worker, skip_inference_comm_op
 
 
@@ -120,15 +117,6 @@ class Trainable(Protocol):
     def finish(self, worker: Worker, local: LocalPart | None) -> None: ...
 
 
-@dataclass
-class Progress:
-    epochs_done: int = 0  # = the next epoch to train
-    lm_sample_passes: float = 0.0  # samples pushed through the LM in training, all workers, all epochs
-    wall_s: float = 0.0  # seconds of the epochs' training steps (validation and checkpoints not counted)
-    loop_s: float = 0.0  # seconds inside the epoch loop: training, validation and checkpoints
-    metrics: dict = field(default_factory=dict)  # the last epoch's reported metrics
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker. config: {"trainable", "relay" (a console.Relay handle)}.
 
@@ -143,13 +131,13 @@ def train_loop_per_worker(config: dict) -> None:
     lm = FrozenLM.from_config(cfg, device)
     local, shared = trainable.local(worker), trainable.shared()
     ckpt = ray.train.get_checkpoint()
-    progress = _restore(ckpt, shared, local, worker)
+    progress = checkpoints.restore(ckpt, shared, local, worker.rank, worker.world)
     finished_before = ckpt is not None and progress.epochs_done >= cfg.train.epochs
     steps = int(_allreduce([steps_per_epoch(worker.rows, cfg.train)], "max")[0])
     micro = max(1, math.ceil(worker.rows / steps))
     schedule = lr_schedule(cfg.train, steps, progress.epochs_done)
     engine = _engine(shared, cfg, schedule)
-    _restore_optimizer(ckpt, engine, worker, cfg.scaling.zero_stage)
+    checkpoints.restore_optimizer(ckpt, engine, worker.rank, cfg.scaling.zero_stage)
     if local is not None:
         local.configure(cfg.train, schedule)
 
@@ -200,7 +188,8 @@ def train_loop_per_worker(config: dict) -> None:
         progress.loop_s += time.time() - t0
         metrics.update(wall_s=progress.wall_s, loop_s=progress.loop_s)
         progress.metrics = metrics
-        _report(metrics, engine, local, worker, progress, cfg.scaling.zero_stage, run_fingerprint(trainable))
+        run = run_fingerprint(trainable)
+        checkpoints.save(metrics, engine, local, worker.rank, worker.world, progress, cfg.scaling.zero_stage, run)
     if finished_before:  # a resumed run that had already trained every epoch: report its result again
         ray.train.report(progress.metrics)
     trainable.finish(worker, local)
@@ -335,95 +324,13 @@ def _validate(engine, local, lm: FrozenLM, trainable: Trainable, worker: Worker)
         return {}
     out = {"val_loss": loss_sum / n, "val_rows": int(n)}
     if trainable.cfg.task == "rating":
-        out.update(val_rmse=math.sqrt(se / n), val_mae=ae / n)
+        out.update({f"val_{k}": v for k, v in error_metrics(se, ae, n).items()})
         return out
-    from sklearn.metrics import roc_auc_score  # noqa: PLC0415 -- ~1 s more per worker start; CTR validation only
-
     gathered = _gather((np.concatenate(labels or [np.zeros(0)]), np.concatenate(preds or [np.zeros(0)])))
     y = np.concatenate([g[0] for g in gathered])
     p = np.concatenate([g[1] for g in gathered])
-    out["val_auc"] = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+    out["val_auc"] = auc(y, p)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON, nothing pickled. Rank 0 writes the shared module and the
-# progress; a rank writes its own local part (its prompt table, with that table's optimizer
-# state), its RNG state and, with ZeRO (partitioned optimizer state), its part of the shared
-# module's optimizer state (without ZeRO every rank holds the same: rank 0 writes it). Each rank
-# restores only its own files: a resumed run continues exactly where the checkpoint left off.
-
-SHARED_FILE = "trainable.safetensors"
-STATE_FILE = "state.json"
-
-
-def _rank_file(kind: str, rank: int) -> str:
-    return f"{kind}-{rank:05d}.safetensors"
-
-
-def read_checkpoint_file(ckpt: ray.train.Checkpoint, name: str) -> bytes:
-    """One file of a Ray Train checkpoint, read straight from its storage (never the whole checkpoint)."""
-    with ckpt.filesystem.open_input_stream(f"{ckpt.path.rstrip('/')}/{name}") as f:
-        return f.read()
-
-
-def _torch_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer inside the engine's (DeepSpeed's ZeRO optimizer wraps one)."""
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer):
-        opt = opt.optimizer
-    return opt
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-
-
-def _restore(ckpt, shared: nn.Module, local: LocalPart | None, worker: Worker) -> Progress:
-    """Load checkpoint ``ckpt`` (None: a new run) into ``shared`` and this rank's ``local``."""
-    if ckpt is None:
-        return Progress()
-    state = json.loads(read_checkpoint_file(ckpt, STATE_FILE))
-    if local is not None and state["workers"] != worker.world:
-        raise PumaError(
-            f"checkpoint {ckpt.path} holds prompts partitioned over {state['workers']} workers; "
-            f"resume with scaling.num_workers={state['workers']} (or start a new run.name)"
-        )
-    weights.load_bytes(shared, read_checkpoint_file(ckpt, SHARED_FILE))
-    if local is not None:
-        weights.load_bytes(local, read_checkpoint_file(ckpt, _rank_file("local", worker.rank)))
-    return Progress(**{f.name: state[f.name] for f in fields(Progress) if f.name in state})
-
-
-def _restore_optimizer(ckpt, engine, worker: Worker, zero_stage: int) -> None:
-    """The shared module's optimizer state and this rank's RNG state, from checkpoint ``ckpt``."""
-    if ckpt is None:
-        return
-    source = worker.rank if zero_stage else 0
-    weights.load_optimizer(_torch_optimizer(engine), read_checkpoint_file(ckpt, _rank_file("optimizer", source)))
-    rng = st_load(read_checkpoint_file(ckpt, _rank_file("rng", worker.rank)))
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-
-
-def _report(
-    metrics: dict, engine, local: LocalPart | None, worker: Worker, progress: Progress, zero_stage: int, run: str
-):
-    """Every rank reports its files (Ray Train merges the ranks' files into one checkpoint); the
-    state records the run's fingerprint ``run`` (:func:`run_fingerprint`)."""
-    with tempfile.TemporaryDirectory() as d:
-        if worker.rank == 0:
-            storage.write_bytes(os.path.join(d, SHARED_FILE), weights.to_bytes(engine.module))
-            state = {**progress.__dict__, "workers": worker.world, "config_sha256": run}
-            storage.write_json(os.path.join(d, STATE_FILE), state)
-        if worker.rank == 0 or zero_stage:
-            optimizer = weights.optimizer_to_bytes(_torch_optimizer(engine))
-            storage.write_bytes(os.path.join(d, _rank_file("optimizer", worker.rank)), optimizer)
-        if local is not None:
-            storage.write_bytes(os.path.join(d, _rank_file("local", worker.rank)), weights.to_bytes(local))
-        storage.write_bytes(os.path.join(d, _rank_file("rng", worker.rank)), st_save(_rng_state()))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 @dataclass
@@ -466,10 +373,10 @@ def check_resume(trainable: Trainable) -> None:
     (its state's fingerprint): it would silently continue, or return, another run's result."""
     run = trainable.cfg.run
     run_uri = storage.join(run.storage_path, run.name)
-    states = storage.list_files(run_uri, suffix=STATE_FILE)  # checkpoint_<timestamp>/: the last is the latest
-    if not states:
+    state = checkpoints.latest_state(run_uri)
+    if state is None:
         return
-    fingerprint = storage.read_json(states[-1]).get("config_sha256")
+    fingerprint = state.get("config_sha256")
     if fingerprint is not None and fingerprint != run_fingerprint(trainable):
         raise PumaError(
             f"{run_uri}: a checkpoint of run.name {run.name!r} trained with another config (data, model, train, "
@@ -514,8 +421,7 @@ def fit(trainable: Trainable, callbacks: tuple = ()) -> Trained:
                 signal.signal(signal.SIGINT, previous)
     if result.checkpoint is None:
         raise PumaError(f"training run {cfg.run.name!r} finished without a checkpoint")
-    model = weights.load_bytes(trainable.shared(), read_checkpoint_file(result.checkpoint, SHARED_FILE))
-    state = json.loads(read_checkpoint_file(result.checkpoint, STATE_FILE))
+    model, state = checkpoints.load_final(result.checkpoint, trainable.shared())
     if state["lm_sample_passes"] == 0:
         raise PumaError(
             f"training run {cfg.run.name!r}: no training row reached a worker ({trainable.name} trained on nothing)"

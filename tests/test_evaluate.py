@@ -15,7 +15,7 @@ from puma_ray.errors import PumaError
 from puma_ray.evaluate import evaluate
 from puma_ray.heads import build_head, save_head
 from puma_ray.llm import FrozenLM
-from puma_ray.metrics import run_metrics, sorted_auc
+from puma_ray.metrics import auc, run_metrics, sorted_auc
 from puma_ray.report import format_table
 from puma_ray.schema import StoreMeta, write_prompt_store
 
@@ -99,6 +99,10 @@ def test_sorted_auc_is_exact_with_ties_across_batches(batch):
     label = (rng.random(500) < 0.3 + 0.5 * pred).astype(float)
     batches = [{"pred": pred[i : i + batch], "label": label[i : i + batch]} for i in range(0, 500, batch)]
     assert sorted_auc(batches) == pytest.approx(roc_auc_score(label, pred), abs=1e-12)
+    # the in-memory AUC a training worker's validation reports (unsorted rows): the same
+    shuffled = rng.permutation(500)
+    assert auc(label[shuffled], pred[shuffled]) == pytest.approx(roc_auc_score(label, pred), abs=1e-12)
+    assert math.isnan(auc(np.ones(5), np.arange(5.0)))
 
 
 def test_evaluate_runs_and_reports_unknown_users(tmp_path, tiny_models, rating_data, stage1_run, capsys):
