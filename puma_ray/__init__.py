@@ -21,6 +21,7 @@ LIGHT_MODULES = (
     "puma_ray.baselines",
     "puma_ray.profile",
     "puma_ray.select",
+    "puma_ray.strategies",
     "puma_ray.datasets.synthetic",
     "puma_ray.report",
     "puma_ray.gate",

@@ -30,7 +30,7 @@ from puma_ray.heads import HEAD_FILES, load_head
 from puma_ray.runtime import init_ray
 from puma_ray.schema import check_prompt_values, read_store_meta, write_prompt_store
 from puma_ray.scorer import run_model, score_runs
-from puma_ray.select import fit_kmeans, kmeans_sample
+from puma_ray.strategies import fit_kmeans, kmeans_sample
 
 COMMAND = "prompts coldstart"
 

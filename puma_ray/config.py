@@ -18,7 +18,7 @@ from puma_ray.errors import PumaError
 
 Task = Literal["rating", "ctr"]
 Dtype = Literal["float32", "bfloat16", "float16"]
-# User-selection strategies: each name is one function in select.STRATEGIES (a test checks both agree).
+# User-selection strategies: each name is one function in strategies.STRATEGIES (a test checks both agree).
 Strategy = Literal[
     "random",
     "variance_buckets",
@@ -372,7 +372,7 @@ class EvaluateConfig(Strict):
 class SelectConfig(Strict):
     """User selection for adapter training (METHOD.md, "Group-based user selection").
 
-    ``strategy`` names a function in ``puma_ray.select.STRATEGIES`` (its docstring says what each
+    ``strategy`` names a function in ``puma_ray.strategies.STRATEGIES`` (its docstring says what each
     does); ``budget`` is a user count (an int >= 1) or a fraction of the users (a float in (0, 1],
     1.0 = every user; an int-valued float such as 2.0 is refused: write 2). The
     ``loss`` and ``ffn`` strategies run the source model (LM + the head saved beside the source

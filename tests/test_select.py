@@ -10,7 +10,8 @@ from puma_ray.config import NEEDS_SOURCE_MODEL, MigrateConfig, SelectConfig, Str
 from puma_ray.errors import PumaError
 from puma_ray.profile import PROFILE_SCHEMA
 from puma_ray.schema import StoreMeta, write_prompt_store
-from puma_ray.select import (
+from puma_ray.select import read_selected, resolve_budget, select_users
+from puma_ray.strategies import (
     STRATEGIES,
     Candidates,
     apportion,
@@ -18,9 +19,6 @@ from puma_ray.select import (
     fit_kmeans,
     group_weights,
     kmeans_sample,
-    read_selected,
-    resolve_budget,
-    select_users,
     strategy,
 )
 

@@ -16,8 +16,9 @@ from puma_ray.pipeline import migrate
 from puma_ray.profile import profile_users
 from puma_ray.schema import decode_prompts, read_prompt_store
 from puma_ray.scorer import run_model
-from puma_ray.select import STRATEGIES, Candidates, read_selected, select_users
+from puma_ray.select import read_selected, select_users
 from puma_ray.signals import FfnFeatures, check_source_model, ffn_features, source_losses
+from puma_ray.strategies import STRATEGIES, Candidates
 
 SCORING = ScoringConfig(batch_size=64)
 
