@@ -1,4 +1,4 @@
-"""Amazon Reviews 2023 (McAuley Lab), one category -> :class:`~puma_ray.datasets.importers.Chunk` tables.
+"""Amazon Reviews 2023 (McAuley Lab), one category -> :class:`~puma_ray.datasets.parsing.Chunk` tables.
 
 Files: reviews ``<Category>.jsonl[.gz]``, one JSON object a line (``rating`` 1.0..5.0, ``title``, ``text``,
 ``asin``, ``parent_asin``, ``user_id``, ``timestamp`` in milliseconds, ...), and item metadata
@@ -17,7 +17,8 @@ import re
 import pyarrow as pa
 
 from puma_ray import storage
-from puma_ray.datasets import importers as imp
+from puma_ray.config import ImportOptions
+from puma_ray.datasets import parsing as imp
 from puma_ray.errors import PumaError
 
 REVIEW_FIELDS = ("user_id", "parent_asin", "rating", "timestamp")
@@ -26,7 +27,7 @@ _REVIEWS = re.compile(r"(?!meta_)(.+)\.jsonl(\.gz)?")
 WHAT = "an Amazon Reviews 2023 {} file"
 
 
-def open_source(src: str, opts: imp.ImportOptions) -> imp.Source:
+def open_source(src: str, opts: ImportOptions) -> imp.Source:
     """Find the reviews and metadata files and check their first lines; PumaError if they are not Amazon 2023."""
     directory, name = imp.locate(src)
     files = imp.dir_files(directory)

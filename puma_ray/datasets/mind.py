@@ -1,4 +1,4 @@
-"""Microsoft News Dataset (MIND) -> :class:`~puma_ray.datasets.importers.Chunk` tables (task ctr).
+"""Microsoft News Dataset (MIND) -> :class:`~puma_ray.datasets.parsing.Chunk` tables (task ctr).
 
 ``src``: one MIND directory (e.g. MINDsmall_train) holding ``behaviors.tsv`` (impression_id TAB user_id
 TAB time "11/11/2019 9:05:58 AM" TAB history "N1 N2 ..." TAB impressions "N3-1 N4-0 ...") and ``news.tsv``
@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import pyarrow.compute as pc
 
-from puma_ray.datasets import importers as imp
+from puma_ray.config import ImportOptions
+from puma_ray.datasets import parsing as imp
 from puma_ray.errors import PumaError
 
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
@@ -24,7 +25,7 @@ ROWS_PER_LINE = 40  # about this many impressions a behaviors line: a chunk read
 _IMPRESSION = r"^(?P<item>.*?)(?:-(?P<label>[^-]*))?$"
 
 
-def open_source(src: str, opts: imp.ImportOptions) -> imp.Source:
+def open_source(src: str, opts: ImportOptions) -> imp.Source:
     """Find behaviors.tsv and news.tsv in ``src`` and check their first lines; PumaError if they are not MIND's."""
     directory, _ = imp.locate(src)
     files = imp.dir_files(directory)

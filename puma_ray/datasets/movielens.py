@@ -1,4 +1,4 @@
-"""MovieLens (GroupLens) releases -> :class:`~puma_ray.datasets.importers.Chunk` tables (task rating).
+"""MovieLens (GroupLens) releases -> :class:`~puma_ray.datasets.parsing.Chunk` tables (task rating).
 
 ``src``: the release directory (or its ratings file). The variant follows from the ratings file there:
 
@@ -18,7 +18,8 @@ import csv
 import functools
 from collections.abc import Callable, Iterator
 
-from puma_ray.datasets import importers as imp
+from puma_ray.config import ImportOptions
+from puma_ray.datasets import parsing as imp
 from puma_ray.errors import PumaError
 
 # variant -> (ratings file, movies file, encoding, separator, rating_min)
@@ -31,7 +32,7 @@ RATINGS_HEADER = "userId,movieId,rating,timestamp"
 MOVIES_HEADER = "movieId,title,genres"
 
 
-def open_source(src: str, opts: imp.ImportOptions) -> imp.Source:
+def open_source(src: str, opts: ImportOptions) -> imp.Source:
     """Find the variant's files in ``src`` and check their first lines; PumaError if they are not MovieLens."""
     directory, _ = imp.locate(src)
     files = imp.dir_files(directory)

@@ -1,4 +1,4 @@
-"""RecBole atomic files -> :class:`~puma_ray.datasets.importers.Chunk` tables.
+"""RecBole atomic files -> :class:`~puma_ray.datasets.parsing.Chunk` tables.
 
 ``src``: a directory holding one ``<name>.inter`` and its ``<name>.item``, or the ``.inter`` path. Both are
 tab-separated with a typed header, e.g. ``user_id:token  item_id:token  rating:float  timestamp:float`` and
@@ -15,13 +15,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 
-from puma_ray.datasets import importers as imp
+from puma_ray.config import ImportOptions
+from puma_ray.datasets import parsing as imp
 from puma_ray.errors import PumaError
 
 RATING_MIN = 0.5
 
 
-def open_source(src: str, opts: imp.ImportOptions) -> imp.Source:
+def open_source(src: str, opts: ImportOptions) -> imp.Source:
     """Find the .inter/.item pair and the fields named in their headers; PumaError if they are not RecBole files."""
     directory, name = imp.locate(src)
     files = imp.dir_files(directory)

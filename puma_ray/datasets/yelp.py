@@ -1,4 +1,4 @@
-"""Yelp Open Dataset -> :class:`~puma_ray.datasets.importers.Chunk` tables (task rating).
+"""Yelp Open Dataset -> :class:`~puma_ray.datasets.parsing.Chunk` tables (task rating).
 
 ``src``: the directory holding ``yelp_academic_dataset_review.json`` (JSON lines: review_id, user_id,
 business_id, stars 1..5, date "2016-03-09 00:00:00", ...) and ``yelp_academic_dataset_business.json``
@@ -13,7 +13,8 @@ import functools
 
 import pyarrow as pa
 
-from puma_ray.datasets import importers as imp
+from puma_ray.config import ImportOptions
+from puma_ray.datasets import parsing as imp
 from puma_ray.errors import PumaError
 
 REVIEW_NAMES = ("yelp_academic_dataset_review.json", "review.json")
@@ -23,7 +24,7 @@ BUSINESS_FIELDS = ("business_id", "name")
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
-def open_source(src: str, opts: imp.ImportOptions) -> imp.Source:
+def open_source(src: str, opts: ImportOptions) -> imp.Source:
     """Find the review and business files and check their first lines; PumaError if they are not Yelp's."""
     directory, _ = imp.locate(src)
     files = imp.dir_files(directory)
