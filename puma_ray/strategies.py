@@ -291,43 +291,48 @@ def loss_buckets(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.rando
     return picked, {**info, "loss": {"all": summary_stats(loss), "selected": summary_stats(loss[picked])}}
 
 
-@strategy("kmeans")
-def kmeans(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
-    """K-means on the prompts, stratified by cluster size, uniform inside a cluster."""
-    return _clustered(cand, budget, cfg, rng)
+# The cluster strategies: name -> (space, draw inside a cluster, what it does); each is
+# :func:`_clustered` with those two choices, so a comparison between two of them measures one choice.
+CLUSTERED: dict[str, tuple[Space, Within, str]] = {
+    "kmeans": ("prompt", "uniform", "K-means on the prompts, stratified by cluster size, uniform inside a cluster."),
+    "kmeans_pca": (
+        "pca",
+        "uniform",
+        "K-means on the prompts' ``cfg.pca_components`` principal components, uniform inside a cluster.",
+    ),
+    "kmeans_farthest": (
+        "prompt",
+        "farthest",
+        "K-means on the prompts; farthest-point sampling inside a cluster (in a PCA projection).",
+    ),
+    "kmeans_loss": ("prompt", "loss", "K-means on the prompts x source-loss strata inside each cluster."),
+    "kmeans_variance": (
+        "prompt",
+        "variance",
+        "PUMA: K-means on the prompts x label-variance strata inside each cluster.",
+    ),
+    "ffn_kmeans": (
+        "ffn",
+        "uniform",
+        "K-means on the source LM's FFN activations given the prompt, uniform inside a cluster.",
+    ),
+    "ffn_kmeans_variance": (
+        "ffn",
+        "variance",
+        "K-means on the source LM's FFN activations x label-variance strata inside each cluster.",
+    ),
+}
 
 
-@strategy("kmeans_pca")
-def kmeans_pca(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
-    """K-means on the prompts' ``cfg.pca_components`` principal components, uniform inside a cluster."""
-    return _clustered(cand, budget, cfg, rng, space="pca")
+def cluster_strategy(space: Space, within: Within, doc: str) -> StrategyFn:
+    """The strategy that runs :func:`_clustered` in ``space``, drawing ``within`` each cluster."""
+
+    def fn(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
+        return _clustered(cand, budget, cfg, rng, space=space, within=within)
+
+    fn.__doc__ = doc
+    return fn
 
 
-@strategy("kmeans_farthest")
-def kmeans_farthest(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
-    """K-means on the prompts; farthest-point sampling inside a cluster (in a PCA projection)."""
-    return _clustered(cand, budget, cfg, rng, within="farthest")
-
-
-@strategy("kmeans_loss")
-def kmeans_loss(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
-    """K-means on the prompts x source-loss strata inside each cluster."""
-    return _clustered(cand, budget, cfg, rng, within="loss")
-
-
-@strategy("kmeans_variance")
-def kmeans_variance(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
-    """PUMA: K-means on the prompts x label-variance strata inside each cluster."""
-    return _clustered(cand, budget, cfg, rng, within="variance")
-
-
-@strategy("ffn_kmeans")
-def ffn_kmeans(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
-    """K-means on the source LM's FFN activations given the prompt, uniform inside a cluster."""
-    return _clustered(cand, budget, cfg, rng, space="ffn")
-
-
-@strategy("ffn_kmeans_variance")
-def ffn_kmeans_variance(cand: Candidates, budget: int, cfg: SelectConfig, rng: np.random.Generator):
-    """K-means on the source LM's FFN activations x label-variance strata inside each cluster."""
-    return _clustered(cand, budget, cfg, rng, space="ffn", within="variance")
+for _name, (_space, _within, _doc) in CLUSTERED.items():
+    strategy(_name)(cluster_strategy(_space, _within, _doc))
