@@ -11,7 +11,6 @@ item_id = parent_asin; item_text = the metadata title of that parent_asin; times
 
 from __future__ import annotations
 
-import functools
 import re
 
 import pyarrow as pa
@@ -36,15 +35,12 @@ def open_source(src: str, opts: ImportOptions) -> imp.Source:
     for uri in (reviews, meta):
         if not storage.exists(uri):
             raise PumaError(f"{uri}: not found")
-    imp.probe_json(reviews, REVIEW_FIELDS, WHAT.format("review"))
-    imp.probe_json(meta, META_FIELDS, WHAT.format("metadata"))
-    return imp.Source(
-        variant="amazon2023",
-        task="rating",
-        rating_min=1.0,
-        files={"interactions": reviews, "items": meta},
-        items=functools.partial(imp.json_items, meta, opts.chunk_lines, META_FIELDS),
-        interactions=functools.partial(imp.json_interactions, reviews, opts.chunk_lines, REVIEW_FIELDS, _seconds),
+    return imp.json_source(
+        "amazon2023",
+        (reviews, REVIEW_FIELDS, WHAT.format("review")),
+        (meta, META_FIELDS, WHAT.format("metadata")),
+        _seconds,
+        opts.chunk_lines,
     )
 
 

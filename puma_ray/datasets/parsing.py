@@ -5,6 +5,7 @@ and helpers for files, lines, fields and values (bounded memory: sources are rea
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -253,3 +254,25 @@ def interactions_chunk(cols: dict[str, pa.Array], malformed: int) -> Chunk:
     if "history" in cols:
         types["history"] = pa.list_(pa.string())
     return Chunk(pa.table({k: pc.cast(cols[k], t) for k, t in types.items()}), malformed)
+
+
+def json_source(
+    variant: str,
+    interactions: tuple[str, tuple[str, str, str, str], str],
+    items: tuple[str, tuple[str, str], str],
+    seconds,
+    chunk_lines: int,
+) -> Source:
+    """A rating :class:`Source` of two JSON-lines files, each ``(uri, fields, what it is)``, both
+    probed first (:func:`probe_json`): the interactions (user, item, rating, time fields;
+    ``seconds`` turns the time field into unix seconds) and the items (item id, text fields)."""
+    for uri, fields, what in (interactions, items):
+        probe_json(uri, fields, what)
+    return Source(
+        variant=variant,
+        task="rating",
+        rating_min=1.0,
+        files={"interactions": interactions[0], "items": items[0]},
+        items=functools.partial(json_items, items[0], chunk_lines, items[1]),
+        interactions=functools.partial(json_interactions, interactions[0], chunk_lines, interactions[1], seconds),
+    )

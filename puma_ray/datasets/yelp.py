@@ -9,8 +9,6 @@ item_id = business_id; item_text = the business name; timestamp = the review dat
 
 from __future__ import annotations
 
-import functools
-
 import pyarrow as pa
 
 from puma_ray.config import ImportOptions
@@ -30,15 +28,12 @@ def open_source(src: str, opts: ImportOptions) -> imp.Source:
     files = imp.dir_files(directory)
     reviews = _find(directory, files, REVIEW_NAMES)
     business = _find(directory, files, BUSINESS_NAMES)
-    imp.probe_json(reviews, REVIEW_FIELDS, "a Yelp review file")
-    imp.probe_json(business, BUSINESS_FIELDS, "a Yelp business file")
-    return imp.Source(
-        variant="yelp",
-        task="rating",
-        rating_min=1.0,
-        files={"interactions": reviews, "items": business},
-        items=functools.partial(imp.json_items, business, opts.chunk_lines, BUSINESS_FIELDS),
-        interactions=functools.partial(imp.json_interactions, reviews, opts.chunk_lines, REVIEW_FIELDS, _seconds),
+    return imp.json_source(
+        "yelp",
+        (reviews, REVIEW_FIELDS, "a Yelp review file"),
+        (business, BUSINESS_FIELDS, "a Yelp business file"),
+        _seconds,
+        opts.chunk_lines,
     )
 
 
