@@ -1,7 +1,17 @@
 """Shared fixtures: one Ray session, tiny models of every family, small synthetic data sets, and a
-real S3 endpoint (moto's server mode over HTTP on loopback). Also: a deprecation warning is charged
-to the code that called the deprecated API (:func:`warn_charging_the_caller`), so pyproject.toml's
-filters fail a test when puma_ray's own call uses an API its dependencies deprecate."""
+real S3 endpoint (moto's server mode over HTTP on loopback); shared helpers: :func:`random_store`
+(a random prompt store) and :func:`users_of` (a data set's training users).
+
+Test tiers (the markers registered in pyproject.toml): each test gets one, the heaviest thing it
+needs, from the fixtures it uses (:func:`pytest_collection_modifyitems`): ``cluster`` (a multi-node
+Ray cluster of cluster/local.sh), ``real`` (the real pretrained checkpoints), ``ray`` (a Ray
+session), else ``fast``. A test that starts Ray another way (a subprocess, a fixture asked for at
+run time) is marked by hand; a ``fast`` test that calls ``ray.init`` fails and says so.
+``pytest -m fast`` is the inner loop; plain ``pytest`` (CI) runs every tier.
+
+Also: a deprecation warning is charged to the code that called the deprecated API
+(:func:`warn_charging_the_caller`), so pyproject.toml's filters fail a test when puma_ray's own call
+uses an API its dependencies deprecate."""
 
 from __future__ import annotations
 
@@ -12,15 +22,19 @@ import uuid
 import warnings
 
 import boto3
+import numpy as np
 import pytest
 import ray
 from moto.server import ThreadedMotoServer
 
 from puma_ray import config as C
+from puma_ray import storage
 from puma_ray.config import RayConfig
 from puma_ray.datasets.synthetic import synthesize
+from puma_ray.identity import store_meta
 from puma_ray.models import build_tiny
 from puma_ray.runtime import init_ray
+from puma_ray.schema import prompt_store_schema, prompt_table
 from puma_ray.stage1 import train_prompts
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before any tokenizer runs (Ray forks workers)
@@ -69,6 +83,83 @@ def warn_charging_the_caller(message, category=None, stacklevel=1, source=None, 
 
 
 warnings.warn = warn_charging_the_caller
+
+# The tiers, heaviest first, and the fixtures that put a test in each (``fast``: none of them).
+TIERS = ("cluster", "real", "ray", "fast")
+TIER_FIXTURES = {
+    "cluster": {"local_cluster"},  # tests/test_cluster_job.py: a head and a worker node of cluster/local.sh
+    "real": {"real"},  # tests/test_real_models.py: the packaged GGUFs fetched and imported
+    "ray": {"ray_session"},  # the suite's Ray, directly or through a fixture on it (stage1_run, ...)
+}
+
+
+def fixture_tier(item: pytest.Item) -> str:
+    """The tier the fixtures of ``item`` (their own fixtures included) put it in."""
+    used = set(getattr(item, "fixturenames", ()))
+    return next((tier for tier, names in TIER_FIXTURES.items() if used & names), "fast")
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` selects by the markers
+def pytest_collection_modifyitems(config, items) -> None:
+    """Marks each test with its tier: the one marked by hand (for what its fixtures do not show),
+    else :func:`fixture_tier`. A hand-marked tier lighter than the fixtures' is an error, as are two."""
+    for item in items:
+        marked = [tier for tier in TIERS if item.get_closest_marker(tier)]
+        tier = fixture_tier(item)
+        if len(marked) > 1 or (marked and TIERS.index(marked[0]) > TIERS.index(tier)):
+            raise pytest.UsageError(f"{item.nodeid}: marked {marked}, but its fixtures make it {tier!r}")
+        if not marked:
+            item.add_marker(tier)
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_start_no_ray(request, monkeypatch) -> None:
+    """A ``fast`` test that starts Ray (``ray.init``: puma_ray's init_ray, Ray Data's auto-init)
+    fails: it belongs in the ``ray`` tier."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+
+    def refuse(*_, **__):
+        """``ray.init`` for a fast test."""
+        raise AssertionError(f"{request.node.nodeid} starts Ray: mark it `ray` (tiers: tests/conftest.py)")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+def users_of(data_dir: str) -> list[str]:
+    """The users of ``data_dir``/train (local or s3://), sorted."""
+    ids = storage.read_table(f"{data_dir}/train", columns=["user_id"]).column("user_id").to_pylist()
+    return sorted(set(ids))
+
+
+def random_store(
+    uri: str,
+    model_path: str,
+    users: list[str] | int,
+    *,
+    prompt_length: int = 1,
+    task: str = "rating",
+    template: str | None = None,
+    stage: str = "prompts",
+    rows_per_group: int | None = None,
+    seed: int = 0,
+    scale: float = 0.1,
+) -> str:
+    """A prompt store at ``uri`` (local or s3://, one file ``part-00000.parquet``) made for the model
+    at ``model_path`` (its fingerprint and d from its config: :func:`puma_ray.identity.store_meta`, with
+    ``task``, ``template``, ``prompt_length`` and ``stage``), holding uniform random prompts in
+    [-``scale``, ``scale``) from ``numpy.random.default_rng(seed)``, drawn row by row in store
+    order. ``users``: the ids in store row order, or a count n for ``f"user{j:06d}"``, j < n. One row
+    group per ``rows_per_group`` users (default: one for all, as ``schema.write_prompt_store``
+    writes). Returns ``uri``."""
+    ids = [f"user{j:06d}" for j in range(users)] if isinstance(users, int) else list(users)
+    meta = store_meta(model_path, task, template, prompt_length, stage)
+    prompts = np.random.default_rng(seed).uniform(-scale, scale, (len(ids), meta.width))
+    rows = rows_per_group or max(len(ids), 1)
+    with storage.parquet_writer(storage.join(uri, "part-00000.parquet"), prompt_store_schema(meta)) as w:
+        for i in range(0, len(ids), rows):
+            w.write_table(prompt_table(meta, ids[i : i + rows], prompts[i : i + rows]))
+    return uri
 
 
 @pytest.fixture(scope="session")

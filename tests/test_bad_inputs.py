@@ -363,7 +363,9 @@ def guard(request, monkeypatch, case):
         monkeypatch.setattr(module, "init_ray", boom)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.kind for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.kind, marks=[pytest.mark.ray] if c.ray else []) for c in CASES]
+)  # a RAY case asks for the Ray session at run time (fixture ``guard``): its tier is marked here
 def test_bad_input_is_one_line_and_writes_nothing(root, case, guard, observed, monkeypatch, capsys):
     """Exit code 2, the one ``error:`` line (holding ``case.says``) and no traceback; every file under
     ``root`` as it was (nothing created, deleted or rewritten)."""

@@ -27,16 +27,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow.compute as pc
 import pytest
 import requests
 import yaml
+from conftest import random_store, users_of
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from puma_ray import outputs, storage
 from puma_ray.identity import model_info
-from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table, read_prompt_store
+from puma_ray.schema import read_prompt_store
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_SH = REPO / "cluster" / "local.sh"
@@ -132,20 +132,6 @@ def upload_dir(local: str, uri: str) -> str:
     return uri
 
 
-def write_store(uri: str, model_path: str, users: list[str], rows_per_group: int) -> str:
-    """A random source store made for ``model_path``, one row group per ``rows_per_group`` users."""
-    fp, d = model_info(model_path)
-    meta = StoreMeta(
-        model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=1, template="rating_v1", stage="prompts"
-    )
-    rng = np.random.default_rng(0)
-    with storage.parquet_writer(storage.join(uri, "part-00000.parquet"), prompt_store_schema(meta)) as w:
-        for i in range(0, len(users), rows_per_group):
-            ids = users[i : i + rows_per_group]
-            w.write_table(prompt_table(meta, ids, rng.uniform(-0.1, 0.1, (len(ids), d))))
-    return uri
-
-
 def submit(client, job: str, config_uri: str, *overrides: str) -> str:
     """`python jobs/<job>.py --config URI key=value...` with the repo as working_dir and the S3
     settings passed through the job's runtime_env (from this process's environment, never a file)."""
@@ -182,8 +168,8 @@ def test_jobs_on_a_local_multi_node_cluster(local_cluster, s3_bucket, tiny_model
     # inputs in the bucket: interactions, a source store (tiny Llama), the config itself
     b = s3_bucket
     upload_dir(rating_data, f"{b}/data")
-    users = sorted(set(storage.read_table(f"{b}/data/train", columns=["user_id"]).column("user_id").to_pylist()))
-    write_store(f"{b}/source/prompts", tiny_models["llama"], users, rows_per_group=len(users))
+    users = users_of(f"{b}/data")
+    random_store(f"{b}/source/prompts", tiny_models["llama"], users)
     cfg = {
         "task": "rating",
         "model": {"path": tiny_models["qwen2"]},
@@ -248,9 +234,7 @@ def test_jobs_on_a_local_multi_node_cluster(local_cluster, s3_bucket, tiny_model
 
     # 2. a rewrite job stopped half-way, then submitted again: resumes, every user exactly once
     big = [f"user{i:06d}" for i in range(12_000)]
-    write_store(
-        f"{b}/big/prompts", tiny_models["llama"], big, rows_per_group=120
-    )  # 100 units (output files) of 120 users
+    random_store(f"{b}/big/prompts", tiny_models["llama"], big, rows_per_group=120)  # 100 units (files) of 120 users
     rw = {
         "model": {"path": tiny_models["qwen2"]},
         "sources": [f"{b}/big/prompts"],

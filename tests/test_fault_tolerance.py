@@ -11,30 +11,16 @@ import signal
 import threading
 import time
 
-import numpy as np
-import pyarrow.parquet as pq
 import ray
 import ray.train
+from conftest import random_store, users_of
 from ray.util.state import list_actors
 
 from puma_ray import config as C
-from puma_ray.identity import model_info
 from puma_ray.pipeline import migrate_step
-from puma_ray.schema import StoreMeta, write_prompt_store
 from puma_ray.stage1 import train_prompts
 
 EPOCHS = 2
-
-
-def source_store(uri: str, model_path: str, users: list[str]) -> str:
-    fp, d = model_info(model_path)
-    meta = StoreMeta(
-        model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=1, template="rating_v1", stage="prompts"
-    )
-    write_prompt_store(
-        uri, meta, users, np.random.default_rng(0).uniform(-0.1, 0.1, (len(users), d)).astype(np.float32)
-    )
-    return uri
 
 
 def epoch_logger(path: str):
@@ -89,8 +75,7 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(tmp_path, tiny_model
     address = (
         "http://" + ray._private.worker.global_worker.node.webui_url
     )  # this session's dashboard, not another Ray on the box
-    users = sorted(set(pq.read_table(f"{rating_data}/train", columns=["user_id"]).column("user_id").to_pylist()))
-    src = source_store(str(tmp_path / "src"), tiny_models["llama"], users)
+    src = random_store(str(tmp_path / "src"), tiny_models["llama"], users_of(rating_data))
 
     def cfg(name: str, **run) -> C.MigrateConfig:
         return C.build(

@@ -9,6 +9,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.ray  # the benchmark, in a subprocess, starts its own Ray (and moto)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -5,18 +5,17 @@ here, not prompt quality."""
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from conftest import random_store, users_of
 from test_rewrite import make_adapter
 
 from puma_ray import config as C
 from puma_ray import outputs, storage
 from puma_ray.data import hashed_fraction
 from puma_ray.errors import PumaError
-from puma_ray.identity import model_info
 from puma_ray.pipeline import migrate
 from puma_ray.rewrite import rewrite
-from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
+from puma_ray.schema import read_prompt_store
 from puma_ray.stage2 import training_rows
 
 FAST = {
@@ -25,20 +24,6 @@ FAST = {
     "scaling": {"num_workers": 1},  # 2 workers: test_fault_tolerance, test_cluster_job
     "rewrite": {"batch_size": 16},
 }
-
-
-def make_store(uri, model_path, users, seed=0, l=1, task="rating"):
-    fp, d = model_info(model_path)
-    meta = StoreMeta(
-        model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=l, template=f"{task}_v1", stage="prompts"
-    )
-    p = np.random.default_rng(seed).uniform(-0.1, 0.1, (len(users), l * d)).astype(np.float32)
-    write_prompt_store(uri, meta, users, p)
-    return uri
-
-
-def users_of(data_dir):
-    return sorted(set(pq.read_table(f"{data_dir}/train", columns=["user_id"]).column("user_id").to_pylist()))
 
 
 def mcfg(tmp_path, data_dir, target, sources, name, task="rating", **over):
@@ -57,7 +42,7 @@ def mcfg(tmp_path, data_dir, target, sources, name, task="rating", **over):
 
 def test_migrate_ctr(tmp_path, tiny_models, ctr_data, ray_session):
     users = users_of(ctr_data)
-    src = make_store(str(tmp_path / "src"), tiny_models["gemma3"], users + ["ghost1", "ghost2"], task="ctr")
+    src = random_store(str(tmp_path / "src"), tiny_models["gemma3"], users + ["ghost1", "ghost2"], task="ctr")
     report = migrate(
         mcfg(
             tmp_path,
@@ -86,8 +71,8 @@ def test_migrate_ctr(tmp_path, tiny_models, ctr_data, ray_session):
 def test_chain_and_aggregate(tmp_path, tiny_models, rating_data, ray_session):
     """One chain whose first step aggregates two sources: [A;B] -> qwen2 -> phi3."""
     users = users_of(rating_data)
-    a = make_store(str(tmp_path / "a"), tiny_models["llama"], users)
-    b = make_store(str(tmp_path / "b"), tiny_models["gemma3"], users[3:], seed=1)  # 3 users lack a B prompt
+    a = random_store(str(tmp_path / "a"), tiny_models["llama"], users)
+    b = random_store(str(tmp_path / "b"), tiny_models["gemma3"], users[3:], seed=1)  # 3 users lack a B prompt
     chain = migrate(
         mcfg(
             tmp_path,
@@ -116,7 +101,7 @@ def test_chain_and_aggregate(tmp_path, tiny_models, rating_data, ray_session):
 
 def test_rewrite_command_and_bad_pairings(tmp_path, tiny_models, rating_data, ray_session):
     users = users_of(rating_data)
-    src = make_store(str(tmp_path / "src"), tiny_models["llama"], users)
+    src = random_store(str(tmp_path / "src"), tiny_models["llama"], users)
     adapter = make_adapter(str(tmp_path / "adapter"), tiny_models["llama"], tiny_models["qwen2"])  # as migrate saves it
 
     def job(**over):
@@ -133,14 +118,14 @@ def test_rewrite_command_and_bad_pairings(tmp_path, tiny_models, rating_data, ra
     assert sorted(ids) == users and manifest["output"]["rows"] == len(users)
     with pytest.raises(PumaError, match="trained for target model"):
         rewrite(job(model={"path": tiny_models["phi3"]}))
-    wrong = make_store(str(tmp_path / "wrong"), tiny_models["gemma3"], users)  # d=80 store, adapter takes 64
+    wrong = random_store(str(tmp_path / "wrong"), tiny_models["gemma3"], users)  # d=80 store, adapter takes 64
     with pytest.raises(PumaError, match=r"trained on source model\(s\)"):
         rewrite(job(sources=[wrong]))
 
 
 def test_migrate_bad_inputs(tmp_path, tiny_models, rating_data, ray_session):
     users = users_of(rating_data)
-    src = make_store(str(tmp_path / "src"), tiny_models["llama"], users + ["ghost1", "ghost2"])
+    src = random_store(str(tmp_path / "src"), tiny_models["llama"], users + ["ghost1", "ghost2"])
     with pytest.raises(PumaError, match=f"budget 500 exceeds the {len(users)} users with interactions"):
         migrate(mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "b1", select={"budget": 500}))
     # (users with prompts but no interactions: test_migrate_ctr)
@@ -152,7 +137,7 @@ def test_validation_users_do_not_depend_on_the_selection(tmp_path, tiny_models, 
     selected: they are the training users."""
 
     users = users_of(rating_data)
-    src = make_store(str(tmp_path / "src"), tiny_models["llama"], users)
+    src = random_store(str(tmp_path / "src"), tiny_models["llama"], users)
     cfg = mcfg(tmp_path, rating_data, tiny_models["qwen2"], [src], "v", validation={"sample_users": 20})
     data = training_rows(cfg, src, pa.array(users[:15]), len(users))
     valid = data["valid"].to_pandas()

@@ -6,12 +6,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 # Ray's worker prefixes, raylet notes, Ray Data plans, DeepSpeed's "[date] [INFO] [file.py:n]" lines, colours
 WORKER_LOG = re.compile(
     r"\(\w+ pid=\d+|\(raylet\)|PYTHON worker|Execution plan|TrainingReport|\[(INFO|WARNING)\]|ds_accelerator|\x1b\["
 )
 
 
+@pytest.mark.ray  # the quickstart, in a subprocess, starts its own Ray
 def test_quickstart_cli_results_and_console(tmp_path):
     out = tmp_path / "qs"
     args = ["quickstart", "--out", str(out), "--users", "40", "--epochs", "1", "--workers", "1"]

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
+from conftest import random_store
 
 from puma_ray import outputs, storage
 from puma_ray.adapter import MigrationAdapter, save_adapter
@@ -21,22 +22,7 @@ from puma_ray.errors import PumaError
 from puma_ray.identity import model_info
 from puma_ray.rewrite import actors_for, eager_pool, plan_units, rewrite
 from puma_ray.runtime import CORES, actor_pool_size, cores, task_concurrency
-from puma_ray.schema import StoreMeta, check_store_input, prompt_store_schema, prompt_table
-
-
-def chunked_store(uri, model_path, n_users, rows_per_group, seed=0, ids=None):
-    """A source store with many row groups (one per ``rows_per_group`` users), like a big store;
-    ``ids`` (default user000000.. in order) in store row order."""
-    fp, d = model_info(model_path)
-    meta = StoreMeta(
-        model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=1, template="rating_v1", stage="prompts"
-    )
-    rng = np.random.default_rng(seed)
-    with storage.parquet_writer(storage.join(uri, "part-00000.parquet"), prompt_store_schema(meta)) as w:
-        for i in range(0, n_users, rows_per_group):
-            part = [ids[j] if ids else f"user{j:06d}" for j in range(i, min(n_users, i + rows_per_group))]
-            w.write_table(prompt_table(meta, part, rng.uniform(-0.1, 0.1, (len(part), d))))
-    return uri
+from puma_ray.schema import check_store_input
 
 
 def make_adapter(uri, src_model, tgt_model):
@@ -71,12 +57,12 @@ def ids_of(store):
 
 
 def test_units_respect_file_sizes(tmp_path, tiny_models):
-    src = chunked_store(str(tmp_path / "src"), tiny_models["llama"], 1000, rows_per_group=30)
+    src = random_store(str(tmp_path / "src"), tiny_models["llama"], 1000, rows_per_group=30)
     units = plan_units(src, RewriteConfig(min_rows_per_file=100, max_rows_per_file=200))
     assert sum(u["rows"] for u in units) == 1000
     assert all(100 <= u["rows"] <= 200 for u in units[:-1]) and units[-1]["rows"] <= 200
     # a row group bigger than max_rows_per_file is one unit, split into several files when written
-    big = chunked_store(str(tmp_path / "big"), tiny_models["llama"], 500, rows_per_group=500)
+    big = random_store(str(tmp_path / "big"), tiny_models["llama"], 500, rows_per_group=500)
     assert [u["rows"] for u in plan_units(big, RewriteConfig(min_rows_per_file=10, max_rows_per_file=120))] == [500]
     with pytest.raises(ValueError, match="min_rows_per_file 300 > max_rows_per_file 200"):
         RewriteConfig(min_rows_per_file=300, max_rows_per_file=200)
@@ -101,7 +87,7 @@ def test_actor_pool_defaults_to_the_cluster(ray_session):
 
 
 def test_rewrite_splits_files_and_reports_progress(tmp_path, tiny_models, ray_session, capsys):
-    src = chunked_store(str(tmp_path / "src"), tiny_models["llama"], 500, rows_per_group=500)
+    src = random_store(str(tmp_path / "src"), tiny_models["llama"], 500, rows_per_group=500)
     out = str(tmp_path / "out")
     manifest = rewrite(job(tmp_path, tiny_models, src, out, min_rows_per_file=10, max_rows_per_file=120, actors=2))
     assert [f["rows"] for f in manifest["output"]["files"]] == [120, 120, 120, 120, 20]
@@ -133,9 +119,9 @@ def test_killed_rewrite_resumes_exactly_once(tmp_path, tiny_models, ray_session)
 
     n = 6000
     out = str(tmp_path / "out")
-    old_src = chunked_store(str(tmp_path / "old"), tiny_models["llama"], 100, rows_per_group=50, seed=3)
+    old_src = random_store(str(tmp_path / "old"), tiny_models["llama"], 100, rows_per_group=50, seed=3)
     old = rewrite(job(tmp_path, tiny_models, old_src, out, min_rows_per_file=50, max_rows_per_file=50))
-    src = chunked_store(str(tmp_path / "src"), tiny_models["llama"], n, rows_per_group=20)
+    src = random_store(str(tmp_path / "src"), tiny_models["llama"], n, rows_per_group=20)
     cfg = job(tmp_path, tiny_models, src, out, min_rows_per_file=20, max_rows_per_file=20)
     (tmp_path / "rewrite.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
     state = outputs.staged(out, "rewrite_state")
@@ -176,11 +162,11 @@ def test_killed_rewrite_resumes_exactly_once(tmp_path, tiny_models, ray_session)
 
 
 def test_changed_input_starts_over(tmp_path, tiny_models, ray_session):
-    src = chunked_store(str(tmp_path / "src"), tiny_models["llama"], 200, rows_per_group=50)
+    src = random_store(str(tmp_path / "src"), tiny_models["llama"], 200, rows_per_group=50)
     out = str(tmp_path / "out")
     first = rewrite(job(tmp_path, tiny_models, src, out, min_rows_per_file=50, max_rows_per_file=50))
     storage.delete_dir(src)
-    chunked_store(src, tiny_models["llama"], 150, rows_per_group=50, seed=1)  # same path, other users' prompts
+    random_store(src, tiny_models["llama"], 150, rows_per_group=50, seed=1)  # same path, other users' prompts
     second = rewrite(job(tmp_path, tiny_models, src, out, min_rows_per_file=50, max_rows_per_file=50))
     assert first["output"]["rows"] == 200 and second["output"]["rows"] == 150
     assert len(ids_of(f"{out}/prompts")) == 150
@@ -191,12 +177,12 @@ def test_exactly_once_check_without_ordered_ids(tmp_path, tiny_models, ray_sessi
     units is refused (no manifest)."""
 
     ids = [f"user{j:06d}" for j in np.random.default_rng(0).permutation(300)]
-    src = chunked_store(str(tmp_path / "shuffled"), tiny_models["llama"], 300, rows_per_group=100, ids=ids)
+    src = random_store(str(tmp_path / "shuffled"), tiny_models["llama"], ids, rows_per_group=100)
     manifest = rewrite(
         job(tmp_path, tiny_models, src, str(tmp_path / "out"), min_rows_per_file=100, max_rows_per_file=100)
     )
     assert manifest["unique_by"] == "rows per user" and manifest["output"]["rows"] == 300
-    dup = chunked_store(str(tmp_path / "dup"), tiny_models["llama"], 200, rows_per_group=100, ids=ids[:100] + ids[:100])
+    dup = random_store(str(tmp_path / "dup"), tiny_models["llama"], ids[:100] + ids[:100], rows_per_group=100)
     with pytest.raises(PumaError, match="100 users more than once"):
         rewrite(job(tmp_path, tiny_models, dup, str(tmp_path / "out2"), min_rows_per_file=100, max_rows_per_file=100))
     assert not storage.exists(str(tmp_path / "out2" / "manifest.json"))

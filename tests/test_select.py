@@ -136,7 +136,7 @@ def test_buckets_favour_the_middle_strata(name, key):
 def test_signals_are_computed_only_when_asked(data):
     """A strategy reads only what it needs: no loss for the variance ones, no FFN features for prompt K-means."""
     x, var, _ = data
-    for name in ("random", "variance_buckets", "kmeans", "kmeans_pca", "kmeans_farthest", "kmeans_variance"):
+    for name in [n for n in ALL if n not in NEEDS_SOURCE_MODEL]:
         run(name, x, var, 50)  # from_prompts raises when a missing signal is asked for
     with pytest.raises(PumaError, match="no source losses"):
         run("kmeans_loss", x, var, 50)

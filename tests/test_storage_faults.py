@@ -17,8 +17,9 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 import ray
+from conftest import random_store
 from faulty_s3 import TRANSIENT, FaultyS3
-from test_rewrite import chunked_store, job
+from test_rewrite import job
 
 from puma_ray import storage
 from puma_ray.cli import main
@@ -87,7 +88,7 @@ def test_rewrite_survives_transient_faults(tmp_path, tiny_models, s3_bucket, fau
     equal to the same rewrite without faults, and every file's checksum that of its bytes."""
     assert ray.get(_worker_endpoint.remote()) == faulty_s3.endpoint  # the actors' requests go through it too
     n = 300
-    src = chunked_store(f"{s3_bucket}/src", tiny_models["llama"], n, rows_per_group=25)
+    src = random_store(f"{s3_bucket}/src", tiny_models["llama"], n, rows_per_group=25)
     sizes = {"min_rows_per_file": 50, "max_rows_per_file": 50, "actors": 1}
     clean_cfg = job(tmp_path, tiny_models, src, f"{s3_bucket}/clean", **sizes)
     cfg = build(RewriteJobConfig, {**clean_cfg.model_dump(), "output": f"{s3_bucket}/faulty"})  # the same adapter

@@ -11,9 +11,9 @@ import sys
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import random_store, users_of
 from ray.tune import Callback
 from ray.util.state import list_actors
 
@@ -21,28 +21,12 @@ from puma_ray import config as C
 from puma_ray import storage
 from puma_ray.cli import main
 from puma_ray.errors import PumaError
-from puma_ray.identity import model_info
 from puma_ray.rewrite import rewrite
-from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
+from puma_ray.schema import read_prompt_store
 from puma_ray.tune import check_search, expected_trials, max_concurrent, tune
 from puma_ray.tune_report import pareto_front
 
 GOOD_LR, BAD_LR = 3e-2, 1e-7  # 1e-7 learns nothing in an epoch: the trial ASHA must stop
-
-
-def make_store(uri, model_path, users):
-    fp, d = model_info(model_path)
-    meta = StoreMeta(
-        model=model_path, model_fingerprint=fp, hidden_size=d, prompt_length=1, template="rating_v1", stage="prompts"
-    )
-    write_prompt_store(
-        uri, meta, users, np.random.default_rng(0).uniform(-0.1, 0.1, (len(users), d)).astype(np.float32)
-    )
-    return uri
-
-
-def users_of(data_dir):
-    return sorted(set(pq.read_table(f"{data_dir}/train", columns=["user_id"]).column("user_id").to_pylist()))
 
 
 def tcfg(root, models, data, src, **over):
@@ -96,7 +80,7 @@ def search(tmp_path_factory, tiny_models, rating_data, ray_session):
     """Run the search, interrupt it at the first epoch report, then resume it."""
 
     root = str(tmp_path_factory.mktemp("tune"))
-    src = make_store(f"{root}/src", tiny_models["llama"], users_of(rating_data))
+    src = random_store(f"{root}/src", tiny_models["llama"], users_of(rating_data))
     cfg = tcfg(root, tiny_models, rating_data, src)
     with pytest.raises(
         PumaError, match="search interrupted with [12] of 2 trials unfinished; run the same command again"
