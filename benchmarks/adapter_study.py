@@ -30,28 +30,26 @@ import json
 import math
 import os
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
-from sklearn.decomposition import PCA
-from sklearn.linear_model import RidgeCV
-from sklearn.model_selection import cross_val_score
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.adapter import MigrationAdapter
-from puma_ray.datasets.packaged import movielens_100k
-from puma_ray.heads import build_head, load_head
-from puma_ray.llm import FrozenLM
-from puma_ray.quickstart import DEFAULTS
 from puma_ray.schema import read_prompt_store
-from puma_ray.trainer import Batch, TaskModel, lr_schedule
+
+if TYPE_CHECKING:
+    from puma_ray.adapter import MigrationAdapter
+    from puma_ray.llm import FrozenLM
+    from puma_ray.trainer import Batch, TaskModel
 
 
 def vector_stats(x: np.ndarray) -> dict:
     """(N, d) vectors -> norms p10/p50/p90, mean |per-dim mean|, mean per-dim std, top-PC variance shares."""
+    from sklearn.decomposition import PCA
+
     norms = np.linalg.norm(x, axis=1)
     pca = PCA(n_components=min(32, *x.shape)).fit(x)
     share = np.cumsum(pca.explained_variance_ratio_)
@@ -66,36 +64,49 @@ def vector_stats(x: np.ndarray) -> dict:
 
 def level_r2(x: np.ndarray, y: np.ndarray) -> float:
     """5-fold cross-validated R^2 of a ridge regression of ``y`` (N,) on ``x`` (N, d)."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import cross_val_score
+
     model = RidgeCV(alphas=np.logspace(-3, 3, 13))
     return round(float(cross_val_score(model, x, y, cv=5, scoring="r2").mean()), 3)
 
 
 def rows_of(table: pa.Table, users: list[str]) -> pa.Table:
+    """The rows of ``users``."""
     return table.filter(pc.is_in(table.column("user_id"), value_set=pa.array(users, pa.string())))
 
 
 def batches(rows: pa.Table, size: int, rng: np.random.Generator | None):
+    """``rows`` in slices of ``size`` rows: shuffled by ``rng``, or in order (None)."""
     order = rng.permutation(rows.num_rows) if rng is not None else np.arange(rows.num_rows)
     for s in range(0, rows.num_rows, size):
         yield rows.take(pa.array(order[s : s + size]))
 
 
 def make_batch(rows: pa.Table, lm: FrozenLM, src: np.ndarray, index: dict[str, int], l: int) -> Batch:
+    """The trainer's :class:`Batch` of ``rows``: their users' source prompts (``src`` rows by ``index``)."""
+    import torch
+
+    from puma_ray.trainer import Batch
+
     idx = np.array([index[u] for u in rows.column("user_id").to_pylist()])
     prompts = torch.from_numpy(src[idx]).view(len(idx), l, -1)
     label = torch.as_tensor(rows.column("label").to_numpy(), dtype=torch.float32)
     return Batch(label=label, inputs=lm.collate(rows.column("item_text").to_pylist()), src=prompts)
 
 
-@torch.no_grad()
 def rmse(model: TaskModel, lm: FrozenLM, rows: pa.Table, src, index, l) -> float:
+    """RMSE of ``model`` on ``rows`` (no gradients; the model is back in training mode after)."""
+    import torch
+
     model.eval()
     se, n = 0.0, 0
-    for part in batches(rows, 256, None):
-        b = make_batch(part, lm, src, index, l)
-        _, pred = model(b.src, b, lm)
-        se += float(((pred - b.label).double() ** 2).sum())
-        n += len(b.label)
+    with torch.no_grad():
+        for part in batches(rows, 256, None):
+            b = make_batch(part, lm, src, index, l)
+            _, pred = model(b.src, b, lm)
+            se += float(((pred - b.label).double() ** 2).sum())
+            n += len(b.label)
     model.train()
     return math.sqrt(se / max(n, 1))
 
@@ -104,6 +115,12 @@ def run_config(name, over, n, pool, held_out, data, lm, src, index, l, seed, ste
     """Train adapter + head on ``n`` users of ``pool``; validation RMSE per epoch in (at most 50 of
     the trained users) / out. ``steps``: train for at least this many optimizer steps (the epochs
     follow the rows) instead of the config's epochs."""
+    import torch
+
+    from puma_ray.adapter import MigrationAdapter
+    from puma_ray.heads import build_head
+    from puma_ray.trainer import TaskModel, lr_schedule
+
     cfg = C.build(C.MigrateConfig, C.deep_merge(base_migrate(), C.nest(over)))
     rng = np.random.default_rng(seed)
     users = sorted(rng.choice(pool, size=min(n, len(pool)), replace=False).tolist())
@@ -163,10 +180,13 @@ def run_config(name, over, n, pool, held_out, data, lm, src, index, l, seed, ste
     }
 
 
-@torch.no_grad()
 def adapter_outputs(adapter: MigrationAdapter, src: np.ndarray, l: int) -> np.ndarray:
+    """The adapter's outputs (N, l * d_tgt) for the source prompts ``src`` (no gradients)."""
+    import torch
+
     adapter.eval()
-    out = adapter(torch.from_numpy(src).view(len(src), l, -1)).reshape(len(src), -1).numpy()
+    with torch.no_grad():
+        out = adapter(torch.from_numpy(src).view(len(src), l, -1)).reshape(len(src), -1).numpy()
     adapter.train()
     return out
 
@@ -175,6 +195,9 @@ def reference_rmse(runs: str, users: list[str], data: dict, lm: FrozenLM, l: int
     """RMSE on ``users``' valid rows of the target's runs (their prompts and heads: full_retrain,
     random_init, and the run's own puma migration) and of the global and per-user mean of the
     training labels: the bars for "out"."""
+    from puma_ray.heads import load_head
+    from puma_ray.trainer import TaskModel
+
     out = {}
     for name in ("full_retrain", "random_init", "puma"):
         if not storage.exists(os.path.join(runs, name, "head.json")):
@@ -193,6 +216,8 @@ def reference_rmse(runs: str, users: list[str], data: dict, lm: FrozenLM, l: int
 
 def base_migrate() -> dict:
     """The story's PUMA settings (quickstart DEFAULTS["migrate"]) as a MigrateConfig dict."""
+    from puma_ray.quickstart import DEFAULTS
+
     m = DEFAULTS["migrate"]
     return {
         "model": {"path": "unused"},
@@ -215,6 +240,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="JSON results (default: RUN/adapter_study.json)")
     args = ap.parse_args()
+
+    import torch
+
+    from puma_ray.datasets.packaged import movielens_100k
+    from puma_ray.llm import FrozenLM
+
     torch.set_num_threads(args.threads)
     runs = os.path.join(args.run, "runs")
     cache = os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE))

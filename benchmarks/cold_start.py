@@ -30,13 +30,6 @@ import pyarrow as pa
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.coldstart import cold_start
-from puma_ray.console import say
-from puma_ray.data import hashed_fraction
-from puma_ray.evaluate import evaluate
-from puma_ray.pipeline import migrate_step
-from puma_ray.quickstart import DEFAULTS
-from puma_ray.stage1 import train_prompts
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _testbed import MODELS, add_options, test_bed  # noqa: E402 (a sibling module)
@@ -45,6 +38,8 @@ from _testbed import MODELS, add_options, test_bed  # noqa: E402 (a sibling modu
 def split_users(data: str, fraction: float, out: str) -> tuple[dict, dict, int]:
     """``data``'s rows split into old users (out/old/{train,valid}) and about ``fraction`` new ones
     (out/new/...) by a stable hash of user_id -> (old splits, new splits, new user count)."""
+    from puma_ray.data import hashed_fraction
+
     new_users = set()
     for split in ("train", "valid"):
         table = storage.read_table(os.path.join(data, split))
@@ -65,6 +60,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default: the quickstart's)")
     ap.add_argument("--clusters", type=int, default=15)
     args = ap.parse_args()
+
+    from puma_ray.coldstart import cold_start
+    from puma_ray.console import say
+    from puma_ray.evaluate import evaluate
+    from puma_ray.pipeline import migrate_step
+    from puma_ray.quickstart import DEFAULTS
+    from puma_ray.stage1 import train_prompts
+
     t0 = time.time()
     bed = test_bed(args)
     data, source, target, out = bed.data, bed.source, bed.target, bed.out

@@ -29,14 +29,7 @@ import shutil
 import tempfile
 import time
 
-import ray
-import ray.data
-import ray.train
-from ray.train.torch import TorchTrainer
-
 from puma_ray import config as C
-from puma_ray.quickstart import quickstart
-from puma_ray.runtime import actor_pool, init_ray
 
 # the framework each quickstart stage runs its loop on (its floor is a lower bound of its fixed cost)
 FRAMEWORK = {
@@ -62,6 +55,9 @@ class _Identity:
 
 def train_floor(workers: int, storage_path: str) -> float:
     """Seconds of ``TorchTrainer.fit()`` with ``workers`` workers and a train function that does nothing."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     t0 = time.perf_counter()
     TorchTrainer(
         _nothing,
@@ -73,6 +69,10 @@ def train_floor(workers: int, storage_path: str) -> float:
 
 def data_floor() -> float:
     """Seconds of a Ray Data pass of one item through a one-actor pool that does nothing."""
+    import ray.data
+
+    from puma_ray.runtime import actor_pool
+
     t0 = time.perf_counter()
     pool = actor_pool(C.RewriteConfig(), "rewrite", limit=1)
     ray.data.from_items([{"unit": 0}]).map_batches(_Identity, batch_format="pyarrow", compute=pool).take_all()
@@ -120,6 +120,10 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=None, help="quickstart users (default: the quickstart's)")
     ap.add_argument("--workers", type=int, default=2, help="Ray Train workers (the quickstart's default: 2)")
     args = ap.parse_args()
+
+    from puma_ray.quickstart import quickstart
+    from puma_ray.runtime import init_ray
+
     out = args.out or tempfile.mkdtemp(prefix="fixed-costs-")
     load_start = os.getloadavg()
     init_ray(C.RayConfig())

@@ -32,8 +32,6 @@ import pyarrow as pa
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.data import column_mean, distinct, load_interactions, mean_by, shuffle_partitions
-from puma_ray.runtime import init_ray
 
 
 def interactions(out: str, rows: int, users: int, seed: int) -> str:
@@ -56,6 +54,7 @@ def interactions(out: str, rows: int, users: int, seed: int) -> str:
 
 def scored(uri: str, methods: int, blocks: int):
     """The interactions scored by ``methods`` methods (run, user_id, label, pred), in ``blocks`` blocks."""
+    from puma_ray.data import load_interactions
 
     def tag(batch: pa.Table, run: str) -> pa.Table:
         n = batch.num_rows
@@ -68,20 +67,28 @@ def scored(uri: str, methods: int, blocks: int):
 
 
 def ray_user_mean(ds, rows: int) -> dict:
+    from puma_ray.data import shuffle_partitions
+
     means = ds.groupby("user_id", num_partitions=shuffle_partitions(rows)).mean("label").to_pandas()
     return dict(zip(means["user_id"], means["mean(label)"]))
 
 
 def puma_user_mean(ds, rows: int) -> dict:
+    from puma_ray.data import mean_by
+
     means = mean_by(ds, ["user_id"], "label").to_pandas()
     return dict(zip(means["user_id"], means["label"]))
 
 
 def ray_pairs(ds, rows: int) -> int:
+    from puma_ray.data import shuffle_partitions
+
     return ds.groupby(["run", "user_id"], num_partitions=shuffle_partitions(rows)).count().count()
 
 
 def puma_pairs(ds, rows: int) -> int:
+    from puma_ray.data import distinct
+
     return distinct(ds, ["run", "user_id"])
 
 
@@ -90,6 +97,8 @@ def ray_mean(ds, rows: int) -> float:
 
 
 def puma_mean(ds, rows: int) -> float:
+    from puma_ray.data import column_mean
+
     return column_mean(ds, "label")
 
 
@@ -124,6 +133,10 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=32, help="blocks of the scored rows")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+
+    from puma_ray.data import load_interactions
+    from puma_ray.runtime import init_ray
+
     load_start = os.getloadavg()
     init_ray(C.RayConfig())
     work = tempfile.mkdtemp(prefix="group-sums-")

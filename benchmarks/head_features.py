@@ -17,11 +17,6 @@ import os
 from puma_ray import config as C
 from puma_ray import storage
 from puma_ray.datasets.synthetic import synthesize
-from puma_ray.evaluate import evaluate
-from puma_ray.models import build_tiny
-from puma_ray.quickstart import DEFAULTS
-from puma_ray.report import format_table
-from puma_ray.stage1 import train_prompts
 
 
 def main() -> None:
@@ -31,6 +26,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+
+    from puma_ray.evaluate import evaluate
+    from puma_ray.models import build_tiny
+    from puma_ray.quickstart import DEFAULTS
+    from puma_ray.report import format_table
+    from puma_ray.stage1 import train_prompts
 
     out = os.path.abspath(args.out)
     data = f"{out}/data"

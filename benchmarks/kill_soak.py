@@ -38,14 +38,10 @@ import time
 import boto3
 import numpy as np
 import pyarrow.compute as pc
-import torch
 import yaml
 from moto.server import ThreadedMotoServer
 
 from puma_ray import outputs, storage
-from puma_ray.adapter import MigrationAdapter, save_adapter
-from puma_ray.identity import model_info
-from puma_ray.models import build_tiny
 from puma_ray.schema import StoreMeta, prompt_store_schema, prompt_table
 
 ACTOR = b"UnitRewriter"  # in a rewrite actor's process title (ray::MapWorker(MapBatches(UnitRewriter)))
@@ -53,6 +49,11 @@ ACTOR = b"UnitRewriter"  # in a rewrite actor's process title (ray::MapWorker(Ma
 
 def setup(work: str, users: int, unit_rows: int, seed: int) -> dict:
     """Tiny target model, a source store (one row group per ``unit_rows`` users) and an adapter, under ``work``."""
+    import torch
+
+    from puma_ray.adapter import MigrationAdapter, save_adapter
+    from puma_ray.identity import model_info
+    from puma_ray.models import build_tiny
 
     tgt = build_tiny(os.path.join(work, "models"), ["qwen2"], seed=seed)["qwen2"]
     tfp, td = model_info(tgt)

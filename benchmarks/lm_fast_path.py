@@ -5,7 +5,7 @@ Models: a tiny Llama (d = 64, the quickstart's), and 2-layer cuts of the real Sm
 49k) and Gemma-3-270M (vocab 262k) when their imports are in the model cache (``puma-ray models
 fetch`` + ``models import --layers 2``, or a run of tests/test_real_models.py). Templates: rating
 and CTR (CTR rows carry a 5-title click history). Also reports padded tokens / real tokens of a
-batch of random rows against the same rows grouped by length (what trainer._batches does).
+batch of random rows against the same rows grouped by length (what trainer.epoch_batches does).
 
     python benchmarks/lm_fast_path.py [--batch 32] [--steps 8] [--threads 2]
 """
@@ -17,14 +17,15 @@ import json
 import os
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from puma_ray import config as C
 from puma_ray.datasets.synthetic import vocabulary
-from puma_ray.llm import FrozenLM
-from puma_ray.models import build_tiny
+
+if TYPE_CHECKING:
+    from puma_ray.llm import FrozenLM
 
 
 def rows(n: int, seed: int) -> tuple[list[str], list[list[str]]]:
@@ -36,6 +37,8 @@ def rows(n: int, seed: int) -> tuple[list[str], list[list[str]]]:
 
 
 def samples_per_s(lm: FrozenLM, task: str, batch: int, steps: int) -> float:
+    import torch
+
     titles, history = rows(batch, 0)
     inputs = lm.collate(titles, history if task == "ctr" else None)
     prompts = torch.zeros(batch, 1, lm.hidden_size, requires_grad=True)
@@ -48,7 +51,7 @@ def samples_per_s(lm: FrozenLM, task: str, batch: int, steps: int) -> float:
 
 def padding(lm: FrozenLM, n: int, batch: int, groups: int) -> dict:
     """Padded / real tokens over ``n`` random rows in batches of ``batch``: in arrival order, and with
-    ``groups`` batches at a time sorted by length before being cut (trainer._batches' grouping)."""
+    ``groups`` batches at a time sorted by length before being cut (trainer.epoch_batches' grouping)."""
     titles, _ = rows(n, 1)
     lengths = np.array(lm.row_lengths(titles))
 
@@ -70,6 +73,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE)))
     args = ap.parse_args()
+
+    import torch
+
+    from puma_ray.llm import FrozenLM
+    from puma_ray.models import build_tiny
+
     torch.set_num_threads(args.threads)
     results = {}
     with tempfile.TemporaryDirectory() as root:

@@ -23,14 +23,15 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray.data
 
 from puma_ray import config as C
-from puma_ray.metrics import report_metrics
-from puma_ray.runtime import init_ray
 
 
 def scored(methods: int, rows: int, users: int):
+    """``methods`` x ``rows`` synthetic scored rows (run, user_id, label, pred) of ``users`` users,
+    materialized in 64 blocks."""
+    import ray.data
+
     def block(batch: dict) -> pa.Table:
         rng = np.random.default_rng(int(batch["id"][0]))
         n = len(batch["id"])
@@ -48,6 +49,7 @@ def scored(methods: int, rows: int, users: int):
 
 
 def only(batch: pa.Table, run: str) -> pa.Table:
+    """map_batches: the rows of method ``run``."""
     return batch.filter(pc.equal(batch.column("run"), run))
 
 
@@ -57,6 +59,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=300_000, help="scored rows per method")
     ap.add_argument("--users", type=int, default=10_000)
     args = ap.parse_args()
+
+    from puma_ray.metrics import report_metrics
+    from puma_ray.runtime import init_ray
+
     load_start = os.getloadavg()
     init_ray(C.RayConfig())
     ds = scored(args.methods, args.rows, args.users)

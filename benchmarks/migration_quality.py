@@ -21,8 +21,6 @@ import numpy as np
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.pipeline import migrate
-from puma_ray.quickstart import DEFAULTS, quickstart
 from puma_ray.schema import StoreMeta, read_prompt_store, write_prompt_store
 
 
@@ -32,6 +30,9 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+
+    from puma_ray.pipeline import migrate
+    from puma_ray.quickstart import DEFAULTS, quickstart
 
     out = os.path.abspath(args.out)
     qs = quickstart(out, users=args.users, seed=args.seed)

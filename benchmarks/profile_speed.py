@@ -30,8 +30,6 @@ from _scale import TreeMemory
 
 from puma_ray.config import RayConfig
 from puma_ray.datasets.synthetic import synthesize
-from puma_ray.profile import profile_users
-from puma_ray.runtime import init_ray
 
 
 def main() -> None:
@@ -41,6 +39,10 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench/profile")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
+
+    from puma_ray.profile import profile_users
+    from puma_ray.runtime import init_ray
+
     os.makedirs(args.work, exist_ok=True)
     data = args.data
     if data is None:

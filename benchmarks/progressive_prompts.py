@@ -27,18 +27,10 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from scipy.sparse import csr_matrix
-from sklearn.cluster import KMeans
-from sklearn.decomposition import TruncatedSVD
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.console import say
-from puma_ray.evaluate import evaluate
-from puma_ray.pipeline import migrate_step
-from puma_ray.quickstart import DEFAULTS
 from puma_ray.schema import read_prompt_store, write_prompt_store
-from puma_ray.stage1 import train_prompts
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _testbed import MODELS, add_options, test_bed  # noqa: E402 (a sibling module)
@@ -46,6 +38,10 @@ from _testbed import MODELS, add_options, test_bed  # noqa: E402 (a sibling modu
 
 def user_groups(train: pa.Table, groups: int, seed: int) -> dict[str, int]:
     """user_id -> group: K-means on a 16-dim truncated SVD of the centred user x item ratings."""
+    from scipy.sparse import csr_matrix
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import TruncatedSVD
+
     users, u = np.unique(train.column("user_id").to_numpy(zero_copy_only=False), return_inverse=True)
     _, i = np.unique(train.column("item_id").to_numpy(zero_copy_only=False), return_inverse=True)
     label = train.column("label").to_numpy().astype(np.float64)
@@ -75,6 +71,13 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=20)
     ap.add_argument("--group-epochs", type=int, default=2)
     args = ap.parse_args()
+
+    from puma_ray.console import say
+    from puma_ray.evaluate import evaluate
+    from puma_ray.pipeline import migrate_step
+    from puma_ray.quickstart import DEFAULTS
+    from puma_ray.stage1 import train_prompts
+
     t0 = time.time()
     bed = test_bed(args)
     splits, source, target, out = bed.splits, bed.source, bed.target, bed.out

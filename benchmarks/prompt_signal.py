@@ -15,15 +15,19 @@ import json
 import tempfile
 
 import numpy as np
-import torch
-from transformers import AutoModelForCausalLM
 
 from puma_ray.datasets.synthetic import vocabulary
-from puma_ray.llm import FrozenLM
-from puma_ray.models import build_tokenizer, tiny_config
 
 
 def measure(family: str, init_range: float, texts: list[str], root: str) -> dict:
+    """The spread of the answer logits of a tiny ``family`` model with weight-init std ``init_range``:
+    over one random prompt per text on the first text, and over ``texts`` (items) under one prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from puma_ray.llm import FrozenLM
+    from puma_ray.models import build_tokenizer, tiny_config
+
     tok = build_tokenizer()
     cfg = tiny_config(family, len(tok), 2, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, init_range=init_range)
     torch.manual_seed(0)

@@ -23,18 +23,18 @@ import argparse
 import os
 import time
 
+from _testbed import tiny_pair
+
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.datasets.packaged import movielens_100k, user_subset
-from puma_ray.models import build_tiny, packaged_import
-from puma_ray.quickstart import DEFAULTS, story
 
 
 def models(kind: str, work: str, cache: str, layers: int | None) -> tuple[str, str]:
     """(source, target) model directories: the quickstart's tiny pair, or SmolLM2-135M -> Gemma-3-270M."""
+    from puma_ray.models import packaged_import
+
     if kind == "tiny":
-        built = build_tiny(os.path.join(work, "models"), [DEFAULTS["source"], DEFAULTS["target"]])
-        return built[DEFAULTS["source"]], built[DEFAULTS["target"]]
+        return tiny_pair(work)
     return packaged_import("smollm2-135m", cache, layers), packaged_import("gemma3-270m", cache, layers)
 
 
@@ -56,6 +56,10 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench/real_quality")
     ap.add_argument("--cache", default=os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE)))
     args = ap.parse_args()
+
+    from puma_ray.datasets.packaged import movielens_100k, user_subset
+    from puma_ray.quickstart import DEFAULTS, story
+
     t0 = time.time()
     data = movielens_100k(args.cache)
     if args.users:

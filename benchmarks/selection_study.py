@@ -26,24 +26,13 @@ import sys
 import time
 from typing import get_args
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
-from scipy.stats import ttest_ind
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.console import say
-from puma_ray.evaluate import evaluate
-from puma_ray.pipeline import migrate_step
-from puma_ray.profile import profile_users
-from puma_ray.quickstart import DEFAULTS
-from puma_ray.stage1 import train_prompts
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _testbed import MODELS, add_options, test_bed  # noqa: E402 (a sibling module)
-
-matplotlib.use("Agg")
 
 PAPER = "paper (Amazon, 2k of 30k users): kmeans_variance 0.9315, random 0.9419, random at 6k users 0.9320"
 
@@ -57,6 +46,8 @@ def table(result: dict) -> str:
     """The study as a Markdown table: per (strategy, budget) the RMSE's mean and std over the seeds,
     the difference to ``random`` at the same budget, whether it exceeds twice the larger of the two
     stds, and Welch's t-test p-value (two-sided) over the seeds' RMSEs; then the baselines."""
+    from scipy.stats import ttest_ind
+
     rows = result["rows"]
     random_at = {r["budget"]: r for r in rows if r["strategy"] == "random"}
     lines = [
@@ -85,6 +76,11 @@ def table(result: dict) -> str:
 def plot(result: dict, path: str) -> None:
     """study.png: left, every strategy at the common budget (mean and std over seeds, random's
     mean +- 2 std shaded); right, migrated RMSE against the users selected, per swept strategy."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    matplotlib.use("Agg")
+
     rows = result["rows"]
     budget = result["budget"]
     at = sorted((r for r in rows if r["budget"] == budget), key=lambda r: r["rmse_mean"])
@@ -132,6 +128,14 @@ def main() -> None:
         print(table(result))
         plot(result, os.path.join(os.path.dirname(os.path.abspath(args.report)), "study.png"))
         return
+
+    from puma_ray.console import say
+    from puma_ray.evaluate import evaluate
+    from puma_ray.pipeline import migrate_step
+    from puma_ray.profile import profile_users
+    from puma_ray.quickstart import DEFAULTS
+    from puma_ray.stage1 import train_prompts
+
     strategies = args.strategies or list(get_args(C.Strategy))
     unknown = sorted(set(strategies) - set(get_args(C.Strategy)))
     if unknown:

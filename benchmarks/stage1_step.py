@@ -20,60 +20,47 @@ import argparse
 import json
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from _testbed import tiny_lm
 
 from puma_ray.config import HeadConfig, TrainConfig
 from puma_ray.datasets.synthetic import vocabulary
-from puma_ray.heads import build_head
-from puma_ray.llm import FrozenLM
-from puma_ray.models import build_tokenizer
-from puma_ray.stage1 import PromptTable
-from puma_ray.trainer import lr_schedule
 
-D = 576
+if TYPE_CHECKING:
+    from puma_ray.llm import FrozenLM
+
+D = 576  # SmolLM2-135M's width
 
 
-def tiny_lm(root: str, d: int = D) -> str:
-    """A random 2-layer Llama of width ``d`` (heads of 64) saved with save_pretrained (+ the tiny tokenizer)."""
-    tok = build_tokenizer()
-    heads = max(1, d // 64)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=d,
-        intermediate_size=2 * d,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=heads // 3 if heads % 3 == 0 else heads,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root)
-    tok.save_pretrained(root)
-    return root
+def dense_table(n: int, lr: float):
+    """The previous design: the whole table (``n`` rows) one parameter under torch's AdamW at ``lr``."""
+    import torch
 
+    class DenseTable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(n, D).uniform_(-0.1, 0.1))
+            self.opt = torch.optim.AdamW([self.weight], lr=lr)
 
-class DenseTable(torch.nn.Module):
-    """The previous design: the whole table one parameter under torch's AdamW."""
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.weight[idx].view(-1, 1, D)
 
-    def __init__(self, n: int, lr: float):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(n, D).uniform_(-0.1, 0.1))
-        self.opt = torch.optim.AdamW([self.weight], lr=lr)
+        def step(self) -> None:
+            torch.nn.utils.clip_grad_norm_([self.weight], 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.weight[idx].view(-1, 1, D)
-
-    def step(self) -> None:
-        torch.nn.utils.clip_grad_norm_([self.weight], 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+    return DenseTable()
 
 
 def measure(lm: FrozenLM, table, n_users: int, steps: int, batch: int, texts: list[str]) -> float:
     """Samples per second of ``steps`` steps (after 3 warm-up steps)."""
+    import torch
+
+    from puma_ray.heads import build_head
+
     head = build_head("rating", D, HeadConfig())
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
@@ -99,13 +86,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (one Ray Train worker's core)")
     args = ap.parse_args()
+
+    import torch
+
+    from puma_ray.llm import FrozenLM
+    from puma_ray.stage1 import PromptTable
+    from puma_ray.trainer import lr_schedule
+
     torch.set_num_threads(args.threads)
     words = vocabulary()
     rng = np.random.default_rng(1)
     texts = [" ".join(rng.choice(words, 4)) for _ in range(args.batch)]
     train = TrainConfig(lr=1e-3, prompt_lr=3e-2, epochs=1)
     with tempfile.TemporaryDirectory() as root:
-        lm = FrozenLM(tiny_lm(root), "rating")
+        lm = FrozenLM(tiny_lm(root, D), "rating")
         rows = {}
         for kind in ("row-wise", "dense"):
             for n in (args.small, args.large):
@@ -113,7 +107,7 @@ def main() -> None:
                     table = PromptTable(n, 1, D, 0.1, train=True)
                     table.configure(train, lr_schedule(train, 10_000))
                 else:
-                    table = DenseTable(n, 3e-2)
+                    table = dense_table(n, 3e-2)
                 rows[(kind, n)] = measure(lm, table, n, args.steps, args.batch, texts)
                 print(f"stage1_step: {kind:8s} {n:>9,} users: {rows[(kind, n)]:,.0f} samples/s", flush=True)
                 del table

@@ -28,32 +28,15 @@ import time
 
 import numpy as np
 import pyarrow.compute as pc
-import ray.train
+from _testbed import epoch_log
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.datasets.packaged import movielens_100k, user_subset
-from puma_ray.identity import store_meta
-from puma_ray.models import packaged_import
-from puma_ray.runtime import init_ray
 from puma_ray.schema import write_prompt_store
-from puma_ray.sources import join_sources
-from puma_ray.stage1 import train_prompts
-from puma_ray.stage2 import train_adapter
 
 TEMPLATES = ("rating_v1", "rating_item_first")
-
-
-def epoch_log(path: str):
-    """A Ray Train callback (on the controller) appending each epoch's report to ``path``."""
-
-    class EpochLog(ray.train.UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            keep = ("epoch", "wall_s", "lm_sample_passes", "prefix_hit_rate", "prefix_cache_mb")
-            with open(path, "a") as f:
-                f.write(json.dumps({k: metrics[0][k] for k in keep}) + "\n")
-
-    return EpochLog()
+# what each epoch's report keeps (_testbed.epoch_log)
+REPORTED = ("epoch", "wall_s", "lm_sample_passes", "prefix_hit_rate", "prefix_cache_mb")
 
 
 def rates(path: str) -> dict:
@@ -81,6 +64,15 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench/template_throughput")
     ap.add_argument("--cache", default=os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE)))
     args = ap.parse_args()
+
+    from puma_ray.datasets.packaged import movielens_100k, user_subset
+    from puma_ray.identity import store_meta
+    from puma_ray.models import packaged_import
+    from puma_ray.runtime import init_ray
+    from puma_ray.sources import join_sources
+    from puma_ray.stage1 import train_prompts
+    from puma_ray.stage2 import train_adapter
+
     t0 = time.time()
     load0 = os.getloadavg()
     data = user_subset(movielens_100k(args.cache), args.users, os.path.join(args.work, "data"))
@@ -118,7 +110,7 @@ def main() -> None:
                 },
             )
             print(f"template_throughput: {key}: stage 1 ...", flush=True)
-            train_prompts(cfg, callbacks=(epoch_log(log1),))
+            train_prompts(cfg, callbacks=(epoch_log(log1, REPORTED),))
             meta = store_meta(model, "rating", template, 1, "prompts")
             rng = np.random.default_rng(0)
             write_prompt_store(f"{work}/src", meta, users.to_pylist(), rng.uniform(-0.1, 0.1, (len(users), meta.width)))
@@ -137,7 +129,7 @@ def main() -> None:
                 },
             )
             print(f"template_throughput: {key}: stage 2 ...", flush=True)
-            train_adapter(mcfg, src, meta.hidden_size, users, len(users), callbacks=(epoch_log(log2),))
+            train_adapter(mcfg, src, meta.hidden_size, users, len(users), callbacks=(epoch_log(log2, REPORTED),))
             out["runs"][key] = {"stage1": rates(log1), "stage2": rates(log2)}
             print(f"template_throughput: {key}: {json.dumps(out['runs'][key])}", flush=True)
     out["load_at_end"] = os.getloadavg()

@@ -28,32 +28,13 @@ import tempfile
 import time
 
 import pyarrow.compute as pc
-import ray.train
-import torch
-from stage1_step import tiny_lm
+from _testbed import epoch_log, tiny_lm
 
 from puma_ray import config as C
-from puma_ray import storage, trainer
-from puma_ray.data import load_interactions, shard_by_user
+from puma_ray import storage
 from puma_ray.datasets.synthetic import synthesize
-from puma_ray.identity import store_meta
-from puma_ray.llm import FrozenLM
-from puma_ray.models import build_tiny
-from puma_ray.runtime import init_ray
-from puma_ray.sources import join_sources
-from puma_ray.stage1 import PromptsTrainable, train_prompts
-from puma_ray.stage2 import AdapterTrainable, train_adapter, training_rows
 
-
-def epoch_log(path: str):
-    """A Ray Train callback (on the controller) appending each epoch's report to ``path``."""
-
-    class EpochLog(ray.train.UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            with open(path, "a") as f:
-                f.write(json.dumps({k: metrics[0][k] for k in ("epoch", "wall_s", "lm_sample_passes")}) + "\n")
-
-    return EpochLog()
+REPORTED = ("epoch", "wall_s", "lm_sample_passes")  # what each epoch's report keeps (_testbed.epoch_log)
 
 
 def last_epoch_rate(path: str) -> float:
@@ -68,9 +49,14 @@ def rates(ray_rate: float, one_rate: float) -> dict:
 
 def one_process(trainable, cfg, threads: int) -> float:
     """The stage's step in this process (no Ray Train, no DeepSpeed): samples/s of the last epoch."""
+    import torch
+
+    from puma_ray import trainer
+    from puma_ray.llm import FrozenLM
+
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
-    worker = trainer._worker(trainable, 0, 1, torch.device("cpu"))  # the one home of a worker's shard + users
+    worker = trainer.build_worker(trainable, 0, 1, torch.device("cpu"))  # the one home of a worker's shard + users
     lm = FrozenLM.from_config(cfg)
     local, shared = trainable.local(worker), trainable.shared()
     steps = math.ceil(worker.rows / cfg.train.batch_size)
@@ -81,7 +67,7 @@ def one_process(trainable, cfg, threads: int) -> float:
         local.configure(cfg.train, schedule)
     for epoch in range(cfg.train.epochs):
         t0, rows = time.perf_counter(), 0
-        for table in trainer._batches(worker, lm, cfg.train.batch_size, cfg.train, seed=cfg.train.seed + epoch):
+        for table in trainer.epoch_batches(worker, lm, cfg.train.batch_size, cfg.train, seed=cfg.train.seed + epoch):
             batch = trainable.batch(table, lm, worker)
             loss, _ = shared(local(batch.user_idx) if local is not None else batch.src, batch, lm)
             loss.backward()
@@ -106,6 +92,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stages", nargs="*", choices=["1", "2"], default=["1", "2"])
     args = ap.parse_args()
+
+    from puma_ray.data import load_interactions, shard_by_user
+    from puma_ray.identity import store_meta
+    from puma_ray.models import build_tiny
+    from puma_ray.runtime import init_ray
+    from puma_ray.sources import join_sources
+    from puma_ray.stage1 import PromptsTrainable, train_prompts
+    from puma_ray.stage2 import AdapterTrainable, train_adapter, training_rows
+
     root = tempfile.mkdtemp(prefix="train-throughput-")
     init_ray(C.RayConfig())
     source = build_tiny(os.path.join(root, "models"), ["llama"])["llama"]
@@ -134,7 +129,7 @@ def main() -> None:
             {**common, "output": f"{root}/s1", "run": {"name": "s1", "storage_path": f"{root}/ray"}},
         )
         print("train_throughput: stage 1 on Ray Train ...", flush=True)
-        train_prompts(cfg, callbacks=(epoch_log(log),))
+        train_prompts(cfg, callbacks=(epoch_log(log, REPORTED),))
         ray_rate = last_epoch_rate(log)
         train_ds, rows = load_interactions(cfg.data.train, cfg.task)
         shards = shard_by_user({"train": train_ds}, 1, f"{root}/s1-one", {"stage": 1})
@@ -161,7 +156,7 @@ def main() -> None:
         mcfg = mcfg.model_copy(update={"prompt_length": src.meta.prompt_length})  # what migrate_step sets
         log = os.path.join(root, "stage2.jsonl")
         print("train_throughput: stage 2 on Ray Train ...", flush=True)
-        train_adapter(mcfg, src, args.d, users, len(users), callbacks=(epoch_log(log),))
+        train_adapter(mcfg, src, args.d, users, len(users), callbacks=(epoch_log(log, REPORTED),))
         ray_rate = last_epoch_rate(log)
         shards = shard_by_user(training_rows(mcfg, src.uri, users, len(users)), 1, f"{root}/s2-one", {"stage": 2})
         rows = storage.parquet_rows(shards["train_0"])

@@ -25,10 +25,6 @@ import time
 
 from puma_ray import config as C
 from puma_ray import storage
-from puma_ray.pipeline import migrate
-from puma_ray.quickstart import DEFAULTS, quickstart
-from puma_ray.runtime import init_ray
-from puma_ray.tune import tune
 
 
 def main() -> None:
@@ -41,6 +37,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+
+    from puma_ray.pipeline import migrate
+    from puma_ray.quickstart import DEFAULTS, quickstart
+    from puma_ray.runtime import init_ray
+    from puma_ray.tune import tune
 
     t_all = time.time()
     out = os.path.abspath(args.out)

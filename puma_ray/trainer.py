@@ -56,7 +56,7 @@ class Batch:
 
 @dataclass(frozen=True)
 class Worker:
-    """What one Ray Train worker trains on, built once when it starts (:func:`_worker`)."""
+    """What one Ray Train worker trains on, built once when it starts (:func:`build_worker`)."""
 
     rank: int
     world: int
@@ -127,7 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = setup_worker(cfg.scaling)
     torch.manual_seed(cfg.train.seed)
     ctx = ray.train.get_context()
-    worker = _worker(trainable, ctx.get_world_rank(), ctx.get_world_size(), device)
+    worker = build_worker(trainable, ctx.get_world_rank(), ctx.get_world_size(), device)
     lm = FrozenLM.from_config(cfg, device)
     local, shared = trainable.local(worker), trainable.shared()
     ckpt = ray.train.get_checkpoint()
@@ -146,7 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
         cache_before = lm.prefix_cache.stats()
         label = f"{trainable.name}: epoch {epoch + 1}/{cfg.train.epochs}"
         counter = console.RemoteProgress(config["relay"] if worker.rank == 0 else None, label, steps, "steps", 60.0)
-        for table in _batches(worker, lm, micro, cfg.train, seed=cfg.train.seed + epoch):
+        for table in epoch_batches(worker, lm, micro, cfg.train, seed=cfg.train.seed + epoch):
             batch = trainable.batch(table, lm, worker)
             dropped += table.num_rows - (0 if batch is None else len(batch.label))
             if batch is None or done == steps:
@@ -195,9 +195,9 @@ def train_loop_per_worker(config: dict) -> None:
     trainable.finish(worker, local)
 
 
-def _worker(trainable: Trainable, rank: int, world: int, device: torch.device) -> Worker:
-    """This worker's shards and row count (from footers); with a local part, its users (sorted),
-    read from its shard's user_id column only."""
+def build_worker(trainable: Trainable, rank: int, world: int, device: torch.device) -> Worker:
+    """The :class:`Worker` of rank ``rank`` of ``world``: its shards and row count (from footers);
+    with a local part, its users (sorted), read from its shard's user_id column only."""
     train, valid = trainable.shards[f"train_{rank}"], trainable.shards.get(f"valid_{rank}")
     if not trainable.has_local:
         return Worker(rank, world, device, train, valid, storage.parquet_rows(train))
@@ -206,7 +206,7 @@ def _worker(trainable: Trainable, rank: int, world: int, device: torch.device) -
     return Worker(rank, world, device, train, valid, len(ids), users, {u: i for i, u in enumerate(users)})
 
 
-def _batches(worker: Worker, lm: FrozenLM, micro: int, train: TrainConfig, seed: int):
+def epoch_batches(worker: Worker, lm: FrozenLM, micro: int, train: TrainConfig, seed: int):
     """One epoch of this worker's micro-batches (Arrow tables): its shard shuffled (seeded), and
     every ``train.length_groups`` micro-batches' rows regrouped by token length, the groups in a
     random order: rows of similar length share a batch, so less of it is padding."""
