@@ -56,7 +56,7 @@ def torch_optimizer(engine) -> torch.optim.Optimizer:
 
 
 def rng_state() -> dict[str, torch.Tensor]:
-    return {"cpu": torch.getrng_state(), **({"cuda": torch.cuda.getrng_state()} if torch.cuda.is_available() else {})}
+    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
 
 
 def restore(ckpt, shared: nn.Module, local: nn.Module | None, rank: int, world: int) -> Progress:
@@ -83,9 +83,9 @@ def restore_optimizer(ckpt, engine, rank: int, zero_stage: int) -> None:
     source = rank if zero_stage else 0
     weights.load_optimizer(torch_optimizer(engine), read_checkpoint_file(ckpt, rank_file("optimizer", source)))
     rng = st_load(read_checkpoint_file(ckpt, rank_file("rng", rank)))
-    torch.setrng_state(rng["cpu"])
+    torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.setrng_state(rng["cuda"])
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def save(
