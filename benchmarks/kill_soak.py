@@ -195,7 +195,8 @@ def soak(kind: str, root: str, work: str, inputs: dict, args, rng: random.Random
                 goal = n_units  # after the last unit: the exactly-once check, publish, manifest
             else:
                 goal = done + rng.randint(1, max(1, n_units - done))
-            target = "driver" if rng.random() < args.driver_share else "actor"
+            # the first kill of a storage hits the driver, so every run includes a resume
+            target = "driver" if not kills or rng.random() < args.driver_share else "actor"
             wait_for = rng.uniform(0.5, 0.5 * t_ref) if goal == 0 else None
             t_start = time.time()
             if goal is None:
@@ -272,7 +273,12 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=40_000, help="users in the source store (default 40,000)")
     ap.add_argument("--unit-rows", type=int, default=500, help="users per unit / output file (default 500)")
     ap.add_argument("--storage", default="local,s3", help="comma-separated: local, s3 (default both)")
-    ap.add_argument("--driver-share", type=float, default=0.5, help="share of kills aimed at the driver (0.5)")
+    ap.add_argument(
+        "--driver-share",
+        type=float,
+        default=0.5,
+        help="share of kills aimed at the driver after the first, which always is (0.5)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="working directory (default: a new temporary one)")
     args = ap.parse_args()

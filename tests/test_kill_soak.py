@@ -25,5 +25,5 @@ def test_rewrite_survives_random_kills_local_and_s3(tmp_path):
     assert [r["storage"] for r in summary["runs"]] == ["local", "s3"]
     for r in summary["runs"]:
         assert r["kills"] == 3 and r["problems"] == [], r
-    assert sum(r["driver_kills"] for r in summary["runs"]) >= 1
+        assert r["driver_kills"] >= 1, r  # the first kill of each storage is the driver's: a resume
     print(run.stderr[-1500:])
