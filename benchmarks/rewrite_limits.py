@@ -272,6 +272,13 @@ def main() -> None:
         "uniqueness_check_s": round(dup_s, 2),
         "uniqueness_check_share_of_rewrite": round(dup_s / rows["rewrite"], 3),
         "manifest_files": len(manifest["output"]["files"]),
+        # where the rewrite's wall time goes: until its first unit started (planning, actor start-up),
+        # the busiest actor's units, and the rest (that actor's idle gaps, the last units' tail, publish)
+        "rewrite_timeline_s": {
+            "startup": round(manifest["startup_s"], 2),
+            "busiest_actor_busy": round(manifest["loop_s"], 2),
+            "rest": round(rows["rewrite"] - manifest["startup_s"] - manifest["loop_s"], 2),
+        },
         "actor_profile": profile,
         "io_limit_ray_data_stats": io_stats,
     }
@@ -298,6 +305,7 @@ def main() -> None:
         )
     )
     print(table([{"part": k, "share": v} for k, v in profile["share_of_actor_time"].items()], ["part", "share"]))
+    print(table([{"rewrite": k, "s": v} for k, v in doc["rewrite_timeline_s"].items()], ["rewrite", "s"]))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

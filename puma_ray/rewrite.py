@@ -129,6 +129,7 @@ class UnitRewriter:
             "id_min": mm["min"],
             "id_max": mm["max"],
             "unique": pc.count_distinct(ids).as_py() == written,
+            "started": t0,  # epoch seconds: with "seconds", each unit's place on the rewrite's timeline
             "seconds": time.time() - t0,
             "actor": ray.get_runtime_context().get_actor_id(),
         }
@@ -278,6 +279,8 @@ def rewrite_store(source_uri: str, adapter_uri: str, meta: StoreMeta, out_uri: s
         "wall_s": time.time() - t0,
         # the busiest actor's time reading, adapting and writing its units: the rewrite's own loop
         "loop_s": _busiest_actor_s(done.values()),
+        # until this run's first unit started (planning, the actors' start-up): a fixed cost
+        "startup_s": min((done[u["unit"]]["started"] - t0 for u in todo), default=0.0),
     }
     say(f"rewrite: {n_out:,} users exactly once in {len(files)} file(s), {manifest['wall_s']:.1f} s")
     return manifest

@@ -282,6 +282,17 @@ class _DigestSink(io.RawIOBase):
         return self.size
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth dictionary encoding: all but float vectors (a prompt's floats never repeat; trying
+    made encoding a 20k x 384 prompt file 18% slower and small stores' files ~1.5x larger)."""
+    return [
+        f.name
+        for f in schema
+        if not (pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type))
+        or not pa.types.is_floating(f.type.value_type)
+    ]
+
+
 @contextmanager
 def parquet_writer(uri: str, schema: pa.Schema, digest=None) -> Iterator[pq.ParquetWriter]:
     """Stream record batches into one Parquet file at ``uri``; ``digest`` (a hashlib object), if
@@ -291,7 +302,9 @@ def parquet_writer(uri: str, schema: pa.Schema, digest=None) -> Iterator[pq.Parq
         _make_parent(fs, path)
         with fs.open_output_stream(path) as sink:
             where = sink if digest is None else pa.PythonFile(_DigestSink(sink, digest), mode="w")
-            with pq.ParquetWriter(where, schema, compression="zstd") as writer:
+            with pq.ParquetWriter(
+                where, schema, compression="zstd", use_dictionary=dictionary_columns(schema)
+            ) as writer:
                 yield writer
 
 

@@ -75,7 +75,8 @@ def tiny_config(
 
     ``init_range`` (the weights' init std) defaults to 0.1, not transformers' 0.02: at 0.02 a
     random 2-layer LM passes almost nothing from the prompt position to the answer logits
-    (their spread over random prompts is ~0.01), at 0.1 it passes ~25x more (see README).
+    (their spread over random prompts is ~0.01), at 0.1 it passes ~25x more
+    (benchmarks/RESULTS.md, "What this testbed can and cannot show").
     """
     if family not in FAMILIES:
         raise PumaError(f"unknown model family {family!r}; choose from {sorted(FAMILIES)}")
