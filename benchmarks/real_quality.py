@@ -53,6 +53,9 @@ def main() -> None:
     )
     ap.add_argument("--template", default=None, help="every stage's template (default: the task's rating_v1)")
     ap.add_argument("--retrain", action="store_true", help="retrain the users the gate flags (method puma_gated)")
+    ap.add_argument(
+        "--holdout", type=float, default=0.0, help="gate.holdout: validation rows kept out of the gate, measured apart"
+    )
     ap.add_argument("--work", default="/tmp/bench/real_quality")
     ap.add_argument("--cache", default=os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE)))
     args = ap.parse_args()
@@ -70,8 +73,8 @@ def main() -> None:
     out = os.path.join(args.work, f"run-{args.models}")
     storage.delete_dir(out)
     migrate = {"select": {"budget": args.budget}} if args.budget else {}
-    if args.retrain:
-        migrate["gate"] = {"retrain": True}
+    if args.retrain or args.holdout:
+        migrate["gate"] = {"retrain": args.retrain, "holdout": args.holdout}
     results = story(
         out, data, source, target, "rating", 0, train, args.workers, template=args.template, migrate=migrate
     )
@@ -107,6 +110,10 @@ def main() -> None:
             f"\ngate: {g['flagged']} of {g['judged']} judged users flagged ({g['flagged_share']:.1%}), "
             f"{g['undecided']} undecided"
         )
+    held = (results.get("holdout") or {}).get("methods", {})
+    for name in ("puma", "puma_gated"):  # on the rows the gate never saw (--holdout)
+        if name in held and "full_retrain" in held:
+            ratios[f"{name} / full_retrain on held-out rows"] = held[name]["error"] / held["full_retrain"]["error"]
     print("\n| RMSE ratio (one run) | value |\n|---|---:|")
     for k, v in ratios.items():
         print(f"| {k} | {v:.3f} |")

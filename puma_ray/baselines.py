@@ -20,12 +20,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from puma_ray.data import join_on, mean_by
+from puma_ray.data import HELD, join_on, mean_by, with_held
 from puma_ray.schema import LABEL_RANGE
 
 
 def _predictions(batch: pa.Table, pred: pa.Array) -> pa.Table:
-    return pa.table({"user_id": batch.column("user_id"), "label": batch.column("label"), "pred": pred})
+    return with_held(batch, {"user_id": batch.column("user_id"), "label": batch.column("label"), "pred": pred})
+
+
+def _valid(valid, cfg, *columns: str):
+    """``valid``'s ``columns``, and its :data:`HELD` column when the evaluation ``cfg`` holds rows out."""
+    return valid.select_columns([*columns, *([HELD] if cfg.holdout else [])])
 
 
 def _constant(batch: pa.Table, value: float) -> pa.Table:
@@ -34,7 +39,7 @@ def _constant(batch: pa.Table, value: float) -> pa.Table:
 
 def global_mean(train, train_rows: int, valid, valid_rows: int, mu: float, task: str, cfg) -> object:
     """Every valid row predicted by ``mu``, the mean train label."""
-    return valid.select_columns(["user_id", "label"]).map_batches(
+    return _valid(valid, cfg, "user_id", "label").map_batches(
         _constant, fn_kwargs={"value": mu}, batch_format="pyarrow"
     )
 
@@ -46,7 +51,7 @@ def _user_mean_pred(batch: pa.Table, mu: float) -> pa.Table:
 def user_mean(train, train_rows: int, valid, valid_rows: int, mu: float, task: str, cfg) -> object:
     """Each valid row predicted by its user's mean train label (``mu`` for users without train rows)."""
     means = mean_by(train, ["user_id"], "label", name="user_mean").materialize()  # one row per user
-    joined = _with_offset(valid.select_columns(["user_id", "label"]), means, valid_rows, "user_id")
+    joined = _with_offset(_valid(valid, cfg, "user_id", "label"), means, valid_rows, "user_id")
     return joined.map_batches(_user_mean_pred, fn_kwargs={"mu": mu}, batch_format="pyarrow")
 
 
@@ -84,7 +89,7 @@ def bias(train, train_rows: int, valid, valid_rows: int, mu: float, task: str, c
         by_item = _with_offset(rows, items, train_rows, "item_id")
         users = _offsets(by_item, mu, "b_i", "user_id", "b_u", cfg.bias_reg_user)
     lo, hi = LABEL_RANGE[task]
-    scored = _with_offset(valid.select_columns(["user_id", "item_id", "label"]), users, valid_rows, "user_id")
+    scored = _with_offset(_valid(valid, cfg, "user_id", "item_id", "label"), users, valid_rows, "user_id")
     scored = _with_offset(scored, items, valid_rows, "item_id")
     return scored.map_batches(_bias_pred, fn_kwargs={"mu": mu, "lo": lo, "hi": hi}, batch_format="pyarrow")
 

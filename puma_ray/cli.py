@@ -254,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also retrain the users the per-user gate flags (their prompts on the target, from the migrated "
         "ones): the table gains puma_gated",
     )
+    q.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="keep this share of each user's validation rows out of the gate and measure every method on "
+        "them alone (gate.holdout; with --retrain: the comparison the gate's choice of users never saw)",
+    )
     q.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return ap
 
@@ -308,6 +316,7 @@ def run(args: argparse.Namespace) -> None:
             verbose=args.verbose,
             models=args.models,
             retrain=args.retrain,
+            holdout=args.holdout,
         )
 
 

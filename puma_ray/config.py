@@ -195,6 +195,15 @@ class GateConfig(Strict):
         0.05, ge=0, allow_inf_nan=False, description="a user whose error rises by more than this is flagged"
     )
     min_rows: int = Field(3, ge=1, description="validation rows a user needs for a verdict")
+    holdout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="share of the validation rows (a stable hash of user and item) kept out of the verdict and "
+        "the per-user tables; every method is also measured on those rows alone, which the gate's choice of "
+        "users never saw (after a gated retrain: an unbiased comparison)",
+    )
 
 
 class MigrateGateConfig(GateConfig):
@@ -367,6 +376,11 @@ class EvaluateConfig(Strict):
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"method name {name!r} must be letters, digits and _")
         return v
+
+    @property
+    def holdout(self) -> float:
+        """Share of the validation rows held out of the gate (0 without a gate)."""
+        return self.gate.holdout if self.gate.enabled else 0.0
 
 
 class SelectConfig(Strict):

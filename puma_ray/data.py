@@ -195,6 +195,24 @@ def hashed_fraction(ids, fraction: float) -> np.ndarray:
     return np.ones(len(h), bool) if fraction >= 1 else h < np.uint64(int(fraction * 2**64))
 
 
+HELD = "held"  # bool column of scored validation rows: kept out of the gate's verdict (gate.holdout)
+
+
+def mark_held(batch: pa.Table, fraction: float) -> pa.Table:
+    """map_batches: adds :data:`HELD`, true for the rows whose (user_id, item_id) hash falls in the
+    lowest ``fraction`` of the hash range (the same rows in every process and run)."""
+    key = pc.binary_join_element_wise(
+        batch.column("user_id").cast(pa.string()), batch.column("item_id").cast(pa.string()), "\x1f"
+    )
+    return batch.append_column(HELD, pa.array(hashed_fraction(key.to_numpy(zero_copy_only=False), fraction)))
+
+
+def with_held(batch: pa.Table, cols: dict) -> pa.Table:
+    """A table of ``cols``, plus ``batch``'s :data:`HELD` column when it has one (scored rows carry it
+    through every method's scoring)."""
+    return pa.table({**cols, HELD: batch.column(HELD)} if HELD in batch.column_names else cols)
+
+
 def keep_users(batch: pa.Table, users: pa.Array) -> pa.Table:
     """map_batches: the rows of ``users`` (string ids) only."""
     return batch.filter(pc.is_in(batch.column("user_id"), value_set=users))

@@ -18,7 +18,7 @@ import pyarrow as pa
 from puma_ray import console, outputs, storage
 from puma_ray.baselines import BASELINES
 from puma_ray.config import EvaluateConfig
-from puma_ray.data import column_mean, distinct, load_interactions
+from puma_ray.data import column_mean, distinct, load_interactions, mark_held
 from puma_ray.errors import PumaError, user_errors
 from puma_ray.gate import per_user
 from puma_ray.metrics import as_run, report_metrics
@@ -52,6 +52,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if not cfg.data.valid:
         raise PumaError("evaluate needs data.valid (the held-out interactions)")
     valid_ds, valid_rows = load_interactions(cfg.data.valid, cfg.task)
+    if cfg.holdout:  # every method's rows carry it: the gate judges the others, the held ones are measured apart
+        valid_ds = valid_ds.map_batches(mark_held, fn_kwargs={"fraction": cfg.holdout}, batch_format="pyarrow")
     run_uris = {**cfg.runs, **(gate.extra if gate else {})}
     models = {name: run_model(cfg.model, uri) for name, uri in run_uris.items()}  # mismatches refused before any work
     subsets = {
@@ -106,7 +108,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     }
     if cfg.gate.enabled and every is not None:  # every method's error by user activity, and the gate
         plan = (gate.run, gate.reference, cfg.gate, gate.out) if gate else None
-        report.update(per_user(cfg.task, every, train_ds.select_columns(["user_id"]), plan))
+        report.update(per_user(cfg.task, every, train_ds.select_columns(["user_id"]), plan, cfg.holdout))
     report["timings"] = {"wall_s": time.time() - t_start, "loop_s": scoring_s}  # loop: the runs' scoring pass
     print(format_table(report))
     if "gate" in report:

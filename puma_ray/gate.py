@@ -23,7 +23,7 @@ from ray.data import SaveMode
 
 from puma_ray import outputs, storage
 from puma_ray.config import GateConfig
-from puma_ray.data import join_on, keep_hashed, sum_by
+from puma_ray.data import HELD, join_on, keep_hashed, sum_by, with_held
 
 BINS = 40  # of the per-user change histogram drawn
 FINE_BINS = 4000  # of the one its range, the median and the percentiles are read from
@@ -42,7 +42,23 @@ def _row_errors(batch: pa.Table, task: str) -> pa.Table:
     else:
         p = np.clip(pred, 1e-7, 1 - 1e-7)
         e = -(label * np.log(p) + (1 - label) * np.log1p(-p))
-    return pa.table({"run": batch.column("run"), "user_id": batch.column("user_id").cast(pa.string()), "e": e})
+    return with_held(batch, {"run": batch.column("run"), "user_id": batch.column("user_id").cast(pa.string()), "e": e})
+
+
+def _rows_held(batch: pa.Table, held: bool) -> pa.Table:
+    """Row errors -> those held out (``held``) or those judged, without the HELD column."""
+    mask = batch.column(HELD) if held else pc.invert(batch.column(HELD))
+    return batch.filter(mask).drop_columns([HELD])
+
+
+def _held_out(errors, metric: str, share: float) -> dict:
+    """Every method's error on the held-out rows alone -> {"share", "metric", "methods": {run: {"error",
+    "rows"}}}: rows that chose no user for the gated retrain (gate.holdout)."""
+    sums = sum_by(errors.map_batches(_rows_held, fn_kwargs={"held": True}, batch_format="pyarrow"), ["run"], ["e"])
+    sums = sums.to_pandas()
+    err = error_of(sums["e"], sums["n"], metric)
+    methods = {run: {"error": float(x), "rows": int(n)} for run, x, n in zip(sums["run"], err, sums["n"])}
+    return {"share": share, "metric": metric, "methods": methods}
 
 
 def error_of(e, rows, metric: str) -> np.ndarray:
@@ -263,13 +279,19 @@ def _gate(per_user, metric: str, run: str, reference: str, cfg: GateConfig, out:
     return summary
 
 
-def per_user(task: str, scored, train_ds, gate: tuple[str, str, GateConfig, str] | None) -> dict:
+def per_user(task: str, scored, train_ds, gate: tuple[str, str, GateConfig, str] | None, holdout: float = 0.0) -> dict:
     """The per-user part of an evaluation report. ``scored``: every method's rows (run, user_id,
-    label, pred), materialized; ``train_ds``: the training interactions (their user_id: activity);
-    ``gate``: (gated run, reference method, its config, output URI) or None.
-    -> {"per_user": {"metric", "activity_deciles": {"edges", "methods"}}[, "gate": _gate's summary]}."""
+    label, pred[, HELD]), materialized; ``train_ds``: the training interactions (their user_id:
+    activity); ``gate``: (gated run, reference method, its config, output URI) or None; ``holdout``:
+    the share of rows marked HELD (data.mark_held), measured apart and kept out of the rest.
+    -> {"per_user": {"metric", "activity_deciles": {"edges", "methods"}}[, "gate": _gate's summary]
+    [, "holdout": _held_out's]}."""
     metric = PER_USER_METRIC[task]
     errors = scored.map_batches(_row_errors, fn_kwargs={"task": task}, batch_format="pyarrow")
+    held_out = None
+    if holdout:
+        held_out = _held_out(errors, metric, holdout)
+        errors = errors.map_batches(_rows_held, fn_kwargs={"held": False}, batch_format="pyarrow")
     sums = sum_by(errors, ["run", "user_id"], ["e"])
     sums = sums.map_batches(_rename, fn_kwargs={"names": {"n": "rows"}}, batch_format="pyarrow").materialize()
     activity = _activity(train_ds)
@@ -286,4 +308,6 @@ def per_user(task: str, scored, train_ds, gate: tuple[str, str, GateConfig, str]
     if gate is not None:
         run, reference, cfg, out = gate
         report["gate"] = _gate(per_user_ds, metric, run, reference, cfg, out)
+    if held_out is not None:
+        report["holdout"] = held_out
     return report

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from puma_ray.data import compact, shuffle_partitions, sum_by
+from puma_ray.data import compact, shuffle_partitions, sum_by, with_held
 
 
 def _sides(groups) -> list[str]:
@@ -222,7 +222,7 @@ def as_run(batch: pa.Table, run: str | None = None) -> pa.Table:
     rows so that they are measured together; ``run``: the method's name (None: the rows' run column)."""
     name = batch.column("run") if run is None else pa.repeat(pa.scalar(run, pa.string()), batch.num_rows)
     cols = {"run": name, "user_id": batch.column("user_id"), "label": batch.column("label")}
-    return pa.table({**cols, "pred": batch.column("pred").cast(pa.float64())})
+    return with_held(batch, {**cols, "pred": batch.column("pred").cast(pa.float64())})
 
 
 def with_subsets(ds, subsets: dict[str, pa.Array]):

@@ -67,6 +67,7 @@ def quickstart(
     verbose: bool = False,
     models: str = "tiny",
     retrain: bool = False,
+    holdout: float = 0.0,
 ) -> dict:
     """Entry: the data and the two models, then :func:`story` in ``out``. ``models="tiny"``:
     synthetic interactions and two tiny random-init LMs built here; ``"real"``: MovieLens-100k and
@@ -95,6 +96,8 @@ def quickstart(
     train = dict(train, **({"epochs": epochs} if epochs else {}))
     if retrain:  # the users the gate flags are retrained on the target ("puma_gated")
         migrate = C.deep_merge(migrate or {}, {"gate": {"retrain": True}})
+    if holdout:  # validation rows kept out of the gate, every method measured on them apart
+        migrate = C.deep_merge(migrate or {}, {"gate": {"holdout": holdout}})
     results = story(out, data, *pair, task, seed, train, num_workers, verbose, template, migrate)
     results = {"users": users, "models": models, **results, "total_wall_s": time.time() - t0}
     storage.write_json(storage.join(out, "results.json"), results)
@@ -192,6 +195,7 @@ def story(
         },
         "puma_by_users": {k: v for k, v in report["methods"]["puma"].items() if "_adapter_users" in k},
         "gate": {k: v for k, v in report.get("gate", {}).items() if k not in ("histogram", "uri")},
+        **({"holdout": report["holdout"]} if "holdout" in report else {}),
         # per stage: wall seconds and seconds inside its own loop (training epochs, rewrite, scoring)
         "timings": {k: {x: round(v, 1) for x, v in t.items()} for k, t in timings.items()},
     }

@@ -53,6 +53,28 @@ def format_table(report: dict) -> str:
         vals = " | ".join(f"{m[c]:.4f}" if c in m else "" for c in cols + extra)
         cost = f"{int(m.get('lm_sample_passes', 0)):,} | {m.get('wall_s', 0):.1f} | {m.get('unknown_rows', 0)}"
         lines.append(f"| {name} | {vals} | {cost} |")
+    table = "\n".join(lines)
+    return f"{table}\n\n{holdout_table(report)}" if report.get("holdout") else table
+
+
+def holdout_table(report: dict) -> str:
+    """Every method's per-user metric on the rows held out of the gate (gate.holdout), and its ratio
+    to full_retrain's when there is one: the comparison the gate's choice of users never saw."""
+    held = report["holdout"]
+    methods = held["methods"]
+    label = _label(held.get("metric", "error"))
+    ref = (methods.get("full_retrain") or {}).get("error")
+    lines = [
+        f"On the {held['share']:.0%} of validation rows held out of the gate (a hash of user and item):",
+        "",
+        f"| method | {label} on held-out rows | / full_retrain | held-out rows |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in (*report["methods"], *(m for m in methods if m not in report["methods"])):
+        if name in methods:
+            m = methods[name]
+            ratio = f"{m['error'] / ref:.4f}" if _finite(ref) and ref and _finite(m["error"]) else NO_VALUE
+            lines.append(f"| {name} | {_f4(m['error'])} | {ratio} | {m['rows']:,} |")
     return "\n".join(lines)
 
 

@@ -134,6 +134,8 @@ def retrain_flagged(cfg: MigrateConfig, evaluation: dict, ev: EvaluateConfig) ->
     evaluation["methods"] = {**evaluation["methods"], GATED: scored["methods"][GATED]}
     deciles = evaluation["per_user"]["activity_deciles"]["methods"]
     deciles[GATED] = scored["per_user"]["activity_deciles"]["methods"][GATED]
+    if "holdout" in evaluation:
+        evaluation["holdout"]["methods"][GATED] = scored["holdout"]["methods"][GATED]
     evaluation["retrain"] = {
         "method": GATED,
         "users": trained["users"],

@@ -11,7 +11,7 @@ import torch
 
 from puma_ray import console, storage
 from puma_ray.config import ModelConfig, ScoringConfig
-from puma_ray.data import compact, join_on
+from puma_ray.data import compact, join_on, with_held
 from puma_ray.errors import PumaError
 from puma_ray.heads import load_head
 from puma_ray.identity import model_info
@@ -90,7 +90,7 @@ class PromptScorer:
                 pred[where[part]] = p.float().cpu().numpy()
         self.counter.add(batch.num_rows)
         cols = {"run": batch["run"], "user_id": batch["user_id"], "label": batch["label"], "pred": pred}
-        return pa.table({**cols, "loss": loss} if self.loss else cols)
+        return with_held(batch, {**cols, "loss": loss} if self.loss else cols)
 
 
 def run_store(run: dict) -> str:

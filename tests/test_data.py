@@ -5,6 +5,7 @@ import pytest
 import ray
 
 from puma_ray import data
+from puma_ray.data import mark_held
 
 
 def _rows():
@@ -77,3 +78,15 @@ def test_sum_by_equals_pandas(merge, ray_session, monkeypatch):
     assert data.column_mean(ds, "x") == pytest.approx(frame["x"].mean(), rel=1e-12)
     compacted = data.compact(ds)
     assert compacted.num_blocks() == 1 and sorted(compacted.to_pandas()["x"]) == sorted(frame["x"])
+
+
+def test_mark_held_is_a_stable_hash_of_user_and_item():
+    rows = pa.table({"user_id": [f"u{i % 50}" for i in range(4000)], "item_id": [f"i{i}" for i in range(4000)]})
+    held = mark_held(rows, 0.3).column("held").to_numpy()
+    assert abs(held.mean() - 0.3) < 0.03  # the share asked for
+    np.testing.assert_array_equal(held, mark_held(rows.slice(0, 4000), 0.3).column("held").to_numpy())
+    reordered = mark_held(rows.take(list(range(3999, -1, -1))), 0.3).column("held").to_numpy()
+    np.testing.assert_array_equal(held, reordered[::-1])  # a row's own key decides, not its place
+    users = pa.table({"user_id": rows.column("user_id"), "item_id": pa.array(["same"] * 4000)})
+    by_user = mark_held(users, 0.3).column("held").to_numpy()
+    assert 0 < by_user.mean() < 1 and not np.array_equal(by_user, held)  # the item is part of the key

@@ -16,6 +16,7 @@ from test_migrate import FAST
 
 from puma_ray import config as C
 from puma_ray.cli import main
+from puma_ray.data import mark_held
 from puma_ray.gate import per_user
 from puma_ray.pipeline import migrate
 from puma_ray.schema import read_prompt_store
@@ -94,6 +95,29 @@ def test_gate_flags_counts_and_deciles_match_numpy(tmp_path, ray_session, mode):
                 assert got["value"][d] is None
 
 
+def test_held_out_rows_are_measured_apart_and_never_judged(tmp_path, ray_session):
+    """gate.holdout: the verdict and the per-user tables use the rows not held; every method's error on
+    the held rows alone is reported (pooled: sqrt of their mean squared error)."""
+    rows = _scored()
+    held = np.zeros(rows.num_rows, bool)
+    user = np.asarray(rows.column("user_id").to_pylist())
+    held[user == "u0"] = np.arange((user == "u0").sum()) % 3 != 0  # u0 keeps one judged row per run
+    held[user == "u1"] = True  # u1 is held out whole: no verdict, only the held-out measurement
+    rows = rows.append_column("held", pa.array(held))
+    train = ray.data.from_items([{"user_id": u} for u, n in ACTIVITY.items() for _ in range(n)])
+    cfg = C.GateConfig(mode="absolute", max_regression=0.1, min_rows=1)
+    report = per_user("rating", ray.data.from_arrow(rows), train, ("puma", "source", cfg, str(tmp_path / "g")), 0.5)
+
+    users = pq.read_table(f"{tmp_path}/g/users").to_pandas().set_index("user_id")
+    assert "u1" not in users.index and users.loc["u0", "rows"] == 1 and users.loc["u0", "verdict"] == "flagged"
+    table = rows.to_pandas()
+    for run in ("puma", "source"):
+        mine = table[(table.run == run) & table.held]
+        expect = math.sqrt(np.mean((mine.pred - mine.label) ** 2))
+        assert report["holdout"]["methods"][run] == {"error": pytest.approx(expect), "rows": len(mine)}
+    assert report["holdout"]["share"] == 0.5 and report["holdout"]["metric"] == "rmse"
+
+
 def test_ctr_per_user_error_is_log_loss(tmp_path, ray_session):
     rows = pa.table(
         {
@@ -128,7 +152,14 @@ def test_migrate_gate_retrain_replaces_only_the_flagged_users(tmp_path, tiny_mod
                 "select": {"budget": 20, "clusters": 3, "min_per_cluster": 2},
                 "baselines": ["user_mean"],
                 # threshold 0: every user whose error rose is retrained
-                "gate": {"mode": "absolute", "max_regression": 0.0, "retrain": True, "train": {"epochs": 1}},
+                # half of the valid rows held out of the verdict and measured apart (gate.holdout)
+                "gate": {
+                    "mode": "absolute",
+                    "max_regression": 0.0,
+                    "holdout": 0.5,
+                    "retrain": True,
+                    "train": {"epochs": 1},
+                },
                 "run": {"name": "gate", "storage_path": str(tmp_path / "ray")},
             },
         ),
@@ -168,6 +199,17 @@ def test_migrate_gate_retrain_replaces_only_the_flagged_users(tmp_path, tiny_mod
         assert f"({name}.png)" in report_md
         assert open(f"{out}/report/{name}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert f"| puma_gated | {methods['puma_gated']['rmse']:.4f} |" in report_md
+    # the held-out rows: every method measured on them, the same rows for each (a hash of user and
+    # item), user_mean's error there as numpy computes it from the data
+    held_out = evaluation["holdout"]["methods"]
+    assert set(held_out) == set(methods) and len({m["rows"] for m in held_out.values()}) == 1
+    train, valid = (pq.read_table(f"{rating_data}/{s}").to_pandas() for s in ("train", "valid"))
+    valid = valid[mark_held(pa.Table.from_pandas(valid), 0.5).column("held").to_numpy()]
+    pred = valid.user_id.map(train.groupby("user_id").label.mean()).fillna(train.label.mean())
+    assert held_out["user_mean"]["rows"] == len(valid) and 0 < len(valid) < methods["puma"]["scored_rows"]
+    assert held_out["user_mean"]["error"] == pytest.approx(math.sqrt(np.mean((pred - valid.label) ** 2)))
+    g = held_out["puma_gated"]
+    assert f"| puma_gated | {g['error']:.4f} | — | {g['rows']:,} |" in report_md  # no full_retrain here
     capsys.readouterr()
     assert main(["report", out, "--out", str(tmp_path / "again")]) == 0
     assert open(tmp_path / "again" / "report.md").read() == report_md
