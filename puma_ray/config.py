@@ -195,6 +195,14 @@ class GateConfig(Strict):
         0.05, ge=0, allow_inf_nan=False, description="a user whose error rises by more than this is flagged"
     )
     min_rows: int = Field(3, ge=1, description="validation rows a user needs for a verdict")
+    max_share: Optional[float] = Field(
+        None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="at most this share of the judged users is flagged: when more exceed max_regression, the "
+        "threshold rises until only the worst that many remain (a budget for gate.retrain)",
+    )
     holdout: float = Field(
         0.0,
         ge=0,

@@ -133,6 +133,25 @@ def _verdicts(batch: pa.Table, metric: str, cfg: dict) -> pa.Table:
     )
 
 
+def _capped_threshold(edges: np.ndarray, counts: np.ndarray, cap: int, threshold: float) -> float:
+    """The smallest edge of the fine histogram (``edges``, ``counts`` of the finite changes) above
+    ``threshold`` with at most ``cap`` changes beyond it: flagging only changes above it keeps at most
+    ``cap`` users of the histogram (the worst)."""
+    above = np.cumsum(counts[::-1])[::-1]  # above[k]: changes in bins k.. (>= edges[k])
+    ok = np.flatnonzero((above <= max(cap, 0)) & (edges[:-1] >= threshold))
+    return float(edges[ok[0]]) if len(ok) else float(edges[-1])
+
+
+def _reflag(batch: pa.Table, threshold: float) -> pa.Table:
+    """GATE/users rows judged again at ``threshold``: flagged when the change exceeds it, else ok
+    (undecided and missing users stay so)."""
+    verdict = np.asarray(batch.column("verdict").to_numpy(zero_copy_only=False))
+    judged = (verdict == "flagged") | (verdict == "ok")
+    worse = np.asarray(batch.column("change"), np.float64) > threshold
+    new = np.where(judged, np.where(worse, "flagged", "ok"), verdict)
+    return batch.set_column(batch.schema.get_field_index("verdict"), "verdict", pa.array(new, pa.string()))
+
+
 def _keep_verdict(batch: pa.Table, verdict: str) -> pa.Table:
     return batch.filter(pc.equal(batch.column("verdict"), verdict))
 
@@ -235,12 +254,6 @@ def _gate(per_user, metric: str, run: str, reference: str, cfg: GateConfig, out:
     users = pairs.map_batches(
         _verdicts, fn_kwargs={"metric": metric, "cfg": cfg.model_dump()}, batch_format="pyarrow"
     ).materialize()
-    outputs.start_staging(out)  # users/ and flagged/ staged, published together, gate.json last
-    _write(users, outputs.staged(out, "users"))
-    _write(
-        users.map_batches(_keep_verdict, fn_kwargs={"verdict": "flagged"}, batch_format="pyarrow"),
-        outputs.staged(out, "flagged"),
-    )
     c = users.map_batches(_counts, batch_format="pyarrow", batch_size=None).to_pandas()
     lo, hi = c["change_min"].min(), c["change_max"].max()
     if not np.isfinite(lo):
@@ -249,17 +262,30 @@ def _gate(per_user, metric: str, run: str, reference: str, cfg: GateConfig, out:
     # spans those (outliers counted in its end bins), with the threshold on an edge
     fine_edges = np.linspace(lo, hi if hi > lo else lo + 1.0, FINE_BINS + 1)
     fine = _histogram_of(users, fine_edges)
-    q01, q99 = _quantile(fine_edges, fine, 0.01), _quantile(fine_edges, fine, 0.99)
-    edges = _display_edges(q01 if np.isfinite(q01) else 0.0, q99 if np.isfinite(q99) else 0.0, cfg.max_regression)
-    counts = _histogram_of(users, edges)
     judged = int(c["flagged"].sum() + c["ok"].sum())
     n = int(c["change_n"].sum())
+    threshold = cfg.max_regression
+    if cfg.max_share is not None and c["flagged"].sum() > int(cfg.max_share * judged):
+        threshold = _capped_threshold(fine_edges, fine, int(cfg.max_share * judged) - (judged - n), threshold)
+        users = users.map_batches(_reflag, fn_kwargs={"threshold": threshold}, batch_format="pyarrow").materialize()
+        c = users.map_batches(_counts, batch_format="pyarrow", batch_size=None).to_pandas()
+    outputs.start_staging(out)  # users/ and flagged/ staged, published together, gate.json last
+    _write(users, outputs.staged(out, "users"))
+    _write(
+        users.map_batches(_keep_verdict, fn_kwargs={"verdict": "flagged"}, batch_format="pyarrow"),
+        outputs.staged(out, "flagged"),
+    )
+    q01, q99 = _quantile(fine_edges, fine, 0.01), _quantile(fine_edges, fine, 0.99)
+    edges = _display_edges(q01 if np.isfinite(q01) else 0.0, q99 if np.isfinite(q99) else 0.0, threshold)
+    counts = _histogram_of(users, edges)
     summary = {
         "run": run,
         "reference": reference,
         "metric": metric,
         "mode": cfg.mode,
-        "max_regression": cfg.max_regression,
+        "max_regression": threshold,  # the one in effect: gate.max_regression, raised by gate.max_share
+        "max_regression_set": cfg.max_regression,
+        "max_share": cfg.max_share,
         "min_rows": cfg.min_rows,
         "users": judged + int(c["undecided"].sum()),
         "judged": judged,

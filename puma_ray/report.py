@@ -406,6 +406,11 @@ def gate_table(gate: dict) -> str:
         ("metric", _label(gate["metric"])),
         ("mode", mode),
         ("threshold (max_regression)", f"{gate['max_regression']:.4f}"),
+        *(
+            [("raised from, to flag at most max_share", f"{gate['max_regression_set']:.4f}, {gate['max_share']:.2%}")]
+            if gate.get("max_regression_set", gate["max_regression"]) != gate["max_regression"]
+            else []
+        ),
         ("min valid rows per user", gate["min_rows"]),
         ("users (under both)", gate["users"]),
         ("judged", gate["judged"]),

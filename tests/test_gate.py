@@ -95,6 +95,28 @@ def test_gate_flags_counts_and_deciles_match_numpy(tmp_path, ray_session, mode):
                 assert got["value"][d] is None
 
 
+def test_max_share_keeps_only_the_worst_users_flagged(tmp_path, ray_session):
+    """gate.max_share: ten users 0.1 .. 1.0 worse (absolute), all past max_regression; at most 30%
+    flagged: the three worst, and the threshold in effect lies between the 4th and the 3rd worst."""
+    rows = {"run": [], "user_id": [], "label": [], "pred": []}
+    for u in range(10):
+        for run, off in (("puma", 0.1 * (u + 1)), ("source", 0.0)):
+            for label in (2.0, 3.0, 4.0):
+                rows["run"].append(run)
+                rows["user_id"].append(f"u{u}")
+                rows["label"].append(label)
+                rows["pred"].append(label + off)
+    train = ray.data.from_items([{"user_id": f"u{u}"} for u in range(10)])
+    cfg = C.GateConfig(mode="absolute", max_regression=0.05, min_rows=1, max_share=0.3)
+    out = str(tmp_path / "gate")
+    gate = per_user("rating", ray.data.from_arrow(pa.table(rows)), train, ("puma", "source", cfg, out))["gate"]
+    assert sorted(pq.read_table(f"{out}/flagged").column("user_id").to_pylist()) == ["u7", "u8", "u9"]
+    assert (gate["flagged"], gate["judged"], gate["max_share"], gate["max_regression_set"]) == (3, 10, 0.3, 0.05)
+    assert 0.7 - 1e-9 <= gate["max_regression"] < 0.8
+    users = pq.read_table(f"{out}/users").to_pandas().set_index("user_id")
+    assert (users["verdict"] == "flagged").sum() == 3 and users.loc["u6", "verdict"] == "ok"
+
+
 def test_held_out_rows_are_measured_apart_and_never_judged(tmp_path, ray_session):
     """gate.holdout: the verdict and the per-user tables use the rows not held; every method's error on
     the held rows alone is reported (pooled: sqrt of their mean squared error)."""
