@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument(
         "--holdout", type=float, default=0.0, help="gate.holdout: validation rows kept out of the gate, measured apart"
     )
+    ap.add_argument("--max-share", type=float, default=None, help="gate.max_share: at most this share flagged")
     ap.add_argument("--work", default="/tmp/bench/real_quality")
     ap.add_argument("--cache", default=os.path.expanduser(os.environ.get("PUMA_MODEL_CACHE", C.MODEL_CACHE)))
     args = ap.parse_args()
@@ -73,8 +74,8 @@ def main() -> None:
     out = os.path.join(args.work, f"run-{args.models}")
     storage.delete_dir(out)
     migrate = {"select": {"budget": args.budget}} if args.budget else {}
-    if args.retrain or args.holdout:
-        migrate["gate"] = {"retrain": args.retrain, "holdout": args.holdout}
+    if args.retrain or args.holdout or args.max_share:
+        migrate["gate"] = {"retrain": args.retrain, "holdout": args.holdout, "max_share": args.max_share}
     results = story(
         out, data, source, target, "rating", 0, train, args.workers, template=args.template, migrate=migrate
     )
