@@ -394,6 +394,10 @@ def verdict(report: dict) -> str:
             share = (m.get("lm_sample_passes") or 0) / full["lm_sample_passes"]
             lines[-1] += f": {m[metric] / full[metric]:.3f}x full_retrain at {100 * share:.0f}% of its LM sample-passes"
         lines[-1] += "."
+        held = (report.get("holdout") or {}).get("methods", {})
+        if retrained in held and "full_retrain" in held:  # the comparison the gate's choice never saw
+            ratio = held[retrained]["error"] / held["full_retrain"]["error"]
+            lines.append(f"on the validation rows held out of the gate: {ratio:.3f}x full_retrain.")
     return "\n".join(lines)
 
 

@@ -78,6 +78,15 @@ def rating_evaluation() -> dict:
             "histogram": {"edges": [round(-0.3 + 0.025 * i, 3) for i in range(21)], "counts": counts},
             "uri": "s3://bucket/runs/m1/gate",
         },
+        "holdout": {
+            "share": 0.5,
+            "metric": "rmse",
+            "methods": {
+                name: {"error": round(m["rmse"] + 0.0061, 6), "rows": 2006}
+                for name, m in methods.items()
+                if name in ("puma", "puma_gated", "full_retrain", "user_mean")
+            },
+        },
         "retrain": {
             "users": 12,
             "run": "s3://bucket/runs/m1/gate/retrain",
@@ -191,6 +200,19 @@ def test_rating_report(tmp_path, capsys):
     gated = "after retraining the flagged users: puma_gated RMSE 0.9443 (+3,600 LM sample-passes): "
     assert gated + "1.013x full_retrain at 24% of its LM sample-passes." in verdict
     assert "Retrained: the 12 flagged users, as method puma_gated" in md and "3,600 LM sample-passes" in md
+
+    held = ev["holdout"]["methods"]  # every method measured on the rows held out of the gate
+    rows = keyed(next(t for t in found if t[0][:2] == ["method", "RMSE on held-out rows"]))
+    assert list(rows) == [m for m in ev["methods"] if m in held]
+    for name, m in held.items():
+        ratio = m["error"] / held["full_retrain"]["error"]
+        assert [rows[name]["RMSE on held-out rows"], rows[name]["/ full_retrain"]] == [
+            f"{m['error']:.4f}",
+            f"{ratio:.4f}",
+        ]
+        assert rows[name]["held-out rows"] == "2,006"
+    ratio = held["puma_gated"]["error"] / held["full_retrain"]["error"]
+    assert f"on the validation rows held out of the gate: {ratio:.3f}x full_retrain." in verdict
 
 
 def test_ctr_report_without_gate_skips_its_plots(tmp_path, capsys):
