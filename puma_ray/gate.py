@@ -142,16 +142,6 @@ def _capped_threshold(edges: np.ndarray, counts: np.ndarray, cap: int, threshold
     return float(edges[ok[0]]) if len(ok) else float(edges[-1])
 
 
-def _reflag(batch: pa.Table, threshold: float) -> pa.Table:
-    """GATE/users rows judged again at ``threshold``: flagged when the change exceeds it, else ok
-    (undecided and missing users stay so)."""
-    verdict = np.asarray(batch.column("verdict").to_numpy(zero_copy_only=False))
-    judged = (verdict == "flagged") | (verdict == "ok")
-    worse = np.asarray(batch.column("change"), np.float64) > threshold
-    new = np.where(judged, np.where(worse, "flagged", "ok"), verdict)
-    return batch.set_column(batch.schema.get_field_index("verdict"), "verdict", pa.array(new, pa.string()))
-
-
 def _keep_verdict(batch: pa.Table, verdict: str) -> pa.Table:
     return batch.filter(pc.equal(batch.column("verdict"), verdict))
 
@@ -250,10 +240,13 @@ def _gate(per_user, metric: str, run: str, reference: str, cfg: GateConfig, out:
     """Pairs the run's and the reference's per-user sums, writes OUT/users/ and OUT/flagged/, then
     OUT/gate.json (last) -> the gate's summary (puma_ray.report's "gate")."""
     paired = per_user.map_batches(_pair, fn_kwargs={"run": run, "reference": reference}, batch_format="pyarrow")
-    pairs = sum_by(paired, ["user_id", "activity"], ["e_run", "rows_run", "e_ref", "rows_ref"])
-    users = pairs.map_batches(
-        _verdicts, fn_kwargs={"metric": metric, "cfg": cfg.model_dump()}, batch_format="pyarrow"
-    ).materialize()
+    pairs = sum_by(paired, ["user_id", "activity"], ["e_run", "rows_run", "e_ref", "rows_ref"]).materialize()
+
+    def judge(threshold: float):  # GATE/users: one row per user, a verdict each
+        settings = {**cfg.model_dump(), "max_regression": threshold}
+        return pairs.map_batches(_verdicts, fn_kwargs={"metric": metric, "cfg": settings}, batch_format="pyarrow")
+
+    users = judge(cfg.max_regression).materialize()
     c = users.map_batches(_counts, batch_format="pyarrow", batch_size=None).to_pandas()
     lo, hi = c["change_min"].min(), c["change_max"].max()
     if not np.isfinite(lo):
@@ -267,7 +260,7 @@ def _gate(per_user, metric: str, run: str, reference: str, cfg: GateConfig, out:
     threshold = cfg.max_regression
     if cfg.max_share is not None and c["flagged"].sum() > int(cfg.max_share * judged):
         threshold = _capped_threshold(fine_edges, fine, int(cfg.max_share * judged) - (judged - n), threshold)
-        users = users.map_batches(_reflag, fn_kwargs={"threshold": threshold}, batch_format="pyarrow").materialize()
+        users = judge(threshold).materialize()
         c = users.map_batches(_counts, batch_format="pyarrow", batch_size=None).to_pandas()
     outputs.start_staging(out)  # users/ and flagged/ staged, published together, gate.json last
     _write(users, outputs.staged(out, "users"))
@@ -315,7 +308,8 @@ def per_user(task: str, scored, train_ds, gate: tuple[str, str, GateConfig, str]
     metric = PER_USER_METRIC[task]
     errors = scored.map_batches(_row_errors, fn_kwargs={"task": task}, batch_format="pyarrow")
     held_out = None
-    if holdout:
+    if holdout:  # two passes over the row errors: computed once
+        errors = errors.materialize()
         held_out = _held_out(errors, metric, holdout)
         errors = errors.map_batches(_rows_held, fn_kwargs={"held": False}, batch_format="pyarrow")
     sums = sum_by(errors, ["run", "user_id"], ["e"])

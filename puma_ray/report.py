@@ -70,7 +70,7 @@ def holdout_table(report: dict) -> str:
         f"| method | {label} on held-out rows | / full_retrain | held-out rows |",
         "|---|---:|---:|---:|",
     ]
-    for name in (*report["methods"], *(m for m in methods if m not in report["methods"])):
+    for name in dict.fromkeys([*report["methods"], *methods]):  # the report's order first
         if name in methods:
             m = methods[name]
             ratio = f"{m['error'] / ref:.4f}" if _finite(ref) and ref and _finite(m["error"]) else NO_VALUE

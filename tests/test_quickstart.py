@@ -53,3 +53,13 @@ def test_real_quickstart_refuses_ctr_before_any_work(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: quickstart --models real tells the rating story")
     assert not (tmp_path / "qs").exists()
+
+
+@pytest.mark.parametrize("share", ["1.5", "-0.1", "nan"])
+def test_quickstart_refuses_a_bad_holdout_before_any_work(tmp_path, share):
+    """`--holdout` outside [0, 1) is one line, before any data or model is written."""
+    args = ["quickstart", "--out", str(tmp_path / "qs"), f"--holdout={share}"]
+    r = subprocess.run([sys.executable, "-m", "puma_ray.cli", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --holdout: holdout: ")
+    assert not (tmp_path / "qs").exists()
