@@ -20,6 +20,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,3 +116,36 @@ def test_benchmark_imports_resolve_and_are_public(name, monkeypatch):
         elif attr.startswith("_"):
             problems.append(f"{module}.{attr}: a private name of the package")
     assert not problems, problems
+
+
+def test_gate_policies_scores_a_choice_of_users_like_the_mixed_store(monkeypatch):
+    """benchmarks/gate_policies.py's offline scoring: a chosen user's held-out rows take the retrained
+    predictions, the others the migrated ones; users are taken by score while their cost fits."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    gp = importlib.import_module("gate_policies")
+    rng = np.random.default_rng(0)
+    rows = []
+    for user, n in [("a", 4), ("b", 6), ("c", 3)]:
+        for i in range(n):
+            label = float(rng.integers(1, 6))
+            for run in ("puma", "retrained", "full_retrain", "source"):
+                rows.append(
+                    {"run": run, "user_id": user, "label": label, "pred": label + rng.normal(), "held": i % 2 == 0}
+                )
+    df = pd.DataFrame(rows)
+    u = gp.per_user(df, pd.Series({"a": 10, "b": 30, "c": 5}))
+    sub = df[(df.run == "puma") & ~df.held & (df.user_id == "b")]
+    assert u.loc["b", "se_puma_v"] == pytest.approx(((sub.pred - sub.label) ** 2).sum())
+    assert u.loc["b", "n_v"] == 3 and u.loc["b", "n_h"] == 3 and list(u["train_rows"]) == [10, 30, 5]
+    cost = u["train_rows"].to_numpy(np.float64)
+    score = np.array([3.0, 2.0, 1.0])
+    assert list(gp.choose(score, np.ones(3, bool), cost, 16)) == [True, False, False]  # in order, while it lasts
+    assert list(gp.choose(score, np.ones(3, bool), cost, 40)) == [True, True, False]
+    assert list(gp.choose(score, np.array([True, True, False]), cost, 100)) == [True, True, False]
+    assert not gp.choose(-score, np.ones(3, bool), cost, 100).any()  # no user the retrain would not take
+    mask = np.array([True, False, True])
+    held = df[df.held]
+    mixed = held[
+        ((held.run == "retrained") & held.user_id.isin(["a", "c"])) | ((held.run == "puma") & (held.user_id == "b"))
+    ]
+    assert gp.held_rmse(u, mask) == pytest.approx(float(np.sqrt(((mixed.pred - mixed.label) ** 2).mean())))
