@@ -77,7 +77,9 @@ def per_user(df, train_rows):
     for run in df["run"].unique():
         for part in ("v", "h"):
             out[f"se_{run}_{part}"] = t["sum"][run][part] if (run, part) in t["sum"] else 0.0
-            out[f"n_{part}"] = t["count"][run][part] if (run, part) in t["count"] else 0
+    first = df["run"].iloc[0]  # every run scores the same rows
+    for part in ("v", "h"):
+        out[f"n_{part}"] = t["count"][first][part] if (first, part) in t["count"] else 0
     out["train_rows"] = train_rows.reindex(out.index).fillna(0).to_numpy()
     return out
 
@@ -120,12 +122,13 @@ def main() -> None:
     ap.add_argument("--rows", help="a Parquet file keeping the scored rows: read when it exists, else written")
     args = ap.parse_args()
 
-    import hashlib
     import os
 
     import pandas as pd
 
     from puma_ray import storage
+    from puma_ray.data import user_hash
+    from puma_ray.gate import error_of
 
     runs = {
         "puma": args.migrated,
@@ -146,17 +149,16 @@ def main() -> None:
     u = per_user(df, train_rows)
     cost = u["train_rows"].to_numpy(np.float64) * passes["retrained"] / train_rows.sum()
     full = float(np.sqrt(u["se_full_retrain_h"].sum() / u["n_h"].sum()))
-    rmse = lambda a, b: np.sqrt(np.where(b > 0, a / np.maximum(b, 1), np.nan))  # noqa: E731
-    rel = rmse(u["se_puma_v"], u["n_v"]) / rmse(u["se_source_v"], u["n_v"]) - 1
-    rel = np.nan_to_num(np.asarray(rel, np.float64), nan=-np.inf)
+    err, ref = (error_of(u[f"se_{run}_v"], u["n_v"], "rmse") for run in ("puma", "source"))  # NaN without rows
+    rel = np.nan_to_num(err / ref - 1, nan=-np.inf)
     decided = u["n_v"].to_numpy() >= args.min_rows
-    absolute = rmse(u["se_puma_v"], u["n_v"]) - rmse(u["se_source_v"], u["n_v"])
+    absolute = np.nan_to_num(err - ref, nan=-np.inf)
     scores = {
         "relative": (rel, decided),
-        "absolute": (np.nan_to_num(np.asarray(absolute, np.float64), nan=-np.inf), u["n_v"].to_numpy() >= 1),
+        "absolute": (absolute, u["n_v"].to_numpy() >= 1),
         "excess": (excess_score(u, "source", args.shrink), np.ones(len(u), bool)),
         "random": (
-            np.array([int(hashlib.sha256(x.encode()).hexdigest()[:8], 16) for x in u.index], np.float64) + 1,
+            user_hash(u.index).astype(np.float64) + 1,
             np.ones(len(u), bool),
         ),
         "oracle": (((u["se_puma_h"] - u["se_retrained_h"]) / np.maximum(cost, 1e-9)).to_numpy(), np.ones(len(u), bool)),
