@@ -111,13 +111,14 @@ def rmse(model: TaskModel, lm: FrozenLM, rows: pa.Table, src, index, l) -> float
     return math.sqrt(se / max(n, 1))
 
 
-def run_config(name, over, n, pool, held_out, data, lm, src, index, l, seed, steps=None) -> dict:
+def run_config(name, over, n, pool, held_out, data, lm, src, index, l, seed, steps=None, level=None) -> dict:
     """Train adapter + head on ``n`` users of ``pool``; validation RMSE per epoch in (at most 50 of
     the trained users) / out. ``steps``: train for at least this many optimizer steps (the epochs
-    follow the rows) instead of the config's epochs."""
+    follow the rows) instead of the config's epochs. ``level``: (N,) every user's mean training label in
+    ``src``'s order, for ``adapter.probe: label_mean`` (its readout is fitted on all users, as a migration does)."""
     import torch
 
-    from puma_ray.adapter import MigrationAdapter
+    from puma_ray.adapter import MigrationAdapter, fit_probe
     from puma_ray.heads import build_head
     from puma_ray.trainer import TaskModel, lr_schedule
 
@@ -130,7 +131,8 @@ def run_config(name, over, n, pool, held_out, data, lm, src, index, l, seed, ste
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
     valid_in, valid_out = rows_of(data["valid"], users[:50]), rows_of(data["valid"], held_out)
     torch.manual_seed(seed)
-    adapter = MigrationAdapter.from_config(src.shape[1] // l, lm.hidden_size, cfg.adapter)
+    probe = fit_probe(src, level)[:2] if cfg.adapter.probe != "none" else None
+    adapter = MigrationAdapter.from_config(src.shape[1] // l, lm.hidden_size, cfg.adapter, probe)
     model = TaskModel(build_head("rating", lm.hidden_size, cfg.head), adapter)
     t = cfg.train
     steps = math.ceil(train.num_rows / t.batch_size)
@@ -300,6 +302,7 @@ def main() -> None:
                 tmeta.prompt_length,
                 args.seed,
                 args.steps,
+                level=y_s,
             )
             results.append(r)
     print("\n| config | users | rows | steps | out RMSE epoch 0 | best out | last out | last in | s |")

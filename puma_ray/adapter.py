@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,23 +39,45 @@ class _Residual(nn.Module):
 
 
 class MigrationAdapter(nn.Module):
-    """(B, l, d_in) -> (B, l, d_out), applied to each of the l prompt vectors."""
+    """(B, l, d_in) -> (B, l, d_out), applied to each of the l prompt vectors.
 
-    def __init__(self, d_in: int, d_out: int, width: int = 4096, depth: int = 1, dropout: float = 0.1):
+    ``probe`` > 0 (= l * d_in): a fixed linear readout z = p_flat . probe_w + probe_b of the whole
+    prompt (B, l * d_in) -> (B,), fitted before training (:func:`fit_probe`), is appended to each of
+    the l vectors as one more input feature: the blocks then take (B, l, d_in + 1).
+    """
+
+    def __init__(self, d_in: int, d_out: int, width: int = 4096, depth: int = 1, dropout: float = 0.1, probe: int = 0):
         super().__init__()
         self.d_in, self.d_out, self.width, self.depth, self.dropout = d_in, d_out, width, depth, dropout
-        self.pre = nn.Sequential(*[_Residual(d_in, width, dropout) for _ in range(depth)])
-        self.proj = nn.Sequential(nn.LayerNorm(d_in), _mlp(d_in, width, d_out, dropout))
+        self.probe = probe
+        d = d_in + (1 if probe else 0)
+        if probe:
+            self.register_buffer("probe_w", torch.zeros(probe))
+            self.register_buffer("probe_b", torch.zeros(()))
+        self.pre = nn.Sequential(*[_Residual(d, width, dropout) for _ in range(depth)])
+        self.proj = nn.Sequential(nn.LayerNorm(d), _mlp(d, width, d_out, dropout))
         self.post = nn.Sequential(*[_Residual(d_out, width, dropout) for _ in range(depth)])
         self.out = nn.Sequential(nn.LayerNorm(d_out), _mlp(d_out, width, d_out, dropout))
 
     @classmethod
-    def from_config(cls, d_in: int, d_out: int, cfg: AdapterConfig) -> MigrationAdapter:
-        return cls(d_in, d_out, cfg.width, cfg.depth, cfg.dropout)
+    def from_config(
+        cls, d_in: int, d_out: int, cfg: AdapterConfig, probe: tuple[np.ndarray, float] | None = None
+    ) -> MigrationAdapter:
+        """``probe``: (w (l * d_in,), b) of :func:`fit_probe` when ``cfg.probe`` asks for one, else None."""
+        if (cfg.probe != "none") != (probe is not None):
+            raise PumaError(f"adapter.probe is {cfg.probe!r} but a readout was {'not ' if probe is None else ''}given")
+        adapter = cls(d_in, d_out, cfg.width, cfg.depth, cfg.dropout, probe=0 if probe is None else len(probe[0]))
+        if probe is not None:
+            adapter.probe_w.copy_(torch.as_tensor(probe[0], dtype=torch.float32))
+            adapter.probe_b.fill_(float(probe[1]))
+        return adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_in:
             raise PumaError(f"adapter takes source prompts of width {self.d_in}, got {x.shape[-1]}")
+        if self.probe:
+            z = x.flatten(1) @ self.probe_w + self.probe_b  # (B,)
+            x = torch.cat([x, z[:, None, None].expand(*x.shape[:2], 1)], -1)
         return self.out(self.post(self.proj(self.pre(x))))
 
     def arch(self) -> dict:
@@ -64,7 +87,24 @@ class MigrationAdapter(nn.Module):
             "width": self.width,
             "depth": self.depth,
             "dropout": self.dropout,
+            "probe": self.probe,
         }
+
+
+def fit_probe(prompts: np.ndarray, label_mean: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """A ridge readout of each user's mean training label from their source prompt, in closed form
+    (scikit-learn's RidgeCV, the penalty chosen by leave-one-out), standardised so that z has mean 0
+    and std 1 over these users. prompts (n, l * d_in), label_mean (n,) -> (w (l * d_in,), b, R^2 of
+    the readout's leave-one-out predictions)."""
+    from sklearn.linear_model import RidgeCV  # noqa: PLC0415
+
+    x = prompts.astype(np.float64)
+    ridge = RidgeCV(alphas=np.logspace(-3, 4, 15), store_cv_results=True).fit(x, label_mean)
+    loo_sq = ridge.cv_results_[:, list(ridge.alphas).index(ridge.alpha_)]  # leave-one-out squared errors
+    r2 = 1.0 - float(np.mean(loo_sq) / max(np.var(label_mean), 1e-12))
+    fitted = x @ ridge.coef_ + ridge.intercept_
+    scale = max(float(fitted.std()), 1e-12)
+    return ridge.coef_ / scale, float((ridge.intercept_ - fitted.mean()) / scale), r2
 
 
 def adapter_fingerprint(blob: bytes) -> str:

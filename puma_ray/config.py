@@ -437,6 +437,14 @@ class AdapterConfig(Strict):
     width: int = Field(4096, ge=1)
     depth: int = Field(1, ge=0, description="residual blocks on each side of the projection")
     dropout: float = Field(0.1, ge=0, lt=1)
+    probe: Literal["none", "label_mean"] = Field(
+        "none",
+        description="label_mean: before training, a ridge readout of each user's mean training label from the "
+        "source prompt, fitted in closed form on up to probe_users users (all users' labels, no LM pass), is "
+        "given to the adapter as one more input feature (puma-ray's, not the paper's; off by default: it helped on "
+        "the real models and cost up to 1.3% on the tiny quickstart, docs/METHOD.md)",
+    )
+    probe_users: int = Field(20_000, ge=2, description="label_mean: users the readout is fitted on (a hashed sample)")
 
 
 class ValidationConfig(Strict):

@@ -67,7 +67,7 @@ def migrate_step(
     selection = select_users(cfg.select, src.uri, profile["uri"], sel_out, cfg.data.train, cfg.task, cfg.scoring)
     users = read_selected(sel_out)
     t_train = time.time()
-    trained = train_adapter(cfg, src, meta.hidden_size, users, profile["users"], callbacks)
+    trained = train_adapter(cfg, src, meta.hidden_size, users, profile["users"], callbacks, profile["uri"])
 
     target = {"model": meta.model, "model_fingerprint": meta.model_fingerprint, "hidden_size": meta.hidden_size}
     origins = [

@@ -14,14 +14,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from puma_ray import storage
-from puma_ray.adapter import MigrationAdapter
-from puma_ray.config import MigrateConfig
+from puma_ray.adapter import MigrationAdapter, fit_probe
+from puma_ray.config import AdapterConfig, MigrateConfig
 from puma_ray.console import say
-from puma_ray.data import join_on, keep_hashed, keep_users, load_interactions, shard_by_user
+from puma_ray.data import hashed_fraction, join_on, keep_hashed, keep_users, load_interactions, shard_by_user
+from puma_ray.errors import PumaError
 from puma_ray.heads import build_head
 from puma_ray.llm import FrozenLM, row_texts
 from puma_ray.schema import decode_prompts, read_store_meta
@@ -41,12 +44,13 @@ class AdapterTrainable:
     identity: dict = field(default_factory=dict)
     name: str = "adapter"
     has_local: bool = False
+    probe: tuple[np.ndarray, float] | None = None  # the adapter's fixed readout (w, b), :func:`probe_readout`
 
     def local(self, worker: Worker) -> None:
         return None
 
     def shared(self) -> TaskModel:
-        adapter = MigrationAdapter.from_config(self.d_src, self.hidden_size, self.cfg.adapter)
+        adapter = MigrationAdapter.from_config(self.d_src, self.hidden_size, self.cfg.adapter, self.probe)
         return TaskModel(build_head(self.cfg.task, self.hidden_size, self.cfg.head), adapter)
 
     def batch(self, rows: pa.Table, lm: FrozenLM, worker: Worker) -> Batch:
@@ -96,11 +100,48 @@ def training_rows(cfg: MigrateConfig, src_uri: str, users: pa.Array, all_users: 
     return out
 
 
+def probe_readout(
+    cfg: AdapterConfig, src: Sources, profile_uri: str, all_users: int
+) -> tuple[np.ndarray, float] | None:
+    """``cfg.probe: label_mean``: the adapter's fixed readout (w (l * d_src,), b), a ridge regression of
+    the user's mean training label (the profile's ``label_mean``) on the source prompt, fitted on about
+    ``cfg.probe_users`` users (a stable hash sample of ALL ``all_users`` users, not only the selected:
+    labels cost no LM pass). Reads only their profile rows and prompts, on the driver. None without a probe."""
+    if cfg.probe == "none":
+        return None
+    profile = storage.read_table(profile_uri, columns=["user_id", "label_mean"])
+    ids = profile.column("user_id").cast(pa.string()).combine_chunks()
+    keep = hashed_fraction(ids.to_numpy(zero_copy_only=False), cfg.probe_users / max(1, all_users))
+    ids, label_mean = ids.filter(keep), profile.column("label_mean").combine_chunks().filter(keep)
+    prompts = storage.read_table(src.uri, columns=["user_id", "prompt"], filters=pc.field("user_id").isin(ids))
+    at = pc.index_in(prompts.column("user_id").cast(pa.string()), value_set=ids)  # each prompt's profile row
+    rows = prompts.append_column("label_mean", label_mean.take(at)).filter(pc.is_valid(at))
+    if rows.num_rows < 2:
+        raise PumaError(
+            f"adapter.probe: {rows.num_rows} user(s) of {src.uri} with training labels in the sample; "
+            "raise adapter.probe_users or set adapter.probe: none"
+        )
+    x = decode_prompts(rows, src.meta.prompt_length * src.meta.hidden_size, where=src.uri, what="source prompt")
+    w, b, r2 = fit_probe(x, rows.column("label_mean").to_numpy().astype(np.float64))
+    say(f"adapter: label_mean readout fitted on {rows.num_rows:,} users (leave-one-out R^2 {r2:.3f})")
+    return w.astype(np.float32), b
+
+
 def train_adapter(
-    cfg: MigrateConfig, src: Sources, d_tgt: int, users: pa.Array, all_users: int, callbacks: tuple = ()
+    cfg: MigrateConfig,
+    src: Sources,
+    d_tgt: int,
+    users: pa.Array,
+    all_users: int,
+    callbacks: tuple = (),
+    profile_uri: str | None = None,
 ) -> Trained:
     """Stage 2 entry: train the adapter + head on the selected ``users`` (of ``all_users``) through
-    the frozen target ``cfg.model`` (width ``d_tgt``). ``callbacks`` go to the Ray Train run (e.g. Tune's)."""
+    the frozen target ``cfg.model`` (width ``d_tgt``). ``callbacks`` go to the Ray Train run (e.g. Tune's);
+    ``profile_uri``: the training users' profile (``profile.profile_users``), which ``adapter.probe`` needs."""
+    if cfg.adapter.probe != "none" and profile_uri is None:
+        raise PumaError("adapter.probe needs the users' profile (profile.profile_users)")
+    probe = probe_readout(cfg.adapter, src, profile_uri, all_users) if profile_uri else None
     datasets = training_rows(cfg, src.uri, users, all_users)
     key = {
         "data": cfg.data.model_dump(),
@@ -115,4 +156,4 @@ def train_adapter(
         f"adapter: training on {len(users):,} selected users ({rows:,} interactions), "
         f"d {src.meta.hidden_size} -> {d_tgt}, {cfg.train.epochs} epoch(s) on {world} worker(s)"
     )
-    return fit(AdapterTrainable(cfg, src.meta.hidden_size, d_tgt, rows, shards), callbacks)
+    return fit(AdapterTrainable(cfg, src.meta.hidden_size, d_tgt, rows, shards, probe=probe), callbacks)

@@ -1,9 +1,12 @@
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from puma_ray import storage
 from puma_ray.errors import PumaError
+from puma_ray.schema import StoreMeta, prompt_table
 
 
 @pytest.mark.parametrize("prefix", ["plain", "file"])
@@ -54,3 +57,18 @@ def test_s3_errors_name_uri_not_secret(s3_server):
         storage.read_bytes("s3://no-such-bucket-xyz/a.json")
     assert "s3://no-such-bucket-xyz/a.json" in str(e.value)
     assert "testing-secret-do-not-print" not in str(e.value)
+
+
+def test_prompt_vectors_are_written_byte_stream_split(tmp_path):
+    """A prompt store's float vectors go BYTE_STREAM_SPLIT + zstd (fast to encode and decode, smaller),
+    user ids dictionary-encoded; the values read back bit for bit."""
+    meta = StoreMeta(model="m", model_fingerprint="f", hidden_size=6, prompt_length=2, template="rating_v1", stage="x")
+    prompts = np.random.default_rng(0).normal(size=(50, 12)).astype(np.float32)
+    table = prompt_table(meta, [f"u{i}" for i in range(50)], prompts)
+    uri = str(tmp_path / "part-0.parquet")
+    storage.write_table(uri, table)
+    columns = pq.ParquetFile(uri).metadata.row_group(0)
+    enc = {columns.column(i).path_in_schema: columns.column(i).encodings for i in range(columns.num_columns)}
+    assert "BYTE_STREAM_SPLIT" in enc["prompt.list.element"]
+    assert "RLE_DICTIONARY" in enc["user_id"] and "BYTE_STREAM_SPLIT" not in enc["user_id"]
+    assert storage.read_table(uri).equals(table)
