@@ -295,7 +295,7 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
 def split_columns(schema: pa.Schema) -> list[str]:
     """The Parquet leaf paths of float vectors (a prompt column ``prompt`` -> ``prompt.list.element``),
     written BYTE_STREAM_SPLIT before zstd: a float's exponent bytes then sit together and compress; on a
-    20k x 384 prompt file, encoding took 0.55x the time, decoding 0.3x and the file 0.92x the bytes
+    20k x 384 prompt file, encoding took 0.46x the time, decoding 0.21x and the file 0.92x the bytes
     (benchmarks/RESULTS.md, "Parquet encodings of prompts")."""
     return [f"{f.name}.list.element" for f in schema if _float_vector(f)]
 
